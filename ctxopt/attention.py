@@ -1,0 +1,147 @@
+"""Attention capture: the scores of the last W queries against all keys, per layer and head, post-RoPE,
+exactly as the model computes them, without ever forming an n x n matrix.
+
+A named attention function is registered in transformers' AttentionInterface. It computes the window's
+scores (W x n per head) from the query and key tensors it is handed, gives them to the request's reducer,
+and then runs ordinary SDPA. Memory stays O(W * n) per layer. GemFilter, SpecPC, SpecKV and SnapKV all
+read attention through this one hook.
+"""
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+CAPTURE_IMPLEMENTATION = "ctxopt_capture"
+
+
+@dataclass
+class WindowAttention:
+    """The last ``W`` queries of one forward against all ``n`` keys of one layer.
+
+    ``raw`` is q·k (no scaling), shape (heads, W, n), float32, with keys repeated over GQA groups.
+    The window's queries sit at the last W key positions, so query i may see keys j <= n - W + i.
+    """
+
+    layer: int
+    raw: torch.Tensor
+    scaling: float
+    num_kv_heads: int
+
+    @property
+    def window(self) -> int:
+        return self.raw.shape[1]
+
+    def causal_mask(self) -> torch.Tensor:
+        """True where query i may not attend key j (the future inside the window)."""
+        w, n = self.raw.shape[1], self.raw.shape[2]
+        rows = torch.arange(w, device=self.raw.device).unsqueeze(1) + (n - w)
+        return torch.arange(n, device=self.raw.device).unsqueeze(0) > rows
+
+    def probs(self) -> torch.Tensor:
+        """softmax(q k^T * scaling) with the window's causal mask: the attention weights the model uses."""
+        logits = (self.raw * self.scaling).masked_fill(self.causal_mask(), float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+    def group_heads(self, scores: torch.Tensor) -> torch.Tensor:
+        """(heads, ...) -> (kv_heads, group, ...), grouping query heads that share a KV head."""
+        return scores.view(self.num_kv_heads, -1, *scores.shape[1:])
+
+
+Reducer = Callable[[WindowAttention], Any]
+
+
+class StopForward(Exception):
+    """Raised inside the forward once the last requested layer is captured (GemFilter runs layers 0..r)."""
+
+
+@dataclass
+class AttentionCapture:
+    """What to capture: the last ``window`` queries at ``layers`` (None = all), reduced by ``reducer``.
+
+    ``records[layer]`` holds the reducer's output for the latest forward that reached that layer (a chunked
+    prefill overwrites earlier chunks, so the record is the prompt's end). ``stop_after`` ends the
+    forward right after that layer's attention scores are taken.
+    """
+
+    window: int
+    layers: Iterable[int] | None = None
+    reducer: Reducer | None = None
+    stop_after: int | None = None
+    records: dict[int, Any] = field(default_factory=dict)
+
+    def wants(self, layer: int) -> bool:
+        return self.layers is None or layer in set(self.layers)
+
+
+_ACTIVE: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar("ctxopt_capture", default=None)
+
+
+def _window_scores(module, query: torch.Tensor, key: torch.Tensor, window: int) -> torch.Tensor:
+    """(heads, W, n) raw q·k for the last ``window`` queries of batch item 0, GQA keys repeated."""
+    q = query[0, :, -window:].float()
+    k = key[0].float()
+    groups = q.shape[0] // k.shape[0]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=0)
+    return q @ k.transpose(-1, -2)
+
+
+def _capturing_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA, plus the window's scores for the active capture request (if any wants this layer)."""
+    request = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if request is not None and layer is not None and request.wants(layer):
+        window = min(request.window, query.shape[2])
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        record = WindowAttention(layer, _window_scores(module, query, key, window), scale, key.shape[1])
+        request.records[layer] = request.reducer(record) if request.reducer else record
+        if request.stop_after is not None and layer >= request.stop_after:
+            raise StopForward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capturing_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
+
+_SWITCH_LOCK = threading.RLock()
+
+
+def _configs(model) -> list:
+    """The model's config and any sub-config whose attention implementation modules read."""
+    configs = [model.config]
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:
+        configs.append(text_config)
+    return configs
+
+
+@contextmanager
+def capture_attention(model, request: AttentionCapture):
+    """Within the block, forwards of ``model`` record window attention into ``request``.
+
+    The model runs SDPA throughout; only the registered wrapper is swapped in, and swapped back after.
+    A StopForward raised by the wrapper is swallowed here: the block's forward simply ends early.
+    """
+    with _SWITCH_LOCK:
+        configs = _configs(model)
+        previous = [c._attn_implementation for c in configs]
+        token = _ACTIVE.set(request)
+        for config in configs:
+            config._attn_implementation = CAPTURE_IMPLEMENTATION
+        try:
+            yield request
+        except StopForward:
+            pass
+        finally:
+            for config, old in zip(configs, previous):
+                config._attn_implementation = old
+            _ACTIVE.reset(token)

@@ -1,0 +1,267 @@
+"""The Pipeline: model + optional retriever + ordered stages + decoder -> Answer(text, sources, stats)."""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .cache import clone_cache, kv_bytes
+from .decoding import DecodeResult, GenerationConfig, Prefill, decode, prefill
+from .errors import ContextTooLongError, InputError
+from .measure import measure
+from .prompting import DEFAULT_INSTRUCTION, build_prompt, validate_question
+from .stages import KINDS, Run, Stage, Truncate
+from .types import Answer, Passage, Prompt, Stats
+
+Context = str | Passage | Sequence[str] | Sequence[Passage] | None
+
+
+def as_passages(context: Context) -> list[Passage]:
+    """Long-document mode: a string (or list of strings / Passages) given directly as context."""
+    if context is None:
+        return []
+    if isinstance(context, (str, Passage)):
+        context = [context]
+    passages = [c if isinstance(c, Passage) else Passage(text=str(c), source=f"context[{i}]") for i, c in enumerate(context)]
+    if not any(p.text.strip() for p in passages):
+        raise InputError("The context is empty: pass non-empty text, or omit it to use the retriever.")
+    return passages
+
+
+def order_stages(stages: Sequence[Stage]) -> dict[str, list[Stage]]:
+    """Group stages by kind, keeping the order given within each kind."""
+    grouped: dict[str, list[Stage]] = {kind: [] for kind in KINDS}
+    for stage in stages:
+        if getattr(stage, "kind", None) not in grouped:
+            raise InputError(f"{stage!r} is not a ctxopt stage (its kind must be one of {', '.join(KINDS)}).")
+        grouped[stage.kind].append(stage)
+    for kind in ("input", "decoder"):
+        if len(grouped[kind]) > 1:
+            raise InputError(f"A pipeline takes at most one {kind} stage; got {len(grouped[kind])}.")
+    return grouped
+
+
+class Pipeline:
+    """Answer questions over retrieved passages (RAG mode) or a given long text (long-document mode).
+
+    >>> pipe = Pipeline("smollm2-135m", stages=[Truncate(1024)])          # doctest: +SKIP
+    >>> pipe.ask("Who wrote it?", context=open("book.txt").read()).text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model="smollm2-135m",
+        retriever=None,
+        stages: Sequence[Stage] = (),
+        k: int = 4,
+        instruction: str = DEFAULT_INSTRUCTION,
+        system: str | None = None,
+        max_new_tokens: int = 64,
+        truncate: bool = False,
+        device=None,
+        dtype=None,
+        embedder=None,
+        prefill_chunk: int | None = None,
+    ):
+        if k < 1:
+            raise InputError(f"k (passages to retrieve) must be >= 1; got {k}.")
+        self._model_spec, self._device, self._dtype = model, device, dtype
+        self._lm = None
+        self._lock = threading.Lock()
+        self.retriever = retriever
+        self.stages = order_stages(stages)
+        self.k = k
+        self.instruction = instruction
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.truncate = truncate
+        self.prefill_chunk = prefill_chunk or int(os.environ.get("CTXOPT_PREFILL_CHUNK", "0")) or None
+        self._embedder = embedder
+
+    @property
+    def lm(self):
+        """The generator, loaded on first use."""
+        with self._lock:
+            if self._lm is None:
+                from .models import LoadedModel, load_model
+
+                spec = self._model_spec
+                self._lm = spec if isinstance(spec, LoadedModel) else load_model(spec, self._device, self._dtype)
+            return self._lm
+
+    def embedder(self):
+        """The retriever's embedder if it has one, else the default embedder (loaded on first use)."""
+        if self._embedder is None:
+            found = getattr(self.retriever, "embedder", None)
+            if found is None:
+                from .retrievers.embeddings import load_embedder
+
+                found = load_embedder()
+            self._embedder = found
+        return self._embedder
+
+    # -- the steps of one run ------------------------------------------------------------------------
+    def _gather_passages(self, question: str, context: Context, k: int | None, run: Run) -> list[Passage]:
+        if context is not None:
+            return as_passages(context)
+        if self.retriever is None:
+            raise InputError("No context and no retriever: pass context=... or build the Pipeline with a retriever.")
+        with measure("retrieve", self.lm.device) as record:
+            passages = list(self.retriever.retrieve(question, k or self.k))
+            record.tokens_out = len(passages)
+        run.stats.add(record)
+        if not passages:
+            raise InputError("The retriever returned no passages for this question.")
+        return passages
+
+    def _passage_stages(self, question: str, passages: list[Passage], run: Run) -> list[Passage]:
+        for stage in self.stages["passage"]:
+            with measure(stage.name, self.lm.device, tokens_in=self._count(passages)) as record:
+                passages = stage.compress(question, passages, run)
+                record.tokens_out = self._count(passages)
+            run.stats.add(record)
+        return passages
+
+    def _count(self, passages: Sequence[Passage]) -> int:
+        tokenizer = self.lm.tokenizer
+        return sum(len(tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in passages)
+
+    def build_prompt(self, question: str, passages: Sequence[Passage], answer_prefix: str = "") -> Prompt:
+        return build_prompt(
+            self.lm.tokenizer, question, passages, self.instruction, self.system, answer_prefix=answer_prefix
+        )
+
+    def _fit_positions(self, prompt: Prompt, run: Run) -> list[Stage]:
+        """Error on a prompt the model cannot position, or truncate it when the user asked for that."""
+        limit = self.lm.max_positions - run.config.max_new_tokens
+        if len(prompt) <= limit:
+            return []
+        if not self.truncate:
+            raise ContextTooLongError(
+                f"The prompt has {len(prompt)} tokens but {self.lm.name} handles {self.lm.max_positions} positions "
+                f"({run.config.max_new_tokens} reserved for the answer). Use a compression method, fewer passages, "
+                "or truncate=True (CLI: --truncate) to keep the start and end of the context."
+            )
+        run.note(f"prompt truncated from {len(prompt)} to {limit} tokens to fit the model's positions")
+        return [Truncate(limit)]
+
+    def _token_stages(self, prompt: Prompt, run: Run) -> Prompt:
+        for stage in self._fit_positions(prompt, run) + self.stages["token"]:
+            with measure(stage.name, self.lm.device, tokens_in=len(prompt)) as record:
+                prompt = stage.select(prompt, run)
+                record.tokens_out = len(prompt)
+            run.stats.add(record)
+        return prompt
+
+    def _prefill(self, prompt: Prompt, run: Run) -> Prefill:
+        input_stage = self.stages["input"][0] if self.stages["input"] else None
+        name = input_stage.name if input_stage else "prefill"
+        with measure(name, self.lm.device, tokens_in=len(prompt)) as record:
+            if input_stage is not None:
+                state = input_stage.prefill(prompt, run)
+            else:
+                state = prefill(self.lm.model, prompt.input_ids, chunk_size=self.prefill_chunk)
+            record.tokens_out = int(state.cache.get_seq_length())
+            record.kv_bytes = kv_bytes(state.cache)
+        run.stats.add(record)
+        for stage in self.stages["cache"]:
+            with measure(stage.name, self.lm.device, tokens_in=int(state.cache.get_seq_length())) as record:
+                state = stage.compress(state, prompt, run)
+                record.tokens_out = int(state.cache.get_seq_length())
+                record.kv_bytes = kv_bytes(state.cache)
+            run.stats.add(record)
+        return state
+
+    def _decode(self, state: Prefill, prompt: Prompt, run: Run, on_text) -> DecodeResult:
+        decoder = self.stages["decoder"][0] if self.stages["decoder"] else None
+        with measure("decode", self.lm.device) as record:
+            if decoder is not None:
+                result = decoder.decode(state, prompt, run, on_text)
+            else:
+                result = decode(self.lm.model, self.lm.tokenizer, state, run.config, self.lm.eos_token_ids, on_text)
+            record.tokens_out = len(result.token_ids)
+            record.kv_bytes = kv_bytes(state.cache)
+            record.extra.update(
+                first_token_seconds=result.first_token_seconds,
+                forward_passes=result.forward_passes,
+                stopped_by=result.stopped_by,
+                tokens_per_second=len(result.token_ids) / result.seconds if result.seconds else 0.0,
+                **result.extra,
+            )
+            if decoder is not None:
+                record.stage = f"decode:{decoder.name}"
+        run.stats.add(record)
+        return result
+
+    def _config(self, overrides: dict) -> GenerationConfig:
+        overrides.setdefault("max_new_tokens", self.max_new_tokens)
+        return GenerationConfig(**overrides)
+
+    def _answer(self, result: DecodeResult, prompt: Prompt, run: Run) -> Answer:
+        kept = prompt.passages_kept()
+        sources = [prompt.passages[i] for i in kept] if kept else list(prompt.passages)
+        for note in run.notes:
+            run.stats.stages[-1].extra.setdefault("notes", []).append(note)
+        return Answer(text=result.text.strip(), sources=sources, stats=run.stats, token_ids=result.token_ids, prompt=prompt)
+
+    # -- public API --------------------------------------------------------------------------------
+    def ask(
+        self,
+        question: str,
+        context: Context = None,
+        k: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+        answer_prefix: str = "",
+        **generation,
+    ) -> Answer:
+        """Answer one question: over ``context`` if given (long-document mode), else over retrieved passages."""
+        question = validate_question(question)
+        run = Run(lm=self.lm, question=question, config=self._config(generation), stats=Stats(), embedder=self.embedder)
+        passages = self._gather_passages(question, context, k, run)
+        passages = self._passage_stages(question, passages, run)
+        run.passages = passages
+        prompt = self._token_stages(self.build_prompt(question, passages, answer_prefix), run)
+        state = self._prefill(prompt, run)
+        result = self._decode(state, prompt, run, on_text)
+        return self._answer(result, prompt, run)
+
+    def ask_many(self, questions: Sequence[str], context: Context = None, **generation) -> list[Answer]:
+        """Answer several questions over one context.
+
+        With no stage that depends on the question, the context prefix shared by all prompts is prefilled
+        once and each question continues from a copy of that cache (the kvpress way); otherwise each
+        question runs the whole pipeline.
+        """
+        questions = [validate_question(q) for q in questions]
+        question_free = not any(self.stages[kind] for kind in ("passage", "token", "input", "cache", "decoder"))
+        if context is None or len(questions) < 2 or not question_free:
+            return [self.ask(q, context=context, **generation) for q in questions]
+        passages = as_passages(context)
+        prompts = [self.build_prompt(q, passages) for q in questions]
+        for prompt in prompts:
+            self._fit_positions(prompt, Run(self.lm, prompt.question, self._config(dict(generation)), Stats()))
+        shared = _common_prefix_length([p.input_ids for p in prompts]) - 1
+        with measure("prefill_shared", self.lm.device, tokens_in=shared) as shared_record:
+            base = prefill(self.lm.model, prompts[0].input_ids[:shared], chunk_size=self.prefill_chunk)
+            shared_record.kv_bytes = kv_bytes(base.cache)
+        answers = []
+        for prompt in prompts:
+            run = Run(self.lm, prompt.question, self._config(dict(generation)), Stats(), embedder=self.embedder)
+            run.stats.add(shared_record)
+            with measure("prefill", self.lm.device, tokens_in=len(prompt) - shared) as record:
+                state = prefill(self.lm.model, prompt.input_ids[shared:], cache=clone_cache(base.cache))
+                record.tokens_out = int(state.cache.get_seq_length())
+                record.kv_bytes = kv_bytes(state.cache)
+            run.stats.add(record)
+            answers.append(self._answer(self._decode(state, prompt, run, None), prompt, run))
+        return answers
+
+
+def _common_prefix_length(sequences: Sequence[torch.Tensor]) -> int:
+    length = min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        same = (sequences[0][:length] == other[:length]).int()
+        length = int(same.cumprod(0).sum())
+    return length

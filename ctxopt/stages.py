@@ -1,0 +1,126 @@
+"""The five kinds of pipeline stage, the per-run context they share, and budgets.
+
+passage stage: passages -> shorter passages (text)          CoLoR, extractive, RAG chunks
+token stage:   prompt -> kept token subset (with provenance) GemFilter, SpecPC, truncation
+input stage:   prompt -> prefilled cache (replaces prefill)  REFRAG
+cache stage:   prefilled cache -> smaller cache              SpecKV, SnapKV
+decoder:       cache -> answer tokens                        greedy/sampling, RAPID
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+
+from .decoding import DecodeResult, GenerationConfig, Prefill
+from .errors import InputError
+from .types import CONTEXT, Passage, Prompt, Stats
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+KINDS = ("passage", "token", "input", "cache", "decoder")
+
+
+@dataclass
+class Run:
+    """What one question's run shares between its stages."""
+
+    lm: "LoadedModel"
+    question: str
+    config: GenerationConfig
+    stats: Stats
+    embedder: Callable[[], Any] | None = None
+    passages: list[Passage] = field(default_factory=list)
+    memo: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+class Stage:
+    """Base of every stage. ``kind`` places it in the pipeline; ``name`` labels its Stats record."""
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+
+
+class PassageStage(Stage):
+    kind = "passage"
+
+    def compress(self, question: str, passages: list[Passage], run: Run) -> list[Passage]:
+        raise NotImplementedError
+
+
+class TokenStage(Stage):
+    kind = "token"
+
+    def select(self, prompt: Prompt, run: Run) -> Prompt:
+        raise NotImplementedError
+
+
+class InputStage(Stage):
+    kind = "input"
+
+    def prefill(self, prompt: Prompt, run: Run) -> Prefill:
+        raise NotImplementedError
+
+
+class CacheStage(Stage):
+    kind = "cache"
+
+    def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
+        raise NotImplementedError
+
+
+class Decoder(Stage):
+    kind = "decoder"
+
+    def decode(self, state: Prefill, prompt: Prompt, run: Run, on_text=None) -> DecodeResult:
+        raise NotImplementedError
+
+
+def resolve_budget(budget: int | float, total: int, what: str = "budget") -> int:
+    """A budget as a token count (int >= 1) or a ratio of ``total`` (float in (0, 1]) -> a token count.
+
+    A budget at or above ``total`` returns ``total``: the caller treats that as a no-op.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise InputError(f"{what} must be a token count (int) or a ratio (float in (0, 1]); got {budget!r}.")
+    if budget <= 0:
+        raise InputError(f"{what} must be positive; got {budget}.")
+    if isinstance(budget, float):
+        if budget > 1.0:
+            raise InputError(f"A float {what} is a ratio and must be in (0, 1]; pass an int for a token count.")
+        return max(1, min(total, round(budget * total)))
+    return min(int(budget), total)
+
+
+class Truncate(TokenStage):
+    """Baseline: keep instruction/question/template tokens, and the start and end of the context to fit
+    the budget (half from each end), counting every kept prompt token against the budget."""
+
+    name = "truncate"
+
+    def __init__(self, budget: int | float = 1024):
+        self.budget = budget
+
+    def select(self, prompt: Prompt, run: Run) -> Prompt:
+        keep_total = resolve_budget(self.budget, len(prompt))
+        if keep_total >= len(prompt):
+            run.note(f"truncate: budget {self.budget} >= prompt length {len(prompt)}; nothing dropped")
+            return prompt
+        is_context = prompt.segment == CONTEXT
+        fixed = (~is_context).nonzero().flatten()
+        context = is_context.nonzero().flatten()
+        room = keep_total - len(fixed)
+        if room < 0:
+            raise InputError(
+                f"truncate: budget {keep_total} is smaller than the {len(fixed)} instruction/question tokens."
+            )
+        head = room - room // 2
+        tail = room // 2
+        kept_context = torch.cat([context[:head], context[len(context) - tail:] if tail else context[:0]])
+        return prompt.select(torch.cat([fixed, kept_context]))

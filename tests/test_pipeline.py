@@ -1,0 +1,115 @@
+"""The Pipeline on a tiny random model: modes, stats, baselines, batch answering and bad input."""
+import pytest
+
+from ctxopt.errors import ContextTooLongError, InputError
+from ctxopt.pipeline import Pipeline
+from ctxopt.stages import Truncate, resolve_budget
+from ctxopt.types import Passage
+
+DOC = " ".join(f"Sentence {i} says the colour of box {i} is blue." for i in range(60))
+
+
+class ListRetriever:
+    def __init__(self, passages):
+        self.passages = passages
+
+    def retrieve(self, question, k):
+        return self.passages[:k]
+
+
+def test_long_document_mode_records_stats(tiny_lm):
+    answer = Pipeline(tiny_lm, max_new_tokens=8).ask("What colour is box 3?", context=DOC)
+    names = [s.stage for s in answer.stats.stages]
+    assert names == ["prefill", "decode"]
+    prefill = answer.stats.get("prefill")
+    assert prefill.tokens_in == prefill.tokens_out == len(answer.prompt)
+    assert prefill.kv_bytes > 0 and prefill.peak_memory_bytes > 0
+    assert answer.stats.get("decode").tokens_out == len(answer.token_ids) == 8
+    assert answer.sources[0].text == DOC
+    assert answer.stats.ttft_seconds <= answer.stats.total_seconds
+
+
+def test_rag_mode_uses_the_retriever_and_cites_kept_passages(tiny_lm):
+    passages = [Passage(f"Passage number {i} about topic {i}.", source=f"doc{i}.txt") for i in range(6)]
+    pipe = Pipeline(tiny_lm, retriever=ListRetriever(passages), k=3, max_new_tokens=4)
+    answer = pipe.ask("Which topic?")
+    assert [p.source for p in answer.sources] == ["doc0.txt", "doc1.txt", "doc2.txt"]
+    assert answer.stats.stages[0].stage == "retrieve"
+    assert pipe.ask("Which topic?", k=2).sources == passages[:2]
+
+
+def test_truncate_keeps_question_and_both_ends(tiny_lm):
+    answer = Pipeline(tiny_lm, stages=[Truncate(120)], max_new_tokens=4).ask("What colour is box 3?", context=DOC)
+    prompt = answer.prompt
+    assert len(prompt) == 120
+    text = prompt.kept_text(0)
+    assert text.startswith("Sentence 0 says") and text.endswith("box 59 is blue.")
+    assert "What colour is box 3?" in prompt.text
+    record = answer.stats.get("truncate")
+    assert record.tokens_in > record.tokens_out == 120
+
+
+def test_budget_larger_than_context_is_a_noop_with_a_note(tiny_lm):
+    full = Pipeline(tiny_lm, max_new_tokens=6).ask("Colour?", context="Box 1 is blue.")
+    kept = Pipeline(tiny_lm, stages=[Truncate(10_000)], max_new_tokens=6).ask("Colour?", context="Box 1 is blue.")
+    assert kept.token_ids == full.token_ids
+    assert any("nothing dropped" in n for n in kept.stats.stages[-1].extra["notes"])
+
+
+@pytest.mark.parametrize("budget", [0, -5, 1.5, "100", True])
+def test_bad_budgets_are_rejected(budget):
+    with pytest.raises(InputError):
+        resolve_budget(budget, 100)
+
+
+def test_ratio_budget():
+    assert resolve_budget(0.25, 400) == 100 and resolve_budget(1.0, 400) == 400 and resolve_budget(512, 400) == 400
+
+
+def test_context_longer_than_positions(tiny_tokenizer):
+    from conftest import make_tiny_lm
+
+    lm = make_tiny_lm(tiny_tokenizer)
+    lm.model.config.max_position_embeddings = 256
+    long_doc = DOC * 3
+    with pytest.raises(ContextTooLongError, match="256 positions"):
+        Pipeline(lm, max_new_tokens=8).ask("Colour?", context=long_doc)
+    answer = Pipeline(lm, max_new_tokens=8, truncate=True).ask("Colour?", context=long_doc)
+    assert len(answer.prompt) == 256 - 8
+
+
+def test_ask_many_shares_the_prefix_and_matches_ask(tiny_lm):
+    pipe = Pipeline(tiny_lm, max_new_tokens=6)
+    questions = ["What colour is box 3?", "What colour is box 40?", "Which box is blue?"]
+    batch = pipe.ask_many(questions, context=DOC)
+    single = [pipe.ask(q, context=DOC) for q in questions]
+    assert [a.token_ids for a in batch] == [a.token_ids for a in single]
+    shared = batch[0].stats.get("prefill_shared")
+    assert shared.tokens_in > 0.9 * len(single[0].prompt)
+    assert batch[1].stats.get("prefill").tokens_in < 20
+
+
+def test_streaming_concatenates_to_the_answer(tiny_lm):
+    pieces = []
+    answer = Pipeline(tiny_lm, max_new_tokens=10).ask("Colour?", context=DOC, on_text=pieces.append)
+    assert "".join(pieces).strip() == answer.text
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(question="", context=DOC), "question is empty"),
+        (dict(question="Colour?", context="   "), "context is empty"),
+        (dict(question="Colour?"), "no retriever"),
+    ],
+)
+def test_bad_input(tiny_lm, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        Pipeline(tiny_lm).ask(**kwargs)
+
+
+def test_bad_stage_and_generation_options(tiny_lm):
+    with pytest.raises(InputError, match="not a ctxopt stage"):
+        Pipeline(tiny_lm, stages=[object()])
+    with pytest.raises(InputError, match="max_new_tokens"):
+        Pipeline(tiny_lm).ask("Colour?", context=DOC, max_new_tokens=0)

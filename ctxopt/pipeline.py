@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 
 import torch
 
+from .attention import capture_attention
 from .cache import clone_cache, kv_bytes
 from .decoding import DecodeResult, GenerationConfig, Prefill, decode, prefill
 from .errors import ContextTooLongError, InputError
@@ -159,10 +161,14 @@ class Pipeline:
         input_stage = self.stages["input"][0] if self.stages["input"] else None
         name = input_stage.name if input_stage else "prefill"
         with measure(name, self.lm.device, tokens_in=len(prompt)) as record:
-            if input_stage is not None:
-                state = input_stage.prefill(prompt, run)
-            else:
-                state = prefill(self.lm.model, prompt.input_ids, chunk_size=self.prefill_chunk)
+            requests = [r for r in (c.attention_request(prompt, run) for c in self.stages["cache"]) if r is not None]
+            if len(requests) > 1:
+                raise InputError("Only one cache stage per pipeline may score with the prefill's attention.")
+            with capture_attention(self.lm.model, requests[0]) if requests else nullcontext():
+                if input_stage is not None:
+                    state = input_stage.prefill(prompt, run)
+                else:
+                    state = prefill(self.lm.model, prompt.input_ids, chunk_size=self.prefill_chunk)
             record.tokens_out = int(state.cache.get_seq_length())
             record.kv_bytes = kv_bytes(state.cache)
         run.stats.add(record)

@@ -18,6 +18,7 @@ from .errors import InputError
 from .types import CONTEXT, Passage, Prompt, Stats
 
 if TYPE_CHECKING:
+    from .attention import AttentionCapture
     from .models import LoadedModel
 
 KINDS = ("passage", "token", "input", "cache", "decoder")
@@ -69,7 +70,13 @@ class InputStage(Stage):
 
 
 class CacheStage(Stage):
+    """Prunes a prefilled cache. A stage that scores with the prefill's own attention (SnapKV, SpecKV)
+    returns a request from ``attention_request``; the pipeline runs the prefill under that capture."""
+
     kind = "cache"
+
+    def attention_request(self, prompt: Prompt, run: Run) -> "AttentionCapture | None":
+        return None
 
     def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
         raise NotImplementedError

@@ -1,0 +1,55 @@
+"""Attention capture against eager attention with output_attentions, and the early stop."""
+import copy
+
+import torch
+
+from ctxopt.attention import AttentionCapture, capture_attention
+from ctxopt.decoding import forward, prefill
+
+
+def test_capture_equals_eager_attention(tiny_lm):
+    model = tiny_lm.model
+    ids = torch.randint(1000, 30000, (40,), generator=torch.Generator().manual_seed(0))
+    window = 8
+    request = AttentionCapture(window=window)
+    with capture_attention(model, request):
+        forward(model, ids, positions=torch.arange(40))
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        reference = eager(input_ids=ids[None], output_attentions=True).attentions
+    worst = 0.0
+    for layer, attn in enumerate(reference):
+        ours = request.records[layer].probs()
+        worst = max(worst, (ours - attn[0, :, -window:]).abs().max().item())
+    print(f"max abs diff vs eager attention: {worst:.2e}")
+    assert worst < 1e-5
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_capture_on_the_last_chunk_of_a_cached_prefill(tiny_lm):
+    """With a chunked prefill the record is the prompt's end: the last chunk's queries against all keys."""
+    model = tiny_lm.model
+    ids = torch.randint(1000, 30000, (48,), generator=torch.Generator().manual_seed(1))
+    whole, chunked = AttentionCapture(window=6), AttentionCapture(window=6)
+    with capture_attention(model, whole):
+        prefill(model, ids)
+    with capture_attention(model, chunked):
+        prefill(model, ids, chunk_size=16)
+    for layer in whole.records:
+        assert torch.allclose(whole.records[layer].probs(), chunked.records[layer].probs(), atol=1e-5)
+
+
+def test_stop_after_runs_only_the_first_layers(tiny_lm):
+    model = tiny_lm.model
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        request = AttentionCapture(window=1, layers=[1], stop_after=1, reducer=lambda rec: rec.raw.sum(0)[0])
+        with capture_attention(model, request):
+            forward(model, torch.arange(1000, 1020), positions=torch.arange(20))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [0]  # layer 0 finished; layer 1 stopped inside its attention; layers 2-3 never ran
+    assert list(request.records) == [1] and request.records[1].shape == (20,)

@@ -58,8 +58,14 @@ def clone_cache(cache):
 
 
 def crop_cache(cache, length: int) -> None:
-    """Drop every position at index >= ``length`` in every layer (rollback of rejected tokens)."""
-    cache.crop(length)
+    """Drop every position at index >= ``length`` in every layer (rollback of rejected tokens).
+
+    Passes ``Cache.crop`` a negative count (tokens to remove): transformers 5.2x accepts only that, and
+    5.17 reads a negative value the same way (a positive one there is the length to keep).
+    """
+    remove = cache_length(cache) - length
+    if remove > 0:
+        cache.crop(-remove)
 
 
 def keep_per_head(cache, keep: list[torch.Tensor]) -> None:

@@ -154,6 +154,7 @@ class Pipeline:
             with measure(stage.name, self.lm.device, tokens_in=len(prompt)) as record:
                 prompt = stage.select(prompt, run)
                 record.tokens_out = len(prompt)
+                record.extra.update(run.memo.pop("stage_extra", {}))  # a stage's own cost breakdown
             run.stats.add(record)
         return prompt
 
@@ -177,6 +178,7 @@ class Pipeline:
                 state = stage.compress(state, prompt, run)
                 record.tokens_out = int(state.cache.get_seq_length())
                 record.kv_bytes = kv_bytes(state.cache)
+                record.extra.update(run.memo.pop("stage_extra", {}))  # a stage's own cost breakdown
             run.stats.add(record)
         return state
 

@@ -1,0 +1,218 @@
+"""The ``ctxopt`` command: index a folder, ask a question, run the demo, list methods."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .errors import CtxoptError, InputError
+
+DEMO_FOLDER = "data/demo"
+
+
+def parse_budget(text: str | None) -> int | float | None:
+    """'512' -> 512 tokens; '0.25' -> a ratio of the context."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise InputError(f"--budget must be a token count (512) or a ratio (0.25); got {text!r}.") from None
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="registry name, local folder, .gguf file or hub id")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="full", help="compression method (see `ctxopt methods`)")
+    parser.add_argument("--budget", default=None, help="tokens to keep (512) or a ratio (0.25)")
+    parser.add_argument("--draft", default=None, help="draft model for specpc / speckv / rapid")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra method option, e.g. --option layer=12 (repeatable)")
+
+
+def _method_options(args) -> dict:
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--option takes KEY=VALUE; got {item!r}.")
+        options[key.strip()] = json.loads(value) if value[:1] in "-0123456789[{tf\"n" else value
+    if args.draft:
+        options["draft"] = args.draft
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctxopt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="chunk, embed and index a folder of documents")
+    index.add_argument("folder")
+    index.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    index.add_argument("--chunk-tokens", type=int, default=200)
+    index.add_argument("--overlap", type=int, default=40)
+    index.add_argument("--embedder", default=None)
+
+    ask = commands.add_parser("ask", help="answer a question over a corpus, an index or a file")
+    ask.add_argument("question")
+    source = ask.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", help="folder of .txt/.md/.jsonl documents (indexed in memory)")
+    source.add_argument("--index", help="index folder written by `ctxopt index`")
+    source.add_argument("--file", help="one long document, given whole as context")
+    ask.add_argument("-k", type=int, default=4, help="passages to retrieve")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--truncate", action="store_true", help="truncate a context longer than the model's positions")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--json", action="store_true", help="print answer, sources and stats as JSON")
+    _add_model_options(ask)
+    _add_method_options(ask)
+
+    demo = commands.add_parser("demo", help="answer a few questions over the bundled demo corpus, offline")
+    _add_model_options(demo)
+    _add_method_options(demo)
+
+    commands.add_parser("methods", help="list the available methods")
+
+    try:
+        from .bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(commands)
+    return parser
+
+
+def _pipeline(args, retriever=None):
+    from .methods import build_stages
+    from .pipeline import Pipeline
+
+    stages = build_stages(args.method, parse_budget(args.budget), **_method_options(args))
+    return Pipeline(
+        args.model,
+        retriever=retriever,
+        stages=stages,
+        k=getattr(args, "k", 4),
+        max_new_tokens=getattr(args, "max_new_tokens", 64),
+        truncate=getattr(args, "truncate", False),
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def _print_answer(answer, as_json: bool, streamed: bool) -> None:
+    if as_json:
+        print(json.dumps({
+            "answer": answer.text,
+            "sources": [{"source": p.source, "span": list(p.span), "score": p.score, "id": p.id} for p in answer.sources],
+            "stats": answer.stats.to_dict(),
+        }, indent=2))
+        return
+    if not streamed:
+        print(answer.text)
+    print("\nsources:")
+    for passage in answer.sources:
+        score = f" score={passage.score:.3f}" if passage.score is not None else ""
+        print(f"  {passage.source} chars {passage.span[0]}-{passage.span[1]}{score}")
+    print(f"cost: {answer.stats.summary()}")
+
+
+def cmd_index(args) -> int:
+    from .retrievers import build_index
+
+    began = time.perf_counter()
+    store = build_index(args.folder, args.out, embedder=args.embedder, chunk_tokens=args.chunk_tokens, overlap=args.overlap)
+    print(f"indexed {len(store)} passages from {args.folder} into {args.out} in {time.perf_counter() - began:.1f}s")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from .retrievers import FaissStore, build_index
+
+    context, retriever = None, None
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise InputError(f"--file {path} does not exist or is not a file.")
+        try:
+            context = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"--file {path} is not UTF-8 text.") from None
+        from .types import Passage
+
+        context = Passage(text=context, source=str(path))
+    elif args.index:
+        retriever = FaissStore.load(args.index)
+    else:
+        retriever = build_index(args.corpus, progress=False)
+    pipe = _pipeline(args, retriever)
+    on_text = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
+    answer = pipe.ask(args.question, context=context, on_text=on_text)
+    if on_text:
+        print()
+    _print_answer(answer, args.json, streamed=on_text is not None)
+    return 0
+
+
+def demo_questions() -> list[dict]:
+    return json.loads((resources.files("ctxopt") / DEMO_FOLDER / "questions.json").read_text())
+
+
+def cmd_demo(args) -> int:
+    from .bench.metrics import normalize_answer
+    from .retrievers import build_index
+
+    began = time.perf_counter()
+    with resources.as_file(resources.files("ctxopt") / DEMO_FOLDER / "corpus") as folder:
+        store = build_index(folder, progress=False)
+    args.k, args.max_new_tokens = 2, 32
+    pipe = _pipeline(args, store)
+    print(f"ctxopt demo: {len(store)} passages from the bundled Eldermoor corpus; model {args.model}; method {args.method}")
+    correct = 0
+    for item in demo_questions():
+        answer = pipe.ask(item["question"])
+        ok = any(normalize_answer(gold) in normalize_answer(answer.text) for gold in item["answers"])
+        correct += ok
+        print(f"\nQ: {item['question']}\nA: {answer.text}   [{'correct' if ok else 'expected ' + item['answers'][0]}]")
+        print("sources: " + ", ".join(p.source for p in answer.sources))
+        print(f"cost: {answer.stats.summary()}")
+    print(f"\n{correct}/{len(demo_questions())} correct in {time.perf_counter() - began:.1f}s")
+    return 0 if correct == len(demo_questions()) else 1
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    for name, spec in sorted(METHODS.items()):
+        budget = "--budget" if spec.needs_budget else "no budget"
+        print(f"{name:12s} {spec.summary} ({budget})")
+    return 0
+
+
+COMMANDS = {"index": cmd_index, "ask": cmd_ask, "demo": cmd_demo, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args)
+    except CtxoptError as error:
+        print(f"ctxopt: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctxopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The ctxopt command: bad input gives a clear error and exit code 2; the demo answers its questions."""
+import json
+
+import pytest
+
+from ctxopt.cli import main, parse_budget
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_budget_parsing():
+    assert parse_budget("512") == 512 and parse_budget("0.25") == 0.25 and parse_budget(None) is None
+    with pytest.raises(Exception, match="token count"):
+        parse_budget("lots")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ask", "Where?", "--corpus", "/nonexistent/folder"], "does not exist"),
+        (["ask", "Where?", "--file", "/nonexistent/file.txt"], "does not exist"),
+        (["ask", "Where?", "--index", "/nonexistent/index"], "index"),
+        (["ask", "Where?", "--file", "pyproject.toml", "--method", "nosuch"], "Unknown method"),
+        (["ask", "Where?", "--file", "pyproject.toml", "--method", "truncate"], "needs a budget"),
+        (["ask", "Where?", "--file", "pyproject.toml", "--model", "no-such-model"], "no-such-model"),
+    ],
+)
+def test_bad_input_exits_with_a_clear_error(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message.lower() in err.lower()
+
+
+def test_empty_corpus_folder(tmp_path, capsys):
+    code, _, err = run(capsys, "index", str(tmp_path), "--out", str(tmp_path / "idx"))
+    assert code == 2 and "no" in err.lower()
+    assert not (tmp_path / "idx").exists()
+
+
+def test_methods_lists_the_registry(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0 and "full" in out and "truncate" in out and "rag" in out
+
+
+@pytest.mark.real_model
+def test_index_then_ask_and_demo(tmp_path, capsys, smollm):
+    from importlib import resources
+
+    corpus = resources.files("ctxopt") / "data" / "demo" / "corpus"
+    code, out, _ = run(capsys, "index", str(corpus), "--out", str(tmp_path / "idx"))
+    assert code == 0 and "indexed" in out
+    code, out, _ = run(capsys, "ask", "What is the vault code of the Harbour Museum?", "--index", str(tmp_path / "idx"),
+                       "-k", "2", "--max-new-tokens", "24", "--json")
+    result = json.loads(out)
+    assert code == 0 and "4817" in result["answer"]
+    assert result["sources"][0]["source"] == "harbour_museum.md"
+    assert [s["stage"] for s in result["stats"]["stages"]] == ["retrieve", "prefill", "decode"]
+    code, out, _ = run(capsys, "demo")
+    assert code == 0, out
+    assert "3/3 correct" in out

@@ -1,0 +1,102 @@
+"""SnapKV: keep, per KV head, the prefix positions the prompt's last queries attend to most.
+
+Paper: "SnapKV: LLM Knows What You are Looking for Before Generation" (arXiv 2404.14469) [P];
+code: FasterDecoding/SnapKV [C]; the kvpress ``SnapKVPress`` [K] is the reference implementation most
+baselines use.
+
+1. During the prefill, capture the softmax attention of the last ``window`` prompt queries (the observation
+   window) over all keys, causal inside the window, in every layer, and keep only the prefix columns. [P][C]
+2. Average over the window's queries. [K] (the SnapKV code sums; the ranking is the same)
+3. Pool along positions with kernel 5, centred, stride 1 (the paper's clustering step [P]): max pooling
+   here, as the issue reads the paper. kvpress, and the SnapKV code by default, pool by average
+   (``pooling="avg"`` reproduces them).
+4. Average over each KV head's group of query heads (GQA), after pooling, as kvpress does. [K]
+5. Keep each KV head's top (budget - window) prefix positions plus the whole window. [P][C]
+
+Positions are untouched: the pruned cache keeps the original rotations, the next token goes at position n,
+and the full prefill's logits still predict the first answer token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ..attention import AttentionCapture, WindowAttention
+from ..cache import cache_length, keep_per_head, num_layers
+from ..decoding import Prefill
+from ..errors import InputError
+from ..stages import CacheStage, Run, Stage, resolve_budget
+from ..types import Prompt
+from .scoring import Pooling, check_knobs, pool1d, prefix_probs, select_per_head
+
+CAPTURE_KEY = "snapkv:capture"
+
+
+def snapkv_scores(record: WindowAttention, kernel: int, pooling: Pooling) -> torch.Tensor:
+    """One layer's SnapKV scores of the prefix positions, (kv_heads, n - W): steps 1-4."""
+    per_head = pool1d(prefix_probs(record).mean(dim=1), kernel, pooling)
+    return record.group_heads(per_head).mean(dim=1)
+
+
+@dataclass
+class SnapKV(CacheStage):
+    """Prune the prefilled cache to ``budget`` positions per KV head (a token count, or a ratio of the prompt)."""
+
+    budget: int | float = 1024
+    window: int = 64
+    kernel: int = 5
+    pooling: Pooling = "max"
+
+    name = "snapkv"
+
+    def __post_init__(self) -> None:
+        check_knobs(self.name, self.window, self.kernel, self.pooling)
+
+    def _keep(self, n: int) -> int | None:
+        """Positions to keep per head, or None when the budget covers the whole prompt."""
+        keep = resolve_budget(self.budget, n)
+        if keep >= n:
+            return None
+        if keep <= self.window:
+            raise InputError(
+                f"snapkv: the budget ({keep} positions) must exceed the observation window ({self.window}); "
+                "pass a larger budget or a smaller window."
+            )
+        return keep
+
+    def attention_request(self, prompt: Prompt, run: Run) -> AttentionCapture | None:
+        if self._keep(len(prompt)) is None:
+            return None
+        reducer = partial(snapkv_scores, kernel=self.kernel, pooling=self.pooling)
+        request = AttentionCapture(window=self.window, reducer=reducer)
+        run.memo[CAPTURE_KEY] = request
+        return request
+
+    def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
+        keep = self._keep(len(prompt))
+        if keep is None:
+            run.note(f"snapkv: budget {self.budget} >= prompt length {len(prompt)}; cache kept whole")
+            return state
+        request = run.memo.pop(CAPTURE_KEY, None)
+        if request is None:
+            raise InputError(
+                "snapkv: no attention was captured; run the prefill under attention_request() (the Pipeline does)."
+            )
+        n = cache_length(state.cache)
+        layers = num_layers(state.cache)
+        scores = [request.records.get(layer) for layer in range(layers)]
+        if any(s is None or s.shape[-1] != n - self.window for s in scores):
+            raise InputError(
+                f"snapkv: the capture does not cover the last {self.window} queries of all {layers} layers "
+                "(a prefill chunk shorter than the window?); use a prefill chunk of at least the window."
+            )
+        window = torch.arange(n - self.window, n)
+        keep_per_head(state.cache, [select_per_head(s, keep - self.window, window) for s in scores])
+        return state
+
+
+def snapkv_stages(budget: int | float, window: int = 64, kernel: int = 5, **_) -> list[Stage]:
+    """Registry factory: ``snapkv`` at ``budget``."""
+    return [SnapKV(budget=budget, window=window, kernel=kernel)]

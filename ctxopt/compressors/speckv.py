@@ -1,0 +1,194 @@
+"""SpecKV: prune the KV cache with the attention the target pays to a draft model's approximate answer.
+
+Paper: "Draft-based Approximate Inference for LLMs" (arXiv 2506.08373) [P]; code:
+furiosa-ai/draft-based-approx-llm [C].
+
+1. The draft (a small model with the target's tokenizer) greedily answers the same prompt; the lookahead is
+   the whole answer, up to max_new_tokens, ending at EOS. [P][C] An answer already in
+   ``run.memo["draft_answer_ids"]`` (SpecPC's, in SpecKV-PC) is reused. [C]
+2. The target prefills the prompt, capturing the last ``window`` prompt queries; then the draft tokens are
+   fed at positions n..n+L-1, capturing all L of their queries. Per layer: softmax(Q_win K^T / sqrt(d)),
+   causal inside the window; drop the window's own columns (keys n-w..); reduce by MAX over the GQA group
+   and the window's queries -> one score vector per KV head; centred max-pool, kernel 7. [C]
+3. Keep each KV head's top (budget - window) prefix positions plus the window's prompt positions; drop the
+   draft tokens and the last prompt token. [C] The decode loop feeds the last prompt token again at its
+   ORIGINAL position n-1; stored keys keep their original rotation. [C]
+
+Deviations from [C]: the window holds the last ``window`` prompt tokens (the code's window has one more,
+``window + 1``), so the cache holds budget - 1 positions per head and budget once the last prompt token is
+fed again (the code keeps budget, then budget + 1). [C]'s sparse (vertical-slash) target prefill for long
+prompts, an accelerator, is not done. A draft that is the target itself answers from a copy of the target's
+prefilled cache instead of prefilling the prompt a second time (the same greedy answer).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..attention import AttentionCapture, WindowAttention, capture_attention
+from ..cache import cache_length, clone_cache, crop_cache, keep_per_head, num_layers
+from ..decoding import GenerationConfig, Prefill, decode, forward, prefill
+from ..errors import InputError
+from ..stages import CacheStage, Run, Stage, resolve_budget
+from ..types import Prompt
+from .scoring import check_knobs, pool1d, prefix_probs, select_per_head
+from .selection import report
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+CAPTURE_KEY = "speckv:capture"
+DRAFT_ANSWER_KEY = "draft_answer_ids"
+
+
+def max_scores(record: WindowAttention, prefix: int | None = None) -> torch.Tensor:
+    """One layer's window attention on the prefix, max over the window's queries and each GQA group:
+    (kv_heads, prefix)."""
+    probs = record.group_heads(prefix_probs(record, prefix))
+    return probs.amax(dim=(1, 2))
+
+
+def load_draft(draft: "LoadedModel | str | None", run: Run) -> "LoadedModel":
+    """The draft as a LoadedModel (None = the target), checked to share the target's vocabulary."""
+    if draft is None:
+        return run.lm
+    if isinstance(draft, str):
+        from ..models import load_model
+
+        draft = load_model(draft, run.lm.device, run.lm.dtype)
+    if draft.model is not run.lm.model and draft.tokenizer.get_vocab() != run.lm.tokenizer.get_vocab():
+        raise InputError(
+            f"The draft {draft.name!r} does not share the tokenizer of the target {run.lm.name!r}; its token ids "
+            "would mean other words. Pass a draft of the target's family (same vocabulary), or draft=None."
+        )
+    return draft
+
+
+@dataclass
+class SpecKV(CacheStage):
+    """Prune the prefilled cache to ``budget`` positions per KV head, scored with a draft's answer.
+
+    ``draft``: a LoadedModel, a registry name or path, or None for the target itself. ``lookahead``: draft
+    tokens to generate (None = up to the run's max_new_tokens). The draft's cost (``draft_seconds``,
+    ``draft_tokens``, ``draft_reused``) goes to ``run.memo["speckv"]`` and to this stage's Stats record extra;
+    it is part of this stage's seconds, hence of TTFT.
+    """
+
+    draft: "LoadedModel | str | None" = None
+    budget: int | float = 1024
+    window: int = 32
+    kernel: int = 7
+    lookahead: int | None = None
+
+    name = "speckv"
+
+    def __post_init__(self) -> None:
+        check_knobs(self.name, self.window, self.kernel)
+        if self.lookahead is not None and (isinstance(self.lookahead, bool) or self.lookahead < 0):
+            raise InputError(f"speckv: lookahead must be a token count >= 0 or None; got {self.lookahead!r}.")
+
+    def _keep(self, n: int) -> int | None:
+        """Positions per head after the last prompt token is fed again, or None when nothing is dropped."""
+        keep = resolve_budget(self.budget, n)
+        if keep >= n:
+            return None
+        if keep <= self.window:
+            raise InputError(
+                f"speckv: the budget ({keep} positions) must exceed the window ({self.window}); "
+                "pass a larger budget or a smaller window."
+            )
+        return keep
+
+    def attention_request(self, prompt: Prompt, run: Run) -> AttentionCapture | None:
+        if self._keep(len(prompt)) is None:
+            return None
+        request = AttentionCapture(window=self.window, reducer=max_scores)
+        run.memo[CAPTURE_KEY] = request
+        return request
+
+    def draft_answer(self, state: Prefill, prompt: Prompt, run: Run) -> torch.Tensor:
+        """Step 1: the draft's greedy answer to the prompt (reused from ``run.memo`` when present)."""
+        lookahead = run.config.max_new_tokens if self.lookahead is None else self.lookahead
+        began = time.perf_counter()
+        reused = DRAFT_ANSWER_KEY in run.memo
+        if reused:
+            ids = run.memo[DRAFT_ANSWER_KEY][:lookahead]
+        elif lookahead == 0:
+            ids = torch.zeros(0, dtype=torch.long)
+        else:
+            draft = load_draft(self.draft, run)
+            if draft.model is run.lm.model:
+                start = Prefill(clone_cache(state.cache), state.next_position, state.logits)
+            else:
+                start = prefill(draft.model, prompt.input_ids)
+            config = GenerationConfig(max_new_tokens=lookahead)
+            result = decode(draft.model, draft.tokenizer, start, config, draft.eos_token_ids)
+            ids = torch.tensor(result.token_ids, dtype=torch.long)
+            run.memo[DRAFT_ANSWER_KEY] = ids
+        run.memo["speckv"] = cost = {
+            "draft_seconds": time.perf_counter() - began,
+            "draft_tokens": len(ids),
+            "draft_reused": reused,
+        }
+        report(run, **cost)
+        return ids
+
+    def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
+        keep = self._keep(len(prompt))
+        if keep is None:
+            run.note(f"speckv: budget {self.budget} >= prompt length {len(prompt)}; cache kept whole")
+            return state
+        request = run.memo.pop(CAPTURE_KEY, None)
+        if request is None or state.logits is None or state.pending_ids is not None:
+            raise InputError("speckv: compress() needs a plain prefill of the prompt run under attention_request() "
+                             "(the Pipeline does this).")
+        n, layers, w = cache_length(state.cache), num_layers(state.cache), self.window
+        prefix = n - w
+        scores = [request.records.get(layer) for layer in range(layers)]
+        if any(s is None or s.shape[-1] != prefix for s in scores):
+            raise InputError(
+                f"speckv: the capture does not cover the last {w} prompt queries of all {layers} layers "
+                "(a prefill chunk shorter than the window?); use a prefill chunk of at least the window."
+            )
+        draft_ids = self.draft_answer(state, prompt, run)
+        if len(draft_ids):
+            request = AttentionCapture(window=len(draft_ids), reducer=partial(max_scores, prefix=prefix))
+            positions = torch.arange(state.next_position, state.next_position + len(draft_ids))
+            with capture_attention(run.lm.model, request), torch.inference_mode():
+                forward(run.lm.model, draft_ids, positions=positions, cache=state.cache)
+            scores = [torch.maximum(s, request.records[layer]) for layer, s in enumerate(scores)]
+        crop_cache(state.cache, n - 1)
+        window = torch.arange(prefix, n - 1)
+        keep_per_head(state.cache, [select_per_head(pool1d(s, self.kernel), keep - w, window) for s in scores])
+        return Prefill(
+            cache=state.cache,
+            next_position=state.next_position - 1,
+            logits=None,
+            pending_ids=prompt.input_ids[-1:],
+        )
+
+
+def speckv_stages(
+    budget: int | float, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
+    lookahead: int | None = None, **_,
+) -> list[Stage]:
+    """Registry factory: ``speckv`` at ``budget``."""
+    return [SpecKV(draft=draft, budget=budget, window=window, kernel=kernel, lookahead=lookahead)]
+
+
+def speckv_pc_stages(
+    budget: int | float, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
+    lookahead: int | None = None, **_,
+) -> list[Stage]:
+    """Registry factory: ``speckv-pc``, SpecPC (at least 2048 tokens, its other knobs at their defaults) then
+    SpecKV. SpecPC's draft also writes the answer (``lookahead``, None = the whole answer) that SpecKV reuses. [C]"""
+    from .specpc import SpecPC
+
+    return [
+        SpecPC(draft=draft, budget=max(2048, budget), lookahead=lookahead),
+        SpecKV(draft=draft, budget=budget, window=window, kernel=kernel, lookahead=lookahead),
+    ]

@@ -28,6 +28,17 @@ METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec("ctxopt.methods:_full", "the whole context, no compression", needs_budget=False),
     "truncate": MethodSpec("ctxopt.methods:_truncate", "keep the start and end of the context"),
     "rag": MethodSpec("ctxopt.methods:_rag", "top chunks of the context by embedder similarity", options=("chunk_tokens",)),
+    "gemfilter": MethodSpec("ctxopt.compressors.gemfilter:gemfilter_stages", "keep the tokens an early layer's last "
+                            "query scores highest (GemFilter)", options=("layer", "kernel", "keep_question")),
+    "specpc": MethodSpec("ctxopt.compressors.specpc:specpc_stages", "keep the tokens a draft model attends to (SpecPC)",
+                         options=("draft", "window", "first_layer", "kernel", "lookahead", "keep_question",
+                                  "cross_tokenizer")),
+    "rapid": MethodSpec("ctxopt.speculative.rapid:rapid", "speculative decoding with a drafter on retrieved chunks "
+                        "(budget = drafter context tokens)", needs_budget=False,
+                        options=("drafter", "gamma", "eta", "chunk_tokens", "threshold")),
+    "snapkv": MethodSpec("ctxopt.compressors.snapkv:snapkv_stages", "KV cache pruned per head by the prompt's last queries (SnapKV)", options=("window", "kernel")),
+    "speckv": MethodSpec("ctxopt.compressors.speckv:speckv_stages", "KV cache pruned per head by a draft answer's attention (SpecKV)", options=("draft", "window", "kernel", "lookahead")),
+    "speckv-pc": MethodSpec("ctxopt.compressors.speckv:speckv_pc_stages", "SpecPC prompt compression, then SpecKV on the same draft answer", options=("draft", "window", "kernel", "lookahead")),
 }
 
 

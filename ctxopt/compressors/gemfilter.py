@@ -1,0 +1,148 @@
+"""GemFilter: keep the prompt tokens an early layer's last query points at, then run the model on those only.
+
+Paper: "Discovering the Gems in Early Layers" (arXiv 2409.17422) [P]; code: SalesforceAIResearch/GemFilter [C].
+
+1. Run layers 0..r over the whole prompt, no KV cache; the forward stops inside layer r's attention. [P][C]
+2. Score each token by the raw dot product of layer r's post-RoPE query of the LAST prompt token with its
+   post-RoPE key (GQA keys repeated), summed over all query heads; no softmax, no 1/sqrt(d). [C]
+3. Smooth the scores with a 1-D mean, kernel 5, stride 1, padding 2, zero padding counted in the mean
+   (``F.avg_pool1d`` defaults, as [C] calls it). [C]
+4. Keep the top k = min(budget, n) positions, in their original order. [C] The Pipeline then prefills the
+   full model on the kept tokens as a fresh prompt (positions 0..k-1) and decodes. [P][C]
+
+Selection layer: [C]'s per-model choice (13 of 32 for Llama-3.1-8B-Instruct, 19 of 40 for Mistral-Nemo-12B,
+19 of 32 for Phi-3.5-mini), matched by config shape since model names are unreliable; any other model gets
+round(0.4 * layers), the analogue of Llama-3.1-8B's 13/32: 12 of 30 for SmolLM2-135M, 11 of 28 for
+Qwen2.5-Coder-1.5B. ``search_layer`` measures the choice on a few samples. On SmolLM2, a check of all 30 layers
+(11 needle samples at 1K tokens, 4 of them with distractors) found layer 12 the best at keeping the whole needle
+sentence in the top 128 (4 of 11) and top 256 (6 of 11) tokens, so the 40% rule stands for it.
+
+Deviations from [C]: scores are computed in float32 (the code keeps the model's half precision), and ties in
+the ranking go to the earlier position (``torch.topk``'s tie order is unspecified). ``keep_question=True`` is
+ctxopt's option, off by default as in [C]: template and question tokens are kept first, counted in the
+budget, and the best context tokens fill the rest.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..attention import AttentionCapture, capture_attention
+from ..decoding import forward
+from ..errors import InputError
+from ..stages import Run, Stage, TokenStage, resolve_budget
+from ..types import Prompt
+from .selection import average_pool, fill_budget, forced_tokens, rank_descending, report
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from ..models import LoadedModel
+
+# (model_type, layers, hidden size, KV heads) -> the selection layer [C] uses (needle_eval.py).
+PAPER_LAYERS: dict[tuple[str, int, int, int], int] = {
+    ("llama", 32, 4096, 8): 13,  # Llama-3.1-8B-Instruct
+    ("mistral", 40, 5120, 8): 19,  # Mistral-Nemo-12B-Instruct
+    ("phi3", 32, 3072, 32): 19,  # Phi-3.5-mini-instruct
+}
+DEPTH_FRACTION = 0.4
+
+
+def default_layer(config: "PretrainedConfig") -> int:
+    """The paper's layer for a model it used (matched by config shape), else round(0.4 * layers)."""
+    config = config.get_text_config(decoder=True)
+    key = (
+        config.model_type,
+        config.num_hidden_layers,
+        config.hidden_size,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
+    return PAPER_LAYERS.get(key, round(DEPTH_FRACTION * config.num_hidden_layers))
+
+
+def early_layer_scores(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Steps 1-2: sum over query heads of q_last·k at ``layer`` for every prompt token, (n,) float32.
+
+    Only layers 0..layer run, without a cache: the capture stops the forward once the scores are taken.
+    """
+    request = AttentionCapture(
+        window=1, layers=[layer], stop_after=layer, reducer=lambda record: record.raw[:, -1].sum(0)
+    )
+    with torch.inference_mode(), capture_attention(model, request):
+        forward(model, input_ids, positions=torch.arange(len(input_ids)))
+    return request.records[layer].cpu()
+
+
+@dataclass
+class GemFilter(TokenStage):
+    """Keep ``budget`` tokens (int, or a ratio of the prompt) chosen by layer ``layer``'s last query."""
+
+    budget: int | float = 1024
+    layer: int | None = None
+    kernel: int = 5
+    keep_question: bool = False
+    name = "gemfilter"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise InputError(f"gemfilter: kernel must be an odd positive int (centred mean); got {self.kernel!r}.")
+
+    def resolve_layer(self, lm: "LoadedModel") -> int:
+        layer = default_layer(lm.config) if self.layer is None else self.layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < lm.num_layers:
+            raise InputError(f"gemfilter: layer must be an int in 0..{lm.num_layers - 1} for {lm.name}; got {layer!r}.")
+        return layer
+
+    def select(self, prompt: Prompt, run: Run) -> Prompt:
+        keep = resolve_budget(self.budget, len(prompt))
+        if keep >= len(prompt):
+            run.note(f"gemfilter: budget {self.budget} >= prompt length {len(prompt)}; nothing dropped")
+            return prompt
+        layer = self.resolve_layer(run.lm)
+        forced = forced_tokens(prompt) if self.keep_question else torch.zeros(0, dtype=torch.long)
+        if len(forced) > keep:
+            raise InputError(
+                f"gemfilter: budget {keep} is smaller than the {len(forced)} template/question tokens that "
+                "keep_question=True keeps; pass a larger budget or keep_question=False."
+            )
+        began = time.perf_counter()
+        scores = early_layer_scores(run.lm.model, prompt.input_ids, layer)
+        kept = fill_budget([forced, rank_descending(average_pool(scores, self.kernel))], keep)
+        report(run, selection_seconds=time.perf_counter() - began, selection_layer=layer, forced_tokens=len(forced))
+        return prompt.select(kept)
+
+
+def gemfilter_stages(
+    budget: int | float, layer: int | None = None, kernel: int = 5, keep_question: bool = False, **_: Any
+) -> list[Stage]:
+    """Registry factory: ``gemfilter`` at ``budget``."""
+    return [GemFilter(budget=budget, layer=layer, kernel=kernel, keep_question=keep_question)]
+
+
+def search_layer(
+    lm: "LoadedModel",
+    samples: Sequence[Any],
+    layers: Iterable[int] | None = None,
+    budget: int | float = 1024,
+    max_new_tokens: int = 16,
+    **pipeline_options: Any,
+) -> dict[int, float]:
+    """Accuracy of GemFilter at each candidate selection layer (default: every layer) on ``samples``.
+
+    A sample has ``.question``, ``.context`` and ``.answers``; it counts as answered when the answer contains
+    every gold string, case-insensitively (RULER's string_match_all, ``ctxopt.bench.metrics``). Extra keyword
+    arguments go to the Pipeline (``instruction=...``, ``system=...``).
+    """
+    from ..bench.metrics import ruler_string_match_all
+    from ..pipeline import Pipeline
+
+    accuracy: dict[int, float] = {}
+    for layer in range(lm.num_layers) if layers is None else layers:
+        pipe = Pipeline(lm, stages=[GemFilter(budget, layer=layer)], max_new_tokens=max_new_tokens, **pipeline_options)
+        hits = [ruler_string_match_all(pipe.ask(s.question, context=s.context).text, s.answers) for s in samples]
+        accuracy[layer] = sum(hits) / max(len(hits), 1)
+    return accuracy

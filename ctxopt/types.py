@@ -139,14 +139,17 @@ class Stats:
     def total_seconds(self) -> float:
         return sum(s.seconds for s in self.stages)
 
+    def decode_record(self) -> StageStats | None:
+        """The decoder's record: "decode", or "decode:<name>" for a decoder stage such as RAPID."""
+        return next((r for r in self.stages if r.stage == "decode" or r.stage.startswith("decode:")), None)
+
     @property
     def ttft_seconds(self) -> float:
-        """Seconds until the first answer token: every stage before and including the first decode step."""
+        """Seconds until the first answer token: every stage before the decoder plus its first step."""
         total = 0.0
         for record in self.stages:
-            if record.stage == "decode":
-                total += record.extra.get("first_token_seconds", 0.0)
-                break
+            if record is self.decode_record():
+                return total + float(record.extra.get("first_token_seconds") or 0.0)
             total += record.seconds
         return total
 

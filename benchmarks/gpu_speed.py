@@ -1,0 +1,254 @@
+"""Speed of every registered method against full prefill, on a random-weight Llama-3.1-8B-shaped model.
+
+    python benchmarks/gpu_speed.py                 # the H200 run: bf16 on cuda, contexts 16K, 32K, 128K
+    python benchmarks/gpu_speed.py --smoke         # tiny shapes, short contexts, CPU: checks the script runs
+
+No hub and no real weights: the target is ``LlamaForCausalLM`` built from a hand-written config with
+Llama-3.1-8B's shapes (hidden 4096, 32 layers, 32 heads / 8 KV heads, MLP 14336, vocab 128256, rope theta
+500000 with llama3 scaling, 131072 positions); methods that take a draft get a Llama-3.2-1B-shaped one
+(hidden 2048, 16 layers, 32 / 8 heads, MLP 8192, tied embeddings). The tokenizer is a word-level fast
+tokenizer built here with the ``tokenizers`` library: word ``w<i>`` is token ``i``, so a context of n random
+token ids is the text of n words and the ordinary ``Pipeline.ask`` runs end to end (prompt provenance,
+every stage, ctxopt's decode loop). Random weights make the answers meaningless; only the timings count.
+
+Per context length and method: TTFT (median of ``--repeats`` runs; one run at 64K and above) and its
+ratio to full prefill's, decode milliseconds per token after the first, KV bytes after prefill and after
+decoding, peak memory (torch's peak on CUDA). Methods are read from ``ctxopt.methods.METHODS``, so new
+ones are picked up. A config that fails (a missing optional dependency, out of memory) records its error and
+the run goes on. A config is skipped when the time spent plus 1.5x the full prefill's time at that length
+(per repeat) would pass ``--time-budget`` (default 270 s, counted from the start, so that the whole run,
+imports included, ends within 6 minutes). Results go to ``$OUT/gpu_speed.json`` (default
+``./gpu_out``), rewritten after every config; the table is printed last.
+
+H200 reference numbers (HF SDPA, bf16): full prefill 1.41 s at 32K, 11.84 s at 128K; the first 13 of 32
+layers 4.82 s at 128K; a decode step 65 ms with a 128K cache, 19 ms with 1K.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import ctxopt from this checkout
+
+from ctxopt.bench.runner import DRAFT_OPTIONS, measurements  # noqa: E402
+from ctxopt.methods import METHODS, build_stages  # noqa: E402
+from ctxopt.models import LoadedModel  # noqa: E402
+from ctxopt.pipeline import Pipeline  # noqa: E402
+
+BASELINE = "full"
+ROPE = dict(rope_theta=500000.0, rope_scaling={
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+})
+TARGET = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+              intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
+DRAFT = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
+# --smoke: the draft keeps more layers than SpecPC's default first scored layer (8).
+SMOKE_TARGET = dict(TARGET, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, vocab_size=2000)
+SMOKE_DRAFT = dict(DRAFT, hidden_size=32, num_hidden_layers=10, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=64, vocab_size=2000)
+PROMPT_ROOM = 128  # tokens of each context length left for the template, the question and the answer
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A fast tokenizer whose token i is the word "w<i>", split on whitespace; other words map to w0."""
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", model_max_length=1 << 30)
+
+
+def random_model(shape: dict[str, Any], tokenizer: PreTrainedTokenizerFast, name: str, device: torch.device,
+                 dtype: torch.dtype, seed: int) -> LoadedModel:
+    """A random-weight Llama of ``shape``, built directly on ``device`` in ``dtype``, with SDPA attention."""
+    config = LlamaConfig(**shape, **ROPE, max_position_embeddings=131072, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=None)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None  # never stop early: every run decodes the same count
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_config(target: LoadedModel, method: str, budget: int | None, context: str, question: str,
+                options: dict[str, Any], repeats: int, new_tokens: int, prefill_chunk: int | None) -> dict[str, Any]:
+    """Run one method ``repeats`` times on the same prompt; medians of TTFT and decode ms/token."""
+    stages = build_stages(method, budget, **options)
+    pipe = Pipeline(target, stages=stages, max_new_tokens=new_tokens, prefill_chunk=prefill_chunk)
+    runs = []
+    for _ in range(repeats):
+        synchronize(target.device)
+        began = time.perf_counter()
+        answer = pipe.ask(question, context=context)
+        synchronize(target.device)
+        numbers = measurements(answer, pipe, time.perf_counter() - began)
+        decode = answer.stats.decode_record()
+        first = float(decode.extra.get("first_token_seconds") or 0.0)
+        numbers["decode_ms_per_token"] = (
+            1000 * (decode.seconds - first) / (decode.tokens_out - 1) if (decode.tokens_out or 0) > 1 else None
+        )
+        runs.append(numbers)
+        del answer
+    result: dict[str, Any] = {"repeats": repeats}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        result[key] = statistics.median(values) if values else None
+    return result
+
+
+def method_options(method: str, draft: LoadedModel) -> dict[str, Any]:
+    """The draft under the option name the method takes it by, if it takes one."""
+    taken = [name for name in DRAFT_OPTIONS if name in METHODS[method].options]
+    return {taken[0]: draft} if taken else {}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """A short aligned table of the results."""
+    header = ["context", "method", "budget", "TTFT s", "x full", "decode ms/tok", "prefilled", "kept",
+              "KV MB", "peak GB", "note"]
+    rows = [header]
+    for r in results:
+        def fmt(key: str, digits: int, scale: float = 1.0) -> str:
+            return "-" if r.get(key) is None else f"{r[key] * scale:.{digits}f}"
+
+        rows.append([str(r["context"]), r["method"], str(r["budget"] or "-"), fmt("ttft_s", 3),
+                     fmt("ttft_ratio", 2), fmt("decode_ms_per_token", 1), fmt("tokens_prefilled", 0),
+                     fmt("tokens_kept", 0), fmt("kv_bytes", 1, 2**-20), fmt("peak_memory_bytes", 2, 2**-30),
+                     (r.get("error") or r.get("skipped") or "")[:60]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one 512-token context, CPU float32, "
+                        "one thread, one repeat")
+    parser.add_argument("--contexts", default=None, help="comma-separated context lengths (default 16K,32K,128K)")
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
+    parser.add_argument("--budget", type=int, default=None, help="token budget of budgeted methods "
+                        "(default 1024, smoke 128)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per config below 64K, one at 64K and up "
+                        "(default 3, smoke 1)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per run (default 16, smoke 4)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; later configs are skipped "
+                        "(default 270, smoke 60)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
+    parser.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Steps: build the tokenizer, target and draft; warm every method up on a short prompt; for each context and method, time it (full
+    first, so ratios and the time estimate exist) unless the time budget says skip; save; print the table."""
+    args = parse_args(argv)
+    began = time.perf_counter()
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else (
+        [512] if args.smoke else [16384, 32768, 131072])
+    budget = args.budget or (128 if args.smoke else 1024)
+    new_tokens = args.new_tokens or (4 if args.smoke else 16)
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny matrices: one thread, and no stall when the CPU is shared
+    time_budget = args.time_budget or (60.0 if args.smoke else 270.0)
+    names = args.methods.split(",") if args.methods else list(METHODS)
+    methods = [BASELINE] + [m for m in names if m != BASELINE]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
+    out = Path(os.environ.get("OUT") or "gpu_out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    shape, draft_shape = (SMOKE_TARGET, SMOKE_DRAFT) if args.smoke else (TARGET, DRAFT)
+    tokenizer = word_tokenizer(shape["vocab_size"])
+    target = random_model(shape, tokenizer, "llama-3.1-8b-shape (random)" if not args.smoke else "smoke-target",
+                          device, dtype, args.seed)
+    draft = random_model(draft_shape, tokenizer, "llama-3.2-1b-shape (random)" if not args.smoke else "smoke-draft",
+                         device, dtype, args.seed + 1)
+    generator = torch.Generator().manual_seed(args.seed)
+    question = " ".join(f"w{i}" for i in torch.randint(1, shape["vocab_size"], (24,), generator=generator).tolist())
+    warm = " ".join(f"w{i}" for i in torch.randint(1, shape["vocab_size"], (384,), generator=generator).tolist())
+    for method in methods:  # kernels, allocator, lazily loaded parts (the embedder): not inside the timings
+        try:
+            time_config(target, method, budget if METHODS[method].needs_budget else None, warm, question,
+                        method_options(method, draft), 1, 2, args.prefill_chunk)
+        except Exception:  # the timed run records the error
+            pass
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
+        "smoke": args.smoke, "budget": budget, "new_tokens": new_tokens, "prefill_chunk": args.prefill_chunk,
+        "target": shape, "draft": draft_shape, "setup_seconds": round(time.perf_counter() - began, 1),
+    }
+    print(f"setup {info['setup_seconds']} s on {device} {info['dtype']}; methods {', '.join(methods)}", flush=True)
+
+    results: list[dict[str, Any]] = []
+    for length in contexts:
+        ids = torch.randint(1, shape["vocab_size"], (length - PROMPT_ROOM,), generator=generator).tolist()
+        context = " ".join(f"w{i}" for i in ids)
+        repeats = 1 if length >= 65536 else args.repeats or (1 if args.smoke else 3)
+        full_seconds = None
+        for method in methods:
+            config_budget = budget if METHODS[method].needs_budget else None
+            row: dict[str, Any] = {"context": length, "method": method, "budget": config_budget}
+            spent = time.perf_counter() - began
+            estimate = 1.5 * (full_seconds or 0.0) * repeats  # the draft-based methods take longer than full
+            if spent + estimate > time_budget:
+                row["skipped"] = f"time budget ({spent:.0f} s spent, ~{estimate:.0f} s more needed)"
+            else:
+                try:
+                    row.update(time_config(target, method, config_budget, context, question,
+                                           method_options(method, draft), repeats, new_tokens,
+                                           args.prefill_chunk))
+                except Exception as error:  # out of memory, a missing dependency: record it, go on
+                    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if method == BASELINE:
+                full_seconds = row.get("e2e_s")
+            base = next((r for r in results if r["context"] == length and r["method"] == BASELINE), row)
+            if row.get("ttft_s") and base.get("ttft_s"):
+                row["ttft_ratio"] = row["ttft_s"] / base["ttft_s"]
+            results.append(row)
+            print(f"{length:>7} {method:<12} " + (row.get("error") or row.get("skipped") or
+                  f"ttft {row['ttft_s']:.3f} s, decode {row['decode_ms_per_token'] or 0:.1f} ms/token"), flush=True)
+            (out / "gpu_speed.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+    info["total_seconds"] = round(time.perf_counter() - began, 1)
+    (out / "gpu_speed.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+    print(f"\nwrote {out / 'gpu_speed.json'} ({info['total_seconds']} s)\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

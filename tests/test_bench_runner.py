@@ -1,0 +1,220 @@
+"""The benchmark runner, its results folder and report, the CLI wiring, and benchmarks/gpu_speed.py --smoke.
+
+Real runs use the tiny random Llama of conftest.py on tiny RULER samples (ruler/niah_single_1 at 512 tokens of
+the MiniLM tokenizer); nothing here asserts on timings.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctxopt.bench import report as rep
+from ctxopt.bench.runner import ask_inputs, check_methods, dump_samples, plan, run_benchmark
+from ctxopt.cli import main
+from ctxopt.errors import InputError
+from ctxopt.methods import METHODS, MethodSpec
+from ctxopt.stages import TokenStage
+
+REPO = Path(__file__).resolve().parents[1]
+TASK, LENGTH = "ruler/niah_single_1", 512
+REQUIRED_COLUMNS = {"sample_id", "question", "answers", "prediction", "score", "ttft_s", "decode_tokens_per_s",
+                    "e2e_s", "peak_memory_bytes", "kv_bytes", "prefill_kv_bytes", "tokens_in", "tokens_prefilled",
+                    "tokens_kept", "new_tokens", "error"}
+REQUIRED_KEYS = {"task", "length", "method", "budget", "model", "command", "machine", "date", "n", "n_errors",
+                 "accuracy", "scores", "medians", "ratios_to_full", "seed", "repeats"}
+
+
+def bench(tiny_lm, out: Path, methods=("truncate",), budgets=(192,), **kwargs):
+    """A tiny benchmark: 2 samples, 3 new tokens, no progress bars."""
+    return run_benchmark([TASK], [LENGTH], list(methods), list(budgets), out, model=tiny_lm, samples=2,
+                         max_new_tokens=3, progress=False, **kwargs)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def ran(tiny_lm, tmp_path_factory):
+    """One real run of full + truncate, shared by the tests that only read its folder."""
+    out = tmp_path_factory.mktemp("bench")
+    return out, bench(tiny_lm, out)
+
+
+def test_runner_writes_well_formed_csv_and_json(ran):
+    out, results = ran
+    assert [(m["method"], m["budget"]) for m in results] == [("full", None), ("truncate", 192)]
+    for method, budget in (("full", None), ("truncate", 192)):
+        folder = rep.config_dir(out, TASK, LENGTH, method, budget)
+        rows = read_csv(folder / "predictions.csv")
+        assert len(rows) == 2 and REQUIRED_COLUMNS <= set(rows[0])
+        assert all(not row["error"] for row in rows), rows
+        assert all(json.loads(row["answers"]) for row in rows)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert REQUIRED_KEYS <= set(metrics)
+        assert metrics["n"] == 2 and metrics["n_errors"] == 0 and 0.0 <= metrics["accuracy"] <= 1.0
+        assert {"platform", "cpu_count", "torch", "transformers", "device", "dtype"} <= set(metrics["machine"])
+        assert metrics["ratios_to_full"]["ttft_s"] is not None
+    truncated = rep.read_predictions(rep.config_dir(out, TASK, LENGTH, "truncate", 192) / "predictions.csv")
+    assert all(r["tokens_prefilled"] <= 192 < r["tokens_in"] and r["new_tokens"] == 3 for r in truncated)
+    assert rep.load_results(out)[0]["ratios_to_full"]["ttft_s"] == 1.0  # full against itself
+
+
+def test_every_method_answers_the_same_samples(ran):
+    out, _ = ran
+    full, truncated = (read_csv(rep.config_dir(out, TASK, LENGTH, m, b) / "predictions.csv")
+                       for m, b in (("full", None), ("truncate", 192)))
+    assert [(r["sample_id"], r["question"], r["answers"]) for r in full] == \
+           [(r["sample_id"], r["question"], r["answers"]) for r in truncated]
+
+
+def test_done_configurations_are_skipped_unless_overwrite(ran, tiny_lm, monkeypatch):
+    out, first = ran
+    import ctxopt.bench.runner as runner
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished configuration ran again")
+
+    monkeypatch.setattr(runner, "run_sample", fail)
+    again = bench(tiny_lm, out)
+    assert [m["date"] for m in again] == [m["date"] for m in first]
+    monkeypatch.undo()
+    metrics = rep.config_dir(out, TASK, LENGTH, "truncate", 192) / "metrics.json"
+    before = metrics.stat().st_mtime_ns
+    bench(tiny_lm, out, methods=("truncate",), include_full=False, overwrite=True)
+    assert metrics.stat().st_mtime_ns != before
+
+
+class Boom(TokenStage):
+    name = "boom"
+
+    def select(self, prompt, run):
+        raise RuntimeError("boom on purpose")
+
+
+def boom_stages(budget, **_):
+    return [Boom()]
+
+
+def test_sample_errors_go_into_the_csv(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "boom", MethodSpec(f"{__name__}:boom_stages", "always fails"))
+    results = bench(tiny_lm, tmp_path, methods=("boom",), include_full=False)
+    assert results[0]["n_errors"] == 2 and results[0]["accuracy"] == 0.0
+    rows = read_csv(rep.config_dir(tmp_path, TASK, LENGTH, "boom", 192) / "predictions.csv")
+    assert all("boom on purpose" in row["error"] for row in rows)
+
+
+def test_unknown_or_broken_methods_fail_before_any_work(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="'nope'"):
+        run_benchmark([TASK], [LENGTH], ["truncate", "nope"], [192], tmp_path, model="no-such-model")
+    monkeypatch.setitem(METHODS, "broken", MethodSpec("ctxopt.no_such_module:factory", "cannot import"))
+    with pytest.raises(InputError, match="'broken'.*ctxopt.no_such_module"):
+        check_methods(["broken"])
+    with pytest.raises(InputError, match="Unknown task"):
+        run_benchmark(["ruler/nope"], [LENGTH], ["full"], [], tmp_path, model="no-such-model")
+    assert not any(tmp_path.iterdir())
+    assert main(["bench", "--task", TASK, "--methods", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_plan_puts_full_first_and_runs_budgetless_methods_once():
+    assert plan(["truncate", "full"], [64, 128]) == [("full", None), ("truncate", 64), ("truncate", 128)]
+    assert plan(["truncate"], [64], include_full=False) == [("truncate", 64)]
+    with pytest.raises(InputError, match="needs a budget"):
+        plan(["truncate"], [])
+
+
+def test_paired_ratio_pairs_samples_by_id():
+    baseline = [{"sample_id": "a", "ttft_s": 2.0}, {"sample_id": "b", "ttft_s": 4.0},
+                {"sample_id": "c", "ttft_s": 1.0}, {"sample_id": "d", "ttft_s": 5.0, "error": "x"}]
+    rows = [{"sample_id": "b", "ttft_s": 1.0}, {"sample_id": "a", "ttft_s": 1.0},
+            {"sample_id": "c", "ttft_s": 3.0}, {"sample_id": "d", "ttft_s": 1.0}, {"sample_id": "e", "ttft_s": 9.0}]
+    # pairs: b 1/4, a 1/2, c 3/1 (d: the baseline errored, e: no baseline) -> median 0.5
+    assert rep.paired_ratio(rows, baseline, "ttft_s") == 0.5
+    # b and a only: median(1/4, 1/2) = 0.375, where the ratio of medians would be median(1, 1) / median(2, 4) = 1/3
+    assert rep.paired_ratio(rows[:2], baseline, "ttft_s") == pytest.approx(0.375)
+    assert rep.paired_ratio(rows, [], "ttft_s") is None
+
+
+def handmade_folder(out: Path) -> None:
+    """Two configurations of one task written through report.write_config with hand-made rows."""
+    def row(sample, score, ttft, kept):
+        return {"sample_id": sample, "question": f"q {sample}", "answers": ["x"], "prediction": "x",
+                "score": score, "em": score, "f1": score, "ttft_s": ttft, "decode_tokens_per_s": 10.0,
+                "e2e_s": ttft + 1, "peak_memory_bytes": 2**30, "kv_bytes": kept * 2**12,
+                "prefill_kv_bytes": 4096 * 2**12, "tokens_in": 4096, "tokens_prefilled": kept,
+                "tokens_kept": kept, "new_tokens": 8}
+
+    full = [row("s1", 1.0, 2.0, 4096), row("s2", 0.0, 4.0, 4096)]
+    info = {"task": "hotpotqa", "length": 4096, "model": "m", "repeats": 1, "seed": 0, "machine": {"device": "cpu"}}
+    rep.write_config(rep.config_dir(out, "hotpotqa", 4096, "full", None), full, full,
+                     {**info, "method": "full", "budget": None})
+    mine = [row("s1", 1.0, 0.5, 512), row("s2", 1.0, 2.0, 512)]
+    rep.write_config(rep.config_dir(out, "hotpotqa", 4096, "snapkv", 512), mine, full,
+                     {**info, "method": "snapkv", "budget": 512})
+
+
+def test_report_table_and_markdown_from_a_handmade_folder(tmp_path):
+    handmade_folder(tmp_path)
+    text = rep.report(tmp_path, plots=False)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["task", "length", "method", "budget"]
+    snapkv = next(line for line in lines if " snapkv " in line).split()
+    assert snapkv[:7] == ["hotpotqa", "4096", "snapkv", "512", "2", "0", "100.0"]
+    assert snapkv[8] == "0.38"  # median(0.5 / 2, 2 / 4)
+    assert snapkv[-1] == "512/4096"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| hotpotqa | 4096 | full | none | 2 | 0 | 50.0 |" in markdown
+    assert markdown.count("\n|") == 4  # header, rule, two rows
+    metrics = json.loads((rep.config_dir(tmp_path, "hotpotqa", 4096, "snapkv", 512) / "metrics.json").read_text())
+    assert metrics["scores"] == {"em": 1.0, "f1": 1.0, "score": 1.0}
+
+
+def test_report_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    handmade_folder(tmp_path)
+    assert "plots:" in rep.report(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy-hotpotqa.png", "ttft-hotpotqa.png"]
+
+
+def test_cli_report_and_errors(tmp_path, capsys):
+    handmade_folder(tmp_path)
+    assert main(["bench", "report", str(tmp_path), "--no-plots"]) == 0
+    assert "snapkv" in capsys.readouterr().out
+    assert main(["bench", "report", str(tmp_path / "missing")]) == 2
+    assert main(["bench", "--methods", "full"]) == 2  # no --task
+    assert "needs --task" in capsys.readouterr().err
+
+
+def test_dump_samples_matches_the_runner_inputs(tiny_tokenizer, tmp_path):
+    from ctxopt.bench.datasets import load_task
+
+    path = tmp_path / "samples.jsonl"
+    assert dump_samples([TASK, "hotpotqa"], [LENGTH], 2, 0, tiny_tokenizer, path) == 4
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    samples = load_task(TASK, LENGTH, tiny_tokenizer, 2, 0)
+    assert [r["id"] for r in records[:2]] == [s.id for s in samples]
+    question, _, prefix, instruction = ask_inputs(samples[0])
+    assert (records[0]["ask_question"], records[0]["answer_prefix"], records[0]["ask_instruction"]) == \
+           (question, prefix, instruction)
+    assert records[0]["max_new_tokens"] == 128 and records[2]["max_new_tokens"] == 32
+    assert len(records[2]["passages"]) == 10 and records[2]["passages"][0]["title"]
+
+
+def test_gpu_speed_smoke(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_speed.py"), "--smoke"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_speed.json").read_text())
+    rows = result["results"]
+    assert {r["method"] for r in rows} == set(METHODS)
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["ttft_s"] > 0 and full["ttft_ratio"] == 1.0
+    assert "TTFT s" in done.stdout.splitlines()[-len(rows) - 1]  # the table is printed last

@@ -105,6 +105,26 @@ def resolve_budget(budget: int | float, total: int, what: str = "budget") -> int
     return min(int(budget), total)
 
 
+def tokens_to_keep(
+    name: str, budget: int | float, total: int, run: Run | None = None, window: int = 0, what: str = "nothing dropped"
+) -> int | None:
+    """The budget as a token count, or None when it covers all ``total`` tokens (a no-op, noted in ``run``).
+
+    A stage that always keeps a ``window`` of recent positions needs a budget larger than that window.
+    """
+    keep = resolve_budget(budget, total)
+    if keep >= total:
+        if run is not None:
+            run.note(f"{name}: budget {budget} >= prompt length {total}; {what}")
+        return None
+    if keep <= window:
+        raise InputError(
+            f"{name}: the budget ({keep} positions) must exceed the window ({window}); "
+            "pass a larger budget or a smaller window."
+        )
+    return keep
+
+
 class Truncate(TokenStage):
     """Baseline: keep instruction/question/template tokens, and the start and end of the context to fit
     the budget (half from each end), counting every kept prompt token against the budget."""
@@ -115,9 +135,8 @@ class Truncate(TokenStage):
         self.budget = budget
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:
-        keep_total = resolve_budget(self.budget, len(prompt))
-        if keep_total >= len(prompt):
-            run.note(f"truncate: budget {self.budget} >= prompt length {len(prompt)}; nothing dropped")
+        keep_total = tokens_to_keep(self.name, self.budget, len(prompt), run)
+        if keep_total is None:
             return prompt
         is_context = prompt.segment == CONTEXT
         fixed = (~is_context).nonzero().flatten()

@@ -195,5 +195,5 @@ def test_bad_knobs(kwargs):
 
 
 def test_budget_not_above_the_window(tiny_lm):
-    with pytest.raises(InputError, match="must exceed the observation window"):
+    with pytest.raises(InputError, match="must exceed the window"):
         SnapKV(budget=8, window=8).attention_request(make_prompt(random_ids(48, seed=1)), make_run(tiny_lm))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import importlib.util
 import json
 import math
 import random

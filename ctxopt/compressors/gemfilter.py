@@ -34,7 +34,7 @@ import torch
 from ..attention import AttentionCapture, capture_attention
 from ..decoding import forward
 from ..errors import InputError
-from ..stages import Run, Stage, TokenStage, resolve_budget
+from ..stages import Run, Stage, TokenStage, tokens_to_keep
 from ..types import Prompt
 from .selection import average_pool, fill_budget, forced_tokens, rank_descending, report
 
@@ -98,17 +98,11 @@ class GemFilter(TokenStage):
         return layer
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:
-        keep = resolve_budget(self.budget, len(prompt))
-        if keep >= len(prompt):
-            run.note(f"gemfilter: budget {self.budget} >= prompt length {len(prompt)}; nothing dropped")
+        keep = tokens_to_keep(self.name, self.budget, len(prompt), run)
+        if keep is None:
             return prompt
         layer = self.resolve_layer(run.lm)
-        forced = forced_tokens(prompt) if self.keep_question else torch.zeros(0, dtype=torch.long)
-        if len(forced) > keep:
-            raise InputError(
-                f"gemfilter: budget {keep} is smaller than the {len(forced)} template/question tokens that "
-                "keep_question=True keeps; pass a larger budget or keep_question=False."
-            )
+        forced = forced_tokens(prompt, self.keep_question, keep, self.name)
         began = time.perf_counter()
         scores = early_layer_scores(run.lm.model, prompt.input_ids, layer)
         kept = fill_budget([forced, rank_descending(average_pool(scores, self.kernel))], keep)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..stages import Run
 from ..types import CONTEXT, Prompt
 
@@ -72,9 +73,18 @@ def expand_neighbours(ranked: torch.Tensor, span: int, n: int) -> torch.Tensor:
     return unique_in_order(grown.flatten())
 
 
-def forced_tokens(prompt: Prompt) -> torch.Tensor:
-    """Indices of the tokens that are not context (template, instruction, question), ascending."""
-    return (prompt.segment != CONTEXT).nonzero().flatten()
+def forced_tokens(prompt: Prompt, keep_question: bool, budget: int, stage: str) -> torch.Tensor:
+    """With ``keep_question``, the indices of the tokens that are not context (template, instruction,
+    question), ascending, which must fit the budget; otherwise none."""
+    if not keep_question:
+        return torch.zeros(0, dtype=torch.long)
+    forced = (prompt.segment != CONTEXT).nonzero().flatten()
+    if len(forced) > budget:
+        raise InputError(
+            f"{stage}: budget {budget} is smaller than the {len(forced)} template/question tokens that "
+            "keep_question=True keeps; pass a larger budget or keep_question=False."
+        )
+    return forced
 
 
 def fill_budget(ordered: Sequence[torch.Tensor], budget: int) -> torch.Tensor:

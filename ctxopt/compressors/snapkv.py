@@ -27,7 +27,7 @@ from ..attention import AttentionCapture, WindowAttention
 from ..cache import cache_length, keep_per_head, num_layers
 from ..decoding import Prefill
 from ..errors import InputError
-from ..stages import CacheStage, Run, Stage, resolve_budget
+from ..stages import CacheStage, Run, Stage, tokens_to_keep
 from ..types import Prompt
 from .scoring import Pooling, check_knobs, pool1d, prefix_probs, select_per_head
 
@@ -54,20 +54,8 @@ class SnapKV(CacheStage):
     def __post_init__(self) -> None:
         check_knobs(self.name, self.window, self.kernel, self.pooling)
 
-    def _keep(self, n: int) -> int | None:
-        """Positions to keep per head, or None when the budget covers the whole prompt."""
-        keep = resolve_budget(self.budget, n)
-        if keep >= n:
-            return None
-        if keep <= self.window:
-            raise InputError(
-                f"snapkv: the budget ({keep} positions) must exceed the observation window ({self.window}); "
-                "pass a larger budget or a smaller window."
-            )
-        return keep
-
     def attention_request(self, prompt: Prompt, run: Run) -> AttentionCapture | None:
-        if self._keep(len(prompt)) is None:
+        if tokens_to_keep(self.name, self.budget, len(prompt), window=self.window) is None:
             return None
         reducer = partial(snapkv_scores, kernel=self.kernel, pooling=self.pooling)
         request = AttentionCapture(window=self.window, reducer=reducer)
@@ -75,9 +63,8 @@ class SnapKV(CacheStage):
         return request
 
     def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
-        keep = self._keep(len(prompt))
+        keep = tokens_to_keep(self.name, self.budget, len(prompt), run, self.window, "cache kept whole")
         if keep is None:
-            run.note(f"snapkv: budget {self.budget} >= prompt length {len(prompt)}; cache kept whole")
             return state
         request = run.memo.pop(CAPTURE_KEY, None)
         if request is None:

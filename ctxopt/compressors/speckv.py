@@ -33,7 +33,7 @@ from ..attention import AttentionCapture, WindowAttention, capture_attention
 from ..cache import cache_length, clone_cache, crop_cache, keep_per_head, num_layers
 from ..decoding import GenerationConfig, Prefill, decode, forward, prefill
 from ..errors import InputError
-from ..stages import CacheStage, Run, Stage, resolve_budget
+from ..stages import CacheStage, Run, Stage, tokens_to_keep
 from ..types import Prompt
 from .scoring import check_knobs, pool1d, prefix_probs, select_per_head
 from .selection import report
@@ -91,20 +91,8 @@ class SpecKV(CacheStage):
         if self.lookahead is not None and (isinstance(self.lookahead, bool) or self.lookahead < 0):
             raise InputError(f"speckv: lookahead must be a token count >= 0 or None; got {self.lookahead!r}.")
 
-    def _keep(self, n: int) -> int | None:
-        """Positions per head after the last prompt token is fed again, or None when nothing is dropped."""
-        keep = resolve_budget(self.budget, n)
-        if keep >= n:
-            return None
-        if keep <= self.window:
-            raise InputError(
-                f"speckv: the budget ({keep} positions) must exceed the window ({self.window}); "
-                "pass a larger budget or a smaller window."
-            )
-        return keep
-
     def attention_request(self, prompt: Prompt, run: Run) -> AttentionCapture | None:
-        if self._keep(len(prompt)) is None:
+        if tokens_to_keep(self.name, self.budget, len(prompt), window=self.window) is None:
             return None
         request = AttentionCapture(window=self.window, reducer=max_scores)
         run.memo[CAPTURE_KEY] = request
@@ -138,9 +126,8 @@ class SpecKV(CacheStage):
         return ids
 
     def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
-        keep = self._keep(len(prompt))
+        keep = tokens_to_keep(self.name, self.budget, len(prompt), run, self.window, "cache kept whole")
         if keep is None:
-            run.note(f"speckv: budget {self.budget} >= prompt length {len(prompt)}; cache kept whole")
             return state
         request = run.memo.pop(CAPTURE_KEY, None)
         if request is None or state.logits is None or state.pending_ids is not None:

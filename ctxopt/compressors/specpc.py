@@ -46,7 +46,7 @@ import torch
 from ..attention import AttentionCapture, WindowAttention, capture_attention
 from ..decoding import GenerationConfig, decode, forward, prefill
 from ..errors import InputError
-from ..stages import Run, Stage, TokenStage, resolve_budget
+from ..stages import Run, Stage, TokenStage, tokens_to_keep
 from ..types import Prompt
 from .selection import (
     centred_max_pool,
@@ -244,17 +244,11 @@ class SpecPC(TokenStage):
         return draft
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:
-        keep = resolve_budget(self.budget, len(prompt))
-        if keep >= len(prompt):
-            run.note(f"specpc: budget {self.budget} >= prompt length {len(prompt)}; nothing dropped")
+        keep = tokens_to_keep(self.name, self.budget, len(prompt), run)
+        if keep is None:
             return prompt
         draft = self.load_draft(run)
-        forced = forced_tokens(prompt) if self.keep_question else torch.zeros(0, dtype=torch.long)
-        if len(forced) > keep:
-            raise InputError(
-                f"specpc: budget {keep} is smaller than the {len(forced)} template/question tokens that "
-                "keep_question=True keeps; pass a larger budget or keep_question=False."
-            )
+        forced = forced_tokens(prompt, self.keep_question, keep, self.name)
         began = time.perf_counter()
         if self.cross_tokenizer:
             text, target_tiles = text_tiles(prompt, run.lm.tokenizer)

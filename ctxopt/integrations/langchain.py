@@ -1,0 +1,478 @@
+"""LangChain components over ctxopt (langchain-core only).
+
+- ``CtxoptRetriever``: top-k passages of a ctxopt ``FaissStore`` as Documents.
+- ``CtxoptDocumentCompressor``: ctxopt's text-level stages (passage stages such as ``rag``, token stages
+  such as ``gemfilter`` and ``specpc``) applied to Documents; metadata kept, plus what compression did.
+- ``CtxoptCompressionRetriever``: any LangChain retriever followed by a ``CtxoptDocumentCompressor``.
+- ``CtxoptChatModel``: the whole ctxopt pipeline (any method, including ``speckv`` and ``rapid``) as a chat
+  model: the last human message is the question, every earlier message is context.
+
+Every model forward made through these components runs under one process-wide lock (``MODEL_LOCK``): the
+models and stages are not safe for concurrent forwards (attention capture switches the model's attention
+implementation, stages cache drafts), so concurrent calls are answered one at a time, each exactly as if
+it ran alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForLLMRun,
+    CallbackManagerForRetrieverRun,
+    Callbacks,
+)
+from langchain_core.documents import BaseDocumentCompressor, Document
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.retrievers import BaseRetriever
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+
+from .. import __version__
+from ..decoding import GenerationConfig
+from ..errors import InputError
+from ..methods import build_stages
+from ..models import DEFAULT_GENERATOR, LoadedModel
+from ..pipeline import Pipeline
+from ..prompting import validate_question
+from ..retrievers import FaissStore
+from ..stages import Run
+from ..types import Answer, Passage, Stats
+
+MODEL_LOCK = threading.RLock()
+TEXT_STAGE_KINDS = ("passage", "token")
+GAP = " … "  # joins the kept pieces of one document, as Prompt.kept_text does
+_DOCUMENT_KEY = "_ctxopt_document"  # the input document a passage came from; never leaves this module
+
+
+def passage_to_document(passage: Passage) -> Document:
+    """A Document holding the passage text; metadata = the passage's, plus its source, span, score and id."""
+    metadata = {
+        "source": passage.source,
+        **passage.metadata,
+        "span": list(passage.span),
+        "score": passage.score,
+        "id": passage.id,
+    }
+    return Document(page_content=passage.text, metadata=metadata, id=passage.id)
+
+
+def document_to_passage(document: Document, index: int) -> Passage:
+    """A Passage holding the document text and a copy of its metadata; source from metadata, id or position."""
+    source = document.metadata.get("source") or document.id or f"document[{index}]"
+    return Passage(text=document.page_content, source=str(source), metadata=dict(document.metadata), id=document.id)
+
+
+class CtxoptRetriever(BaseRetriever):
+    """The ``k`` passages of a ctxopt ``FaissStore`` most similar to the query, best first.
+
+    ``k`` is a field and an ``invoke`` keyword (``retriever.invoke(query, k=2)``).
+    """
+
+    store: FaissStore
+    k: int = Field(default=4, ge=1)
+
+    @classmethod
+    def from_index(cls, folder: str, k: int = 4) -> "CtxoptRetriever":
+        """A retriever over an index folder written by ``build_index`` / ``ctxopt index``."""
+        return cls(store=FaissStore.load(folder), k=k)
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None
+    ) -> list[Document]:
+        return [passage_to_document(p) for p in self.store.retrieve(query, self.k if k is None else k)]
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, k: int | None = None
+    ) -> list[Document]:
+        return await asyncio.to_thread(self._get_relevant_documents, query, run_manager=run_manager.get_sync(), k=k)
+
+
+class CtxoptDocumentCompressor(BaseDocumentCompressor):
+    """Compress Documents with a ctxopt method's text-level stages, given the query.
+
+    ``method`` is any registered method whose stages are passage stages (``rag``: the best chunks by embedder
+    similarity) or token stages (``truncate``, ``gemfilter``, ``specpc``); ``budget`` (tokens of ``model``, or a
+    ratio) means what it means for the method in a Pipeline: the context kept by ``rag``, the whole prompt
+    (instruction and query included) kept by a token stage; ``options`` go to the method (``layer=``, ``draft=``).
+    Token stages score the ctxopt prompt built from the query and all documents, and each document keeps the
+    text of its kept tokens (gaps marked " … "); a document with nothing kept is dropped. Returned Documents
+    keep their metadata and id, and add ``ctxopt_method``, ``ctxopt_budget``, ``ctxopt_tokens_in`` and
+    ``ctxopt_tokens_out`` (tokens of ``model``'s tokenizer).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: Any = DEFAULT_GENERATOR
+    method: str = "rag"
+    budget: int | float | None = 512
+    options: dict[str, Any] = Field(default_factory=dict)
+    embedder: Any = None
+    _pipe: Pipeline = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _build_ctxopt_compressor(self) -> "CtxoptDocumentCompressor":
+        stages = build_stages(self.method, self.budget, **self.options)
+        other = [f"{s.name} ({s.kind})" for s in stages if s.kind not in TEXT_STAGE_KINDS]
+        if other:
+            raise InputError(
+                f"Method {self.method!r} has stages that do not act on text: {', '.join(other)}. A document "
+                "compressor takes passage or token stages (rag, truncate, gemfilter, specpc); run "
+                f"{self.method!r} through CtxoptChatModel instead."
+            )
+        self._pipe = Pipeline(self.model, stages=stages, embedder=self.embedder)
+        return self
+
+    def compress_documents(
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
+    ) -> list[Document]:
+        if not documents:
+            return []
+        question = validate_question(query)
+        passages = [
+            document_to_passage(d, i).replace(metadata={**d.metadata, _DOCUMENT_KEY: i})
+            for i, d in enumerate(documents)
+        ]
+        pipe = self._pipe
+        with MODEL_LOCK:
+            run = Run(
+                lm=pipe.lm, question=question, config=GenerationConfig(max_new_tokens=pipe.max_new_tokens),
+                stats=Stats(), embedder=pipe.embedder,
+            )
+            # The same passage and token stages Pipeline.ask runs, stopping before the prefill.
+            run.passages = pipe._passage_stages(question, passages, run)
+            prompt = pipe._token_stages(pipe.build_prompt(question, run.passages), run)
+            tokenizer = pipe.lm.tokenizer
+            tokens_in = [len(tokenizer(d.page_content, add_special_tokens=False)["input_ids"]) for d in documents]
+        untouched = len(prompt) == prompt.original_length
+        pieces: dict[int, list[str]] = defaultdict(list)
+        tokens_out: dict[int, int] = defaultdict(int)
+        for j, passage in enumerate(prompt.passages):
+            kept = int((prompt.passage_index == j).sum())
+            text = passage.text if untouched else prompt.kept_text(j)
+            if kept and text.strip():
+                pieces[passage.metadata[_DOCUMENT_KEY]].append(text)
+                tokens_out[passage.metadata[_DOCUMENT_KEY]] += kept
+        return [
+            Document(
+                page_content=GAP.join(pieces[i]),
+                metadata={
+                    **document.metadata,
+                    "ctxopt_method": self.method,
+                    "ctxopt_budget": self.budget,
+                    "ctxopt_tokens_in": tokens_in[i],
+                    "ctxopt_tokens_out": tokens_out[i],
+                },
+                id=document.id,
+            )
+            for i, document in enumerate(documents)
+            if i in pieces
+        ]
+
+
+class CtxoptCompressionRetriever(BaseRetriever):
+    """Documents from ``base_retriever`` (any LangChain retriever), compressed by ``compressor`` for the query.
+
+    Keyword arguments of ``invoke`` (``k=...``) go to the base retriever.
+    """
+
+    base_retriever: BaseRetriever
+    compressor: CtxoptDocumentCompressor
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        documents = self.base_retriever.invoke(query, {"callbacks": run_manager.get_child()}, **kwargs)
+        return self.compressor.compress_documents(documents, query)
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        documents = await self.base_retriever.ainvoke(query, {"callbacks": run_manager.get_child()}, **kwargs)
+        return list(await self.compressor.acompress_documents(documents, query))
+
+
+def message_texts(message: BaseMessage) -> list[str]:
+    """The text of a message: its string content, or each text block of a list content."""
+    if isinstance(message.content, str):
+        return [message.content]
+    texts = []
+    for block in message.content:
+        if isinstance(block, str):
+            texts.append(block)
+        elif block.get("type") == "text":
+            texts.append(block["text"])
+        else:
+            raise InputError(
+                f"CtxoptChatModel reads text only; a {message.type} message holds a {block.get('type')!r} block."
+            )
+    return texts
+
+
+def split_messages(messages: Sequence[BaseMessage]) -> tuple[str, list[Passage]]:
+    """The question (the last message, a human one) and the context: one passage per earlier text block."""
+    if not messages or not isinstance(messages[-1], HumanMessage):
+        last = messages[-1].type if messages else "nothing"
+        raise InputError(
+            f"CtxoptChatModel answers the last message, which must be a human message holding the question; got {last}."
+        )
+    question = validate_question("".join(message_texts(messages[-1])))
+    passages = []
+    for i, message in enumerate(messages[:-1]):
+        texts = message_texts(message)
+        for j, text in enumerate(texts):
+            if text.strip():
+                source = f"{message.type}[{i}]" + (f".block[{j}]" if len(texts) > 1 else "")
+                passages.append(Passage(text=text, source=source))
+    return question, passages
+
+
+class _StreamClosed(Exception):
+    """Raised inside the decode loop once the consumer of a stream has gone away."""
+
+
+class _Trimmer:
+    """Passes streamed pieces on so that together they equal the whole text stripped, as Answer.text is."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        text = self.held + piece
+        out = text.rstrip()
+        self.held = text[len(out):]
+        return out
+
+
+class CtxoptChatModel(BaseChatModel):
+    """A chat model that answers through the ctxopt pipeline on the model it hosts.
+
+    The last message must be a human message: the question. Every earlier message (system, human, AI) is
+    context, one passage per text block; with none, ``retriever`` (any LangChain retriever) supplies the
+    context, one passage per Document. ``method``/``budget``/``options`` pick the compression (any
+    registered method, see ``ctxopt methods``). ``stop`` and the invoke keywords ``max_new_tokens``,
+    ``temperature``, ``top_p`` and ``seed`` reach the decoder.
+
+    The reply carries ``usage_metadata`` (input tokens = tokens prefilled after compression) and
+    ``response_metadata``: ``tokens_saved`` (prompt tokens without compression minus tokens prefilled),
+    ``prompt_tokens_original``, ``prompt_tokens_prefilled`` and ``ctxopt`` (method, budget, per-stage stats,
+    their summary, TTFT and the sources kept).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: Any = DEFAULT_GENERATOR
+    method: str = "full"
+    budget: int | float | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    retriever: BaseRetriever | None = None
+    max_new_tokens: int = Field(default=64, ge=1)
+    truncate: bool = False
+    embedder: Any = None
+    _pipe: Pipeline = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _build_ctxopt_pipeline(self) -> "CtxoptChatModel":
+        self._pipe = Pipeline(
+            self.model,
+            stages=build_stages(self.method, self.budget, **self.options),
+            max_new_tokens=self.max_new_tokens,
+            truncate=self.truncate,
+            embedder=self.embedder,
+        )
+        self._add_version("ctxopt", __version__)
+        return self
+
+    @property
+    def _llm_type(self) -> str:
+        return "ctxopt"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model.name if isinstance(self.model, LoadedModel) else str(self.model),
+            "method": self.method,
+            "budget": self.budget,
+            "options": {k: v.name if isinstance(v, LoadedModel) else v for k, v in self.options.items()},
+        }
+
+    def _context(self, question: str, passages: list[Passage]) -> list[Passage]:
+        if passages:
+            return passages
+        if self.retriever is None:
+            raise InputError(
+                "No context: put it in a system message or an earlier human message, or give CtxoptChatModel a "
+                "retriever=..."
+            )
+        documents = self.retriever.invoke(question)
+        if not documents:
+            raise InputError(f"The retriever returned no documents for {question!r}.")
+        return [document_to_passage(d, i) for i, d in enumerate(documents)]
+
+    def _answer(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        generation: dict[str, Any],
+        on_text: Callable[[str], None] | None = None,
+    ) -> AIMessage:
+        """Run the pipeline for the messages; the reply with usage and ctxopt metadata."""
+        question, passages = split_messages(messages)
+        passages = self._context(question, passages)
+        pipe = self._pipe
+        with MODEL_LOCK:
+            original = len(pipe.build_prompt(question, passages))
+            answer = pipe.ask(question, context=passages, on_text=on_text, stop_strings=tuple(stop or ()), **generation)
+        return AIMessage(
+            content=answer.text,
+            usage_metadata=self._usage(answer),
+            response_metadata=self._metadata(answer, original),
+        )
+
+    @staticmethod
+    def _usage(answer: Answer) -> UsageMetadata:
+        prefilled, generated = len(answer.prompt), len(answer.token_ids)
+        return UsageMetadata(input_tokens=prefilled, output_tokens=generated, total_tokens=prefilled + generated)
+
+    def _metadata(self, answer: Answer, original: int) -> dict[str, Any]:
+        prefilled = len(answer.prompt)
+        return {
+            "model_name": self._pipe.lm.name,
+            "tokens_saved": original - prefilled,
+            "prompt_tokens_original": original,
+            "prompt_tokens_prefilled": prefilled,
+            "ctxopt": {
+                "method": self.method,
+                "budget": self.budget,
+                "summary": answer.stats.summary(),
+                "ttft_seconds": answer.stats.ttft_seconds,
+                "stats": answer.stats.to_dict(),
+                "sources": [{"source": p.source, "span": list(p.span), "id": p.id} for p in answer.sources],
+            },
+        }
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=self._answer(messages, stop, kwargs))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+
+    def _produce(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        generation: dict[str, Any],
+        emit: Callable[[tuple[str, Any]], None],
+        closed: threading.Event,
+    ) -> None:
+        """Worker thread of a stream: emit ("text", piece)... then ("done", AIMessage) or ("error", exception)."""
+
+        def on_text(piece: str) -> None:
+            if closed.is_set():
+                raise _StreamClosed
+            emit(("text", piece))
+
+        try:
+            message = self._answer(messages, stop, generation, on_text)
+        except _StreamClosed:
+            return
+        except Exception as error:  # re-raised in the consumer's thread
+            item: tuple[str, Any] = ("error", error)
+        else:
+            item = ("done", message)
+        if not closed.is_set():
+            emit(item)
+
+    @staticmethod
+    def _chunk(kind: str, value: Any, trimmer: _Trimmer) -> ChatGenerationChunk | None:
+        """The chunk to yield for one item from the worker (None for whitespace held back)."""
+        if kind == "error":
+            raise value
+        if kind == "done":
+            message = AIMessageChunk(
+                content="", usage_metadata=value.usage_metadata, response_metadata=value.response_metadata,
+                chunk_position="last",
+            )
+            return ChatGenerationChunk(message=message)
+        text = trimmer.feed(value)
+        return ChatGenerationChunk(message=AIMessageChunk(content=text)) if text else None
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        closed = threading.Event()
+        args = (self._produce, messages, stop, kwargs, items.put, closed)
+        threading.Thread(target=contextvars.copy_context().run, args=args, daemon=True).start()
+        trimmer = _Trimmer()
+        try:
+            while True:
+                kind, value = items.get()
+                chunk = self._chunk(kind, value, trimmer)
+                if chunk is not None:
+                    if run_manager and kind == "text":
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+                if kind == "done":
+                    return
+        finally:
+            closed.set()
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        closed = threading.Event()
+
+        def emit(item: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+        args = (self._produce, messages, stop, kwargs, emit, closed)
+        threading.Thread(target=contextvars.copy_context().run, args=args, daemon=True).start()
+        trimmer = _Trimmer()
+        try:
+            while True:
+                kind, value = await items.get()
+                chunk = self._chunk(kind, value, trimmer)
+                if chunk is not None:
+                    if run_manager and kind == "text":
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+                if kind == "done":
+                    return
+        finally:
+            closed.set()

@@ -1,0 +1,234 @@
+"""LangChain components on the tiny random model and a tiny FaissStore embedded with the real MiniLM."""
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.retrievers import BaseRetriever
+from langchain_tests.integration_tests import RetrieversIntegrationTests
+
+from ctxopt.integrations.langchain import (
+    GAP,
+    CtxoptChatModel,
+    CtxoptCompressionRetriever,
+    CtxoptDocumentCompressor,
+    CtxoptRetriever,
+    split_messages,
+)
+from ctxopt.compressors.gemfilter import GemFilter
+from ctxopt.pipeline import Pipeline
+from ctxopt.retrievers import FaissStore, load_embedder
+from ctxopt.types import Passage
+
+BOXES = [("red", 3), ("blue", 7), ("green", 11), ("yellow", 2), ("black", 5), ("white", 9)]
+QUESTION = "How many marbles are in the blue box?"
+
+
+@cache
+def store() -> FaissStore:
+    passages = [
+        Passage(f"The {colour} box holds {count} marbles. It sits on shelf {i} of the north room.",
+                source=f"boxes/{colour}.txt", metadata={"shelf": i, "colour": colour})
+        for i, (colour, count) in enumerate(BOXES)
+    ]
+    return FaissStore.build(passages, load_embedder(), progress=False)
+
+
+def documents() -> list[Document]:
+    return CtxoptRetriever(store=store(), k=len(BOXES)).invoke(QUESTION)
+
+
+def context_messages(question: str = QUESTION) -> list:
+    return [SystemMessage("\n".join(d.page_content for d in documents())), HumanMessage(question)]
+
+
+@pytest.mark.asyncio  # for its async test; the sync ones warn about the mark, hence the filter
+@pytest.mark.filterwarnings("ignore:.*marked with '@pytest.mark.asyncio' but it is not an async function")
+class TestCtxoptRetrieverStandard(RetrieversIntegrationTests):
+    @property
+    def retriever_constructor(self) -> type[CtxoptRetriever]:
+        return CtxoptRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict:
+        return {"store": store()}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return QUESTION
+
+
+def test_retriever_documents_carry_passage_metadata_and_provenance():
+    docs = CtxoptRetriever(store=store(), k=2).invoke(QUESTION)
+    assert docs[0].page_content.startswith("The blue box")
+    meta = docs[0].metadata
+    assert (meta["colour"], meta["shelf"], meta["source"]) == ("blue", 1, "boxes/blue.txt")
+    assert meta["span"] == [0, len(docs[0].page_content)] and meta["score"] >= docs[1].metadata["score"]
+    assert docs[0].id == meta["id"] == store().passages[1].id
+    assert asyncio.run(CtxoptRetriever(store=store()).ainvoke(QUESTION, k=2)) == docs
+
+
+def test_compressor_rejects_methods_that_do_not_act_on_text(tiny_lm):
+    with pytest.raises(ValueError, match="do not act on text"):
+        CtxoptDocumentCompressor(model=tiny_lm, method="speckv", budget=32)
+
+
+def test_rag_compressor_inside_compression_retrievers_keeps_metadata(tiny_lm):
+    compressor = CtxoptDocumentCompressor(model=tiny_lm, method="rag", budget=40, options={"chunk_tokens": 24})
+    base = CtxoptRetriever(store=store(), k=4)
+    ours = CtxoptCompressionRetriever(base_retriever=base, compressor=compressor)
+    docs = ours.invoke(QUESTION)
+    assert 0 < len(docs) < 4
+    retrieved = {d.id: d for d in base.invoke(QUESTION)}
+    for doc in docs:
+        original = retrieved[doc.id]
+        assert doc.metadata == {**original.metadata, "ctxopt_method": "rag", "ctxopt_budget": 40,
+                                "ctxopt_tokens_in": doc.metadata["ctxopt_tokens_in"],
+                                "ctxopt_tokens_out": doc.metadata["ctxopt_tokens_out"]}
+        assert all(piece in original.page_content for piece in doc.page_content.split(GAP))
+    assert sum(d.metadata["ctxopt_tokens_out"] for d in docs) <= 40
+    assert asyncio.run(ours.ainvoke(QUESTION)) == docs
+    assert len(ours.invoke(QUESTION, k=1)) == 1  # invoke keywords reach the base retriever
+
+    classic = pytest.importorskip("langchain_classic.retrievers")
+    theirs = classic.ContextualCompressionRetriever(base_compressor=compressor, base_retriever=base)
+    assert theirs.invoke(QUESTION) == docs
+
+
+def test_token_compressor_keeps_what_the_pipeline_keeps(tiny_lm):
+    docs = documents()
+    compressor = CtxoptDocumentCompressor(model=tiny_lm, method="gemfilter", budget=30)
+    out = compressor.compress_documents(docs, QUESTION)
+    passages = [Passage(d.page_content, source=d.metadata["source"]) for d in docs]
+    prompt = Pipeline(tiny_lm, stages=[GemFilter(30)], max_new_tokens=1).ask(QUESTION, context=passages).prompt
+    expected = {docs[i].id: prompt.kept_text(i) for i in prompt.passages_kept()}
+    assert {d.id: d.page_content for d in out} == expected
+    assert 0 < len(out) < len(docs)  # documents with nothing kept are dropped
+    for doc in out:
+        index = [d.id for d in docs].index(doc.id)
+        assert doc.metadata["ctxopt_tokens_out"] == int((prompt.passage_index == index).sum())
+        assert doc.metadata["ctxopt_tokens_out"] < doc.metadata["ctxopt_tokens_in"]
+        assert doc.metadata["colour"] == docs[index].metadata["colour"]
+
+
+def test_full_compressor_returns_documents_unchanged(tiny_lm):
+    docs = documents()
+    out = CtxoptDocumentCompressor(model=tiny_lm, method="full", budget=None).compress_documents(docs, QUESTION)
+    assert [d.page_content for d in out] == [d.page_content for d in docs]
+    assert all(d.metadata["ctxopt_tokens_in"] == d.metadata["ctxopt_tokens_out"] for d in out)
+
+
+def test_split_messages():
+    question, passages = split_messages([
+        SystemMessage("Shelf notes."),
+        HumanMessage(content=[{"type": "text", "text": "Doc one."}, {"type": "text", "text": "Doc two."}]),
+        AIMessage("ok"),
+        HumanMessage("Which doc?"),
+    ])
+    assert question == "Which doc?"
+    assert [(p.source, p.text) for p in passages] == [
+        ("system[0]", "Shelf notes."), ("human[1].block[0]", "Doc one."), ("human[1].block[1]", "Doc two."),
+        ("ai[2]", "ok"),
+    ]
+    with pytest.raises(ValueError, match="must be a human message"):
+        split_messages([HumanMessage("Q?"), AIMessage("A")])
+
+
+def test_chat_model_streams_what_it_answers_and_reports_tokens_saved(tiny_lm):
+    chat = CtxoptChatModel(model=tiny_lm, method="gemfilter", budget=48, max_new_tokens=8)
+    messages = context_messages()
+    reply = chat.invoke(messages)
+    chunks = list(chat.stream(messages))
+    assert len(chunks) > 2 and "".join(c.content for c in chunks) == reply.content != ""
+    original = len(Pipeline(tiny_lm).build_prompt(QUESTION, [Passage(messages[0].content)]))
+    meta = reply.response_metadata
+    assert reply.usage_metadata == {"input_tokens": 48, "output_tokens": 8, "total_tokens": 56}
+    assert meta["prompt_tokens_original"] == original and meta["tokens_saved"] == original - 48 > 0
+    assert meta["ctxopt"]["method"] == "gemfilter" and "gemfilter" in meta["ctxopt"]["summary"]
+    streamed = chunks[0]
+    for chunk in chunks[1:]:
+        streamed += chunk
+    assert streamed.usage_metadata == reply.usage_metadata
+    assert streamed.response_metadata["tokens_saved"] == meta["tokens_saved"]
+
+
+def test_chat_model_stop_strings_and_early_close(tiny_lm):
+    chat = CtxoptChatModel(model=tiny_lm, max_new_tokens=8)
+    messages = context_messages()
+    text = chat.invoke(messages).content
+    stop = text.split()[2]
+    assert chat.invoke(messages, stop=[stop]).content == text[: text.index(stop)].strip()
+    stream = chat.stream(messages)
+    next(stream)
+    stream.close()  # the worker stops at its next token and releases the model
+    assert chat.invoke(messages).content == text
+
+
+def test_chat_model_async_matches_sync(tiny_lm):
+    chat = CtxoptChatModel(model=tiny_lm, method="speckv", budget=64, options={"window": 8}, max_new_tokens=6)
+    messages = context_messages()
+    expected = chat.invoke(messages)
+
+    ticks = 0
+
+    async def ticker():  # keeps counting only while the event loop is free
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    async def run():
+        task = asyncio.create_task(ticker())
+        chunks = [c async for c in chat.astream(messages)]
+        reply = await chat.ainvoke(messages)
+        task.cancel()
+        return reply, "".join(c.content for c in chunks)
+
+    reply, streamed = asyncio.run(run())
+    assert reply.content == streamed == expected.content
+    assert reply.usage_metadata == expected.usage_metadata
+    assert ticks > 10
+
+
+def test_chat_model_threads_give_sequential_results(tiny_lm):
+    chat = CtxoptChatModel(model=tiny_lm, method="gemfilter", budget=40, max_new_tokens=6)
+    questions = [f"How many marbles are in the {colour} box?" for colour, _ in BOXES[:4]]
+    sequential = [chat.invoke(context_messages(q)).content for q in questions]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda q: chat.invoke(context_messages(q)).content, questions * 2))
+    assert threaded == sequential * 2
+
+
+def test_chat_model_retriever_and_lcel_chain(tiny_lm):
+    retriever = CtxoptRetriever(store=store(), k=2)
+    chat = CtxoptChatModel(model=tiny_lm, method="rapid", retriever=retriever, max_new_tokens=6)
+    reply = chat.invoke(QUESTION)
+    sources = [s["source"] for s in reply.response_metadata["ctxopt"]["sources"]]
+    assert sources == [d.metadata["source"] for d in retriever.invoke(QUESTION)]
+    assert reply.response_metadata["ctxopt"]["stats"]["stages"][-1]["stage"] == "decode:rapid"
+    with pytest.raises(ValueError, match="No context"):
+        CtxoptChatModel(model=tiny_lm).invoke(QUESTION)
+
+    model = CtxoptChatModel(model=tiny_lm, max_new_tokens=6)
+    prompt = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")])
+    chain = prompt | model | StrOutputParser()
+    answer = chain.invoke({"context": "The blue box holds 7 marbles.", "question": QUESTION})
+    assert answer == model.invoke([SystemMessage("The blue box holds 7 marbles."), HumanMessage(QUESTION)]).content
+
+
+def test_compression_retriever_wraps_any_langchain_retriever(tiny_lm):
+    class Fixed(BaseRetriever):
+        docs: list[Document]
+
+        def _get_relevant_documents(self, query, *, run_manager):
+            return self.docs
+
+    docs = [Document("The vault code is 4817. " * 4, metadata={"page": 3}), Document("Gulls nest on the pier.")]
+    compressor = CtxoptDocumentCompressor(model=tiny_lm, method="truncate", budget=60)
+    retriever = CtxoptCompressionRetriever(base_retriever=Fixed(docs=docs), compressor=compressor)
+    out = retriever.invoke("What is the vault code?")
+    assert out[0].metadata["page"] == 3 and out[0].page_content.startswith("The vault code is 4817.")

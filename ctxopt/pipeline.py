@@ -250,7 +250,9 @@ class Pipeline:
         prompts = [self.build_prompt(q, passages) for q in questions]
         for prompt in prompts:
             self._fit_positions(prompt, Run(self.lm, prompt.question, self._config(dict(generation)), Stats()))
-        shared = _common_prefix_length([p.input_ids for p in prompts]) - 1
+        shared = _common_prefix_length([p.input_ids for p in prompts]) - 1  # each question keeps >= 1 token
+        if shared < 1:
+            return [self.ask(q, context=context, **generation) for q in questions]
         with measure("prefill_shared", self.lm.device, tokens_in=shared) as shared_record:
             base = prefill(self.lm.model, prompts[0].input_ids[:shared], chunk_size=self.prefill_chunk)
             shared_record.kv_bytes = kv_bytes(base.cache)

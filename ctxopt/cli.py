@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the available methods")
 
+    from .training import add_train_parser
+
+    add_train_parser(commands)
+
     try:
         from .bench.cli import add_bench_parser
     except ImportError:

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--chunk-tokens", type=int, default=200)
     index.add_argument("--overlap", type=int, default=40)
     index.add_argument("--embedder", default=None)
+    index.add_argument("--refrag", nargs="?", const="default", metavar="ADAPTER",
+                       help="also precompute REFRAG chunk embeddings into the index (the default adapter, or a folder)")
 
     ask = commands.add_parser("ask", help="answer a question over a corpus, an index or a file")
     ask.add_argument("question")
@@ -136,6 +138,11 @@ def cmd_index(args) -> int:
     began = time.perf_counter()
     store = build_index(args.folder, args.out, embedder=args.embedder, chunk_tokens=args.chunk_tokens, overlap=args.overlap)
     print(f"indexed {len(store)} passages from {args.folder} into {args.out} in {time.perf_counter() - began:.1f}s")
+    if args.refrag:
+        from .compressors.refrag.cache import save_index_cache
+
+        path = save_index_cache(store.passages, args.out, None if args.refrag == "default" else args.refrag)
+        print(f"REFRAG chunk embeddings written to {path}")
     return 0
 
 

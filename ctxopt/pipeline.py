@@ -172,6 +172,7 @@ class Pipeline:
                     state = prefill(self.lm.model, prompt.input_ids, chunk_size=self.prefill_chunk)
             record.tokens_out = int(state.cache.get_seq_length())
             record.kv_bytes = kv_bytes(state.cache)
+            record.extra.update(run.memo.pop("stage_extra", {}))  # an input stage's own cost breakdown
         run.stats.add(record)
         for stage in self.stages["cache"]:
             with measure(stage.name, self.lm.device, tokens_in=int(state.cache.get_seq_length())) as record:

@@ -101,7 +101,8 @@ class CtxoptDocumentCompressor(BaseDocumentCompressor):
     """Compress Documents with a ctxopt method's text-level stages, given the query.
 
     ``method`` is any registered method whose stages are passage stages (``rag``: the best chunks by embedder
-    similarity) or token stages (``truncate``, ``gemfilter``, ``specpc``); ``budget`` (tokens of ``model``, or a
+    similarity; ``color``: each document rewritten by the CoLoR compressor; ``extractive``: each document's
+    sentences most similar to the query) or token stages (``truncate``, ``gemfilter``, ``specpc``); ``budget`` (tokens of ``model``, or a
     ratio) means what it means for the method in a Pipeline: the context kept by ``rag``, the whole prompt
     (instruction and query included) kept by a token stage; ``options`` go to the method (``layer=``, ``draft=``).
     Token stages score the ctxopt prompt built from the query and all documents, and each document keeps the

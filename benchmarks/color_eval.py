@@ -1,0 +1,126 @@
+"""CoLoR against its baselines on HotpotQA distractor (the eval-side samples ``ctxopt bench`` uses).
+
+Per method and sample: context tokens before and after compression (generator tokenizer), compression
+seconds per passage, answer EM/F1 (``ctxopt.bench.metrics.score``, the bench's prompt: HotpotQA instruction,
+32 new tokens), seconds to answer, and in-context retrieval (the LOFT-style request of ``ctxopt train
+color-data`` over the sample's compressed passages; a hit when the ID the model names is a supporting one).
+
+    OMP_NUM_THREADS=1 python benchmarks/color_eval.py --samples 6 --out color-eval.json
+
+Methods: ``original`` (no compression), ``color-untrained`` (the prompt alone), ``color`` (the packaged
+adapter, or ``--adapter``), ``extractive`` (ratio 0.5 per passage), ``embeddings-filter`` (LangChain's
+EmbeddingsFilter over the same MiniLM embedder, top 5 of the 10 passages; its ``compress_documents`` imports
+langchain-community, which ctxopt does not install).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ctxopt.bench.datasets import load_hotpotqa
+from ctxopt.bench.metrics import score
+from ctxopt.compressors.color import CoLoR
+from ctxopt.compressors.extractive import Extractive
+from ctxopt.decoding import GenerationConfig
+from ctxopt.models import load_model
+from ctxopt.pipeline import Pipeline
+from ctxopt.retrievers.embeddings import load_embedder
+from ctxopt.stages import Run
+from ctxopt.training.color import pick_id
+from ctxopt.types import Passage, Stats
+
+
+def embeddings_filter(k: int):
+    """LangChain's EmbeddingsFilter (top ``k`` documents by cosine similarity) as a passage compressor."""
+    from langchain_classic.retrievers.document_compressors import EmbeddingsFilter
+    from langchain_core.documents import Document
+    from langchain_core.embeddings import Embeddings
+
+    embedder = load_embedder()
+
+    class MiniLM(Embeddings):
+        def embed_documents(self, texts):
+            return embedder.embed(list(texts)).tolist()
+
+        def embed_query(self, text):
+            return embedder.embed([text])[0].tolist()
+
+    # Its default similarity function lives in langchain-community; MiniLM rows are unit vectors, so a dot
+    # product is the same cosine similarity.
+    keep = EmbeddingsFilter(embeddings=MiniLM(), k=k, similarity_fn=lambda a, b: np.asarray(a) @ np.asarray(b).T)
+
+    def compress(question: str, passages: list[Passage], run: Run) -> list[Passage]:
+        documents = [Document(page_content=p.text, metadata={"index": i}) for i, p in enumerate(passages)]
+        kept = sorted(d.metadata["index"] for d in keep.compress_documents(documents, question))
+        return [passages[i] for i in kept]
+
+    return compress
+
+
+def methods(adapter: str | None) -> dict:
+    return {
+        "original": lambda question, passages, run: passages,
+        "color-untrained": CoLoR(adapter=None).compress,
+        "color": CoLoR(adapter=adapter or "auto").compress,
+        "extractive": Extractive(0.5).compress,
+        "embeddings-filter": embeddings_filter(5),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--adapter", default=None, help="CoLoR adapter folder (default: the packaged one)")
+    parser.add_argument("--methods", default="original,color-untrained,color,extractive")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    lm = load_model(args.model)
+    embedder = load_embedder()
+    samples = load_hotpotqa(args.samples, seed=args.seed)
+    table = methods(args.adapter)
+    results = {}
+    for name in args.methods.split(","):
+        compress = table[name]
+        rows = []
+        for sample in samples:
+            run = Run(lm=lm, question=sample.question, config=GenerationConfig(), stats=Stats(), embedder=lambda: embedder)
+            began = time.perf_counter()
+            passages = compress(sample.question, sample.passages, run)
+            compress_seconds = time.perf_counter() - began
+            count = lambda ps: sum(len(lm.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in ps)
+            began = time.perf_counter()
+            answer = Pipeline(lm, instruction=sample.instruction, max_new_tokens=32).ask(sample.question, context=passages)
+            answer_seconds = time.perf_counter() - began
+            picked = pick_id(lm, sample.question, [p.text for p in passages])
+            rows.append({
+                "id": sample.id, "tokens_in": count(sample.passages), "tokens_out": count(passages),
+                "compress_seconds_per_passage": compress_seconds / len(sample.passages),
+                "answer_seconds": answer_seconds, "retrieval_hit": float(passages[picked].metadata["supporting"]),
+                "prediction": answer.text, **score(sample, answer.text),
+            })
+            print(name, rows[-1]["id"], rows[-1]["tokens_in"], rows[-1]["tokens_out"], round(rows[-1]["f1"], 3),
+                  rows[-1]["retrieval_hit"], flush=True)
+        mean = lambda key: statistics.mean(r[key] for r in rows)
+        results[name] = {
+            "samples": len(rows), "ratio": sum(r["tokens_in"] for r in rows) / sum(r["tokens_out"] for r in rows),
+            "f1": mean("f1"), "em": mean("em"), "retrieval_accuracy": mean("retrieval_hit"),
+            "compress_seconds_per_passage": mean("compress_seconds_per_passage"),
+            "answer_seconds": mean("answer_seconds"), "rows": rows,
+        }
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump({"command": vars(args), "results": results}, handle, indent=2)
+    for name, r in results.items():
+        print(f"{name:18s} ratio {r['ratio']:.2f}x  F1 {r['f1']:.3f}  EM {r['em']:.3f}  retrieval {r['retrieval_accuracy']:.2f}"
+              f"  compress {r['compress_seconds_per_passage']:.2f} s/passage  answer {r['answer_seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

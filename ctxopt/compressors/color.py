@@ -1,0 +1,232 @@
+"""CoLoR: every passage rewritten shorter by a compressor LM before it reaches the long-context model.
+
+Paper: "Efficient Long Context Language Model Retrieval with Compression" (Seo et al., ACL 2025) [P];
+official code going-doer/CoLoR [C]. Inference step [P, C]: the compressor summarises each passage, greedy,
+with the prompt "Summarize the following content. Content: {passage} Summary:" through its chat template;
+an empty summary falls back to the original passage; the summaries replace the passages in the prompt.
+
+Deviations, all deliberate:
+- A summary that is not shorter (in compressor tokens) than its passage also falls back to the original
+  (the paper only checks for empty output): a rewrite that saves nothing can only lose information.
+- The default compressor is SmolLM2-135M-Instruct with a small LoRA adapter trained by ``ctxopt train color``
+  on CPU (``ctxopt/adapters/color-smollm2``); the paper fine-tunes Phi-3-mini fully (see docs/color.md).
+- Summaries are cached on disk per (passage sha256, compressor fingerprint), so a corpus is compressed once.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..fileutil import sha256_file
+from ..models import LoadedModel, cache_dir, load_model
+from ..prompting import render_chat
+from ..stages import PassageStage, Run
+from ..types import Passage
+
+SUMMARY_PROMPT = "Summarize the following content. \nContent:\n{passage}\n Summary:"
+DEFAULT_COMPRESSOR = "smollm2-135m"
+PACKAGED_ADAPTERS = {DEFAULT_COMPRESSOR: "color-smollm2"}  # compressor -> adapter folder under ctxopt/adapters
+FALLBACKS = ("original", "drop")
+ADAPTER_FILE = "adapter_model.safetensors"
+CAP_SLACK = 8  # tokens a summary may run past its passage's length before generation stops
+
+
+def summary_prompt(tokenizer, passage: str) -> str:
+    """The compressor's full prompt for one passage: the paper's summarisation request in its chat template."""
+    return render_chat(tokenizer, SUMMARY_PROMPT.format(passage=passage))
+
+
+def packaged_adapter(compressor: str) -> Path | None:
+    """The adapter shipped for ``compressor`` (a registry name), if one is shipped and present."""
+    folder = PACKAGED_ADAPTERS.get(compressor)
+    if folder is None:
+        return None
+    path = Path(str(resources.files("ctxopt") / "adapters" / folder))
+    return path if (path / ADAPTER_FILE).is_file() else None
+
+
+_MERGED: dict[tuple[int, str], LoadedModel] = {}
+_MERGED_LOCK = threading.Lock()
+
+
+def with_adapter(base: LoadedModel, adapter: str | Path) -> LoadedModel:
+    """``base`` with a LoRA adapter merged into a copy of its weights (the shared base model stays untouched).
+
+    Merged copies are kept per (base, adapter file hash) for the life of the process.
+    """
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / ADAPTER_FILE).is_file():
+        raise InputError(f"{adapter} holds no {ADAPTER_FILE}; pass a folder written by `ctxopt train color`.")
+    key = (id(base), sha256_file(adapter / ADAPTER_FILE))
+    with _MERGED_LOCK:
+        if key not in _MERGED:
+            merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(adapter)).merge_and_unload()
+            merged.eval().requires_grad_(False)
+            name = f"{base.name}+{adapter.name}:{key[1][:12]}"
+            _MERGED[key] = LoadedModel(merged, base.tokenizer, name, base.device, base.dtype)
+        return _MERGED[key]
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def generate_greedy(lm: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+                    progress: bool = False, desc: str = "generate", max_tokens: list[int] | None = None) -> list[str]:
+    """Greedy completions of ``prompts`` (full prompt texts), left-padded into batches of ``batch_size``.
+
+    ``max_tokens[i]``, when given, also caps prompt ``i``'s completion (a batch stops at its largest cap).
+    """
+    tokenizer = lm.tokenizer
+    eos = lm.eos_token_ids
+    pad = eos[0] if eos else (tokenizer.pad_token_id or 0)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    outputs: list[str] = [""] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="passage", disable=not progress) as bar:
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo:lo + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]):] = 1
+            limit = max_new_tokens if max_tokens is None else min(max_new_tokens, max(max_tokens[i] for i in rows))
+            with torch.inference_mode():
+                out = lm.model.generate(
+                    input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=max(1, limit),
+                    do_sample=False, temperature=None, top_p=None, top_k=None,
+                    eos_token_id=eos or None, pad_token_id=pad,
+                )
+            for r, i in enumerate(rows):
+                outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+            bar.update(len(rows))
+    return outputs
+
+
+class SummaryCache:
+    """Summaries on disk, one JSON file per (compressor fingerprint, passage sha256), under
+    ``cache_dir()/color/<fingerprint>/``. Writes are atomic, so parallel runs can share it."""
+
+    def __init__(self, fingerprint: str, root: Path | None = None):
+        self.folder = (root or cache_dir() / "color") / fingerprint
+
+    def _path(self, text: str) -> Path:
+        return self.folder / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
+
+    def get(self, text: str) -> str | None:
+        path = self._path(text)
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))["summary"]
+
+    def put(self, text: str, summary: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump({"summary": summary}, stream)
+        os.replace(temp, self._path(text))
+
+
+@dataclass
+class CoLoR(PassageStage):
+    """Each passage replaced by the compressor's greedy summary of it (CoLoR inference [P]).
+
+    ``compressor``: a model name (loaded on the generator's device) or a LoadedModel. ``adapter``: a LoRA
+    folder written by ``ctxopt train color``; "auto" uses the packaged adapter of the compressor when one is
+    shipped (SmolLM2-135M), None the untrained prompt. ``fallback``: what replaces an unusable summary (empty,
+    or not shorter than the passage): "original" keeps the passage [P], "drop" leaves it out. Source, span,
+    id and metadata of every passage are kept; only its text changes.
+    """
+
+    compressor: str | LoadedModel = DEFAULT_COMPRESSOR
+    max_new_tokens: int = 128
+    fallback: str = "original"
+    adapter: str | Path | None = "auto"
+    batch_size: int = 8
+    cache: bool = True
+    progress: bool = True
+    name = "color"
+    _model: LoadedModel | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise InputError(f"color: fallback must be one of {FALLBACKS}; got {self.fallback!r}.")
+        if self.max_new_tokens < 1:
+            raise InputError(f"color: max_new_tokens must be >= 1; got {self.max_new_tokens}.")
+
+    def compressor_model(self, device=None, dtype=None) -> LoadedModel:
+        """The compressor, with its adapter merged, loaded on first use."""
+        if self._model is None:
+            base = self.compressor if isinstance(self.compressor, LoadedModel) else load_model(
+                self.compressor, device, dtype, progress=self.progress)
+            adapter = self.adapter
+            if adapter == "auto":
+                adapter = packaged_adapter(self.compressor) if isinstance(self.compressor, str) else None
+            self._model = with_adapter(base, adapter) if adapter is not None else base
+        return self._model
+
+    def fingerprint(self, lm: LoadedModel) -> str:
+        """What a cached summary depends on: compressor (+ adapter hash), prompt and generation length."""
+        key = json.dumps([lm.name, SUMMARY_PROMPT, self.max_new_tokens])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def summaries(self, texts: list[str], lm: LoadedModel) -> list[str]:
+        """The raw summaries of ``texts``, from the cache where present, else generated in batches."""
+        store = SummaryCache(self.fingerprint(lm)) if self.cache else None
+        found = {t: store.get(t) for t in set(texts)} if store else {}
+        missing = [t for t in dict.fromkeys(texts) if found.get(t) is None]
+        if missing:
+            prompts = [summary_prompt(lm.tokenizer, t) for t in missing]
+            # A summary as long as its passage falls back to the passage, so generating far past that is waste;
+            # the slack keeps a capped (cut) summary at least as long as its passage after re-tokenisation.
+            lengths = [count_tokens(lm.tokenizer, t) + CAP_SLACK for t in missing]
+            made = generate_greedy(lm, prompts, self.max_new_tokens, self.batch_size,
+                                   progress=self.progress, desc="color", max_tokens=lengths)
+            for text, summary in zip(missing, made):
+                found[text] = summary
+                if store:
+                    store.put(text, summary)
+        return [found[t] for t in texts]
+
+    def compress(self, question: str, passages: list[Passage], run: Run | None = None) -> list[Passage]:
+        lm = self.compressor_model(*((run.lm.device, run.lm.dtype) if run else (None, None)))
+        out: list[Passage] = []
+        fell_back = 0
+        for passage, summary in zip(passages, self.summaries([p.text for p in passages], lm)):
+            shorter = count_tokens(lm.tokenizer, summary) < count_tokens(lm.tokenizer, passage.text)
+            usable = bool(summary.strip()) and shorter
+            if usable:
+                out.append(passage.replace(text=summary))
+                continue
+            fell_back += 1
+            if self.fallback == "original":
+                out.append(passage)
+        if run is not None and fell_back:
+            run.note(f"color: {fell_back} of {len(passages)} summaries empty or not shorter; {self.fallback} used")
+        if not out:
+            raise InputError("color: every summary was unusable and fallback='drop' left no passage.")
+        return out
+
+
+def color_stages(budget=None, compressor: str | LoadedModel = DEFAULT_COMPRESSOR, max_new_tokens: int = 128,
+                 fallback: str = "original", adapter: Any = "auto", batch_size: int = 8, **_) -> list[CoLoR]:
+    """Registry factory: ``color`` (the budget is unused: the compressor decides each summary's length).
+    ``adapter=false`` (CLI ``--option adapter=false``) runs the untrained prompt."""
+    return [CoLoR(compressor=compressor, max_new_tokens=max_new_tokens, fallback=fallback, adapter=adapter or None,
+                  batch_size=batch_size)]

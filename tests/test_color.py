@@ -1,0 +1,245 @@
+"""CoLoR (passage compression by a trained compressor LM), the extractive baseline, the preference-data
+builder and the ORPO trainer, on the tiny random model."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ctxopt.compressors import color as color_module
+from ctxopt.compressors.color import (
+    CoLoR, SummaryCache, generate_greedy, packaged_adapter, summary_prompt, with_adapter,
+)
+from ctxopt.compressors.extractive import Extractive, extract
+from ctxopt.errors import InputError
+from ctxopt.methods import METHODS, build_stages
+from ctxopt.pipeline import Pipeline
+from ctxopt.training import color as training
+from ctxopt.training.color import JudgeCase, choose_pair, orpo_loss
+from ctxopt.types import Passage
+
+PASSAGES = [
+    Passage("The harbour museum opened in 1901. Its vault code is 4471. It has a red door.", source="a.md",
+            span=(10, 90), metadata={"title": "Museum", "page": 3}),
+    Passage("The lighthouse keeper rows to town on Sundays. The lamp was rebuilt in 1950.", source="b.md",
+            metadata={"title": "Lighthouse"}),
+]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTXOPT_CACHE", str(tmp_path / "cache"))
+
+
+def scripted(outputs: dict[str, str]):
+    """A generate_greedy stand-in: the summary of each passage text looked up in ``outputs``."""
+    def fake(lm, prompts, max_new_tokens, batch_size=8, progress=False, desc="", max_tokens=None):
+        return [next(v for k, v in outputs.items() if k in p) for p in prompts]
+    return fake
+
+
+def stage(tiny_lm, **knobs) -> CoLoR:
+    return CoLoR(compressor=tiny_lm, adapter=None, progress=False, **knobs)
+
+
+def test_empty_or_longer_summary_falls_back_to_the_original(tiny_lm, monkeypatch):
+    monkeypatch.setattr(color_module, "generate_greedy", scripted({"harbour": "", "lighthouse": PASSAGES[1].text + " More."}))
+    out = stage(tiny_lm).compress("q", PASSAGES)
+    assert [p.text for p in out] == [p.text for p in PASSAGES]
+    monkeypatch.setattr(color_module, "generate_greedy", scripted({"harbour": "Vault code 4471.", "lighthouse": ""}))
+    assert [p.text for p in stage(tiny_lm, cache=False).compress("q", PASSAGES)] == ["Vault code 4471.", PASSAGES[1].text]
+    assert [p.text for p in stage(tiny_lm, cache=False, fallback="drop").compress("q", PASSAGES)] == ["Vault code 4471."]
+    with pytest.raises(InputError):
+        stage(tiny_lm, fallback="nope")
+
+
+def test_summaries_keep_source_span_id_and_metadata(tiny_lm, monkeypatch):
+    monkeypatch.setattr(color_module, "generate_greedy", scripted({"harbour": "Museum: 1901, code 4471.",
+                                                                   "lighthouse": "Lamp rebuilt 1950."}))
+    out = stage(tiny_lm).compress("q", PASSAGES)
+    for before, after in zip(PASSAGES, out):
+        assert after.text != before.text
+        assert (after.source, after.span, after.id, after.metadata) == (before.source, before.span, before.id, before.metadata)
+
+
+def test_cache_hit_avoids_the_model(tiny_lm, monkeypatch):
+    first = stage(tiny_lm, max_new_tokens=6).compress("q", PASSAGES)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran on a cached passage")
+
+    monkeypatch.setattr(color_module, "generate_greedy", boom)
+    again = stage(tiny_lm, max_new_tokens=6).compress("q", PASSAGES)
+    assert [p.text for p in again] == [p.text for p in first]
+    cached = SummaryCache(stage(tiny_lm, max_new_tokens=6).fingerprint(tiny_lm))
+    assert all(cached.get(p.text) is not None for p in PASSAGES)
+
+
+def test_the_packaged_adapter_is_small_and_the_default():
+    folder = packaged_adapter("smollm2-135m")
+    assert folder is not None and (folder / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    assert CoLoR().adapter == "auto" and packaged_adapter("qwen2.5-coder-0.5b") is None
+
+
+def test_batched_greedy_generation_matches_one_at_a_time(tiny_lm):
+    prompts = [summary_prompt(tiny_lm.tokenizer, p.text) for p in PASSAGES]
+    batched = generate_greedy(tiny_lm, prompts, 5, batch_size=2)
+    assert batched == [generate_greedy(tiny_lm, [p], 5, batch_size=1)[0] for p in prompts]
+
+
+class WordEmbedder:
+    """Bag-of-words vectors: cosine similarity = shared words."""
+
+    def __init__(self, vocabulary: list[str]):
+        self.vocabulary = vocabulary
+
+    def embed(self, texts):
+        rows = np.array([[float(w in t.lower()) for w in self.vocabulary] for t in texts], dtype=np.float32)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
+
+
+def test_extractive_keeps_the_most_similar_sentences_within_budget(tiny_lm):
+    text = "The vault code is 4471. The door is red. The museum opened in 1901 near the vault."
+    embedder = WordEmbedder(["vault", "code", "door", "museum", "red"])
+    sizes = [len(tiny_lm.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in
+             ("The vault code is 4471.", "The door is red.", "The museum opened in 1901 near the vault.")]
+    kept = extract("What is the vault code?", text, sizes[0], tiny_lm.tokenizer, embedder)
+    assert kept == "The vault code is 4471."
+    both = extract("What is the vault code?", text, sizes[0] + sizes[2], tiny_lm.tokenizer, embedder)
+    assert both == "The vault code is 4471. The museum opened in 1901 near the vault."  # text order kept
+    assert extract("door?", text, 1, tiny_lm.tokenizer, embedder) == "The door is red."  # at least one sentence
+
+    class FakeRun:
+        lm = tiny_lm
+
+        @staticmethod
+        def embedder():
+            return embedder
+
+    out = Extractive(budget=0.4).compress("What is the vault code?", [Passage(text, source="s", metadata={"k": 1})], FakeRun)
+    assert out[0].text == "The vault code is 4471." and out[0].metadata == {"k": 1} and out[0].source == "s"
+
+
+def test_orpo_loss_matches_a_hand_computation():
+    # One pair, vocabulary of 2; the prompt is token 0 (label -100), responses: chosen 1 token, rejected 3 tokens.
+    logits = torch.zeros(2, 4, 2)
+    logits[0, 0] = torch.tensor([0.0, math.log(3.0)])  # p(token 1) = 3/4
+    labels = torch.tensor([[-100, 1, -100, -100], [-100, 0, 0, 0]])  # rejected: p(token 0) = 1/2 each
+    loss, nll, odds = orpo_loss(logits, labels, beta=2.5, length_coef=0.1)
+    chosen, rejected = math.log(0.75), math.log(0.5)
+    log_odds = (chosen - rejected) - (math.log(1 - 0.75) - math.log(1 - 0.5))
+    scale = max(0.1 * (3 - 1), 1.0)  # = 1: a 2-token difference is below the length term's floor
+    expected_odds = math.log(1 / (1 + math.exp(-scale * log_odds)))
+    assert nll.item() == pytest.approx(-chosen)
+    assert odds.item() == pytest.approx(expected_odds)
+    assert loss.item() == pytest.approx(-chosen - 2.5 * expected_odds)
+    # A long rejected response (30 tokens more) scales the log-odds by 0.1 * 30 = 3.
+    long_labels = torch.tensor([[-100] + [1] + [-100] * 30, [-100] + [0] * 31])
+    long_logits = torch.zeros(2, 32, 2)
+    long_logits[0, 0] = torch.tensor([0.0, math.log(3.0)])
+    _, _, long_odds = orpo_loss(long_logits, long_labels, beta=2.5, length_coef=0.1)
+    assert long_odds.item() == pytest.approx(math.log(1 / (1 + math.exp(-3.0 * log_odds))))
+
+
+def test_chosen_is_the_shortest_success_and_rejected_the_longest_failure():
+    def c(tokens, success, text=None):
+        return {"tokens": tokens, "success": success, "text": text or f"t{tokens}", "source": "s"}
+
+    chosen, rejected = choose_pair([c(50, True), c(20, True), c(90, False), c(60, False), c(10, False)])
+    assert (chosen["tokens"], rejected["tokens"]) == (20, 90)
+    assert choose_pair([c(10, False), c(20, False)]) is None  # no success
+    assert choose_pair([c(10, True), c(20, True)]) is None  # no failure
+
+
+def test_retrieval_judge_names_an_id_and_evidence_judge_checks_spans(tiny_lm):
+    case = JudgeCase("k", "q1", "Who?", ["x"], "CANDIDATE", ["d0", "d1"], slot=1)
+    texts = training.with_candidate(case, "SHORT")
+    assert texts == ["d0", "SHORT", "d1"]
+    request = training.loft_request(case.question, texts)
+    assert "ID: 1 | CONTENT: SHORT | END ID: 1" in request and request.endswith("query: Who?")
+    assert training.pick_id(tiny_lm, case.question, texts) in (0, 1, 2)
+    assert training.RetrievalJudge(tiny_lm)(case, "SHORT") == (training.pick_id(tiny_lm, "Who?", texts) == 1)
+    judge = training.EvidenceJudge()
+    span_case = JudgeCase("k", "q", "code?", ["4471"], "The code of Eldermoor is 4471.", [], 0, ["Eldermoor", "Nowhere"])
+    assert judge(span_case, "eldermoor code 4471") and not judge(span_case, "code 4471") and not judge(span_case, "a code")
+
+
+def test_composed_methods_share_budget_and_options(tiny_lm):
+    spec = METHODS.get("color+specpc+speckv")
+    assert spec.needs_budget and {"compressor", "draft", "window"} <= set(spec.options)
+    assert METHODS.get("color+nope") is None and not METHODS["color"].needs_budget
+    stages = build_stages("color+truncate", 0.9, compressor=tiny_lm, adapter=False, max_new_tokens=4)
+    assert [s.name for s in stages] == ["color", "truncate"] and stages[0].adapter is None
+    stages[0].progress = False
+    answer = Pipeline(tiny_lm, stages=stages, max_new_tokens=3).ask("Vault code?", context=PASSAGES)
+    assert [r.stage for r in answer.stats.stages][:2] == ["color", "truncate"]
+    assert {p.source for p in answer.prompt.passages} == {"a.md", "b.md"}
+
+
+def test_langchain_document_compressor_runs_color(tiny_lm):
+    from langchain_core.documents import Document
+
+    from ctxopt.integrations.langchain import CtxoptDocumentCompressor
+
+    compressor = CtxoptDocumentCompressor(model=tiny_lm, method="color", budget=None,
+                                          options={"compressor": tiny_lm, "adapter": False, "max_new_tokens": 4})
+    documents = [Document(page_content=p.text, metadata={"title": p.metadata["title"]}, id=f"d{i}")
+                 for i, p in enumerate(PASSAGES)]
+    out = compressor.compress_documents(documents, "What is the vault code?")
+    assert [d.id for d in out] == ["d0", "d1"] and all(d.metadata["ctxopt_method"] == "color" for d in out)
+    assert all(d.metadata["ctxopt_tokens_out"] <= d.metadata["ctxopt_tokens_in"] for d in out)
+
+
+# -- data builder and trainer end to end --------------------------------------------------------------------
+def cases(n: int) -> list[JudgeCase]:
+    return [JudgeCase(f"k{i}", f"q{i}", f"What is code {i}?", [str(1000 + i)],
+                      f"Report {i}. The code is {1000 + i}. The weather was mild and the roads were long.",
+                      ["A distractor about boats.", "Another one about bread."], i % 3) for i in range(n)]
+
+
+def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "training_cases", lambda questions, seed, distractors: cases(questions))
+    monkeypatch.setattr("ctxopt.models.load_model", lambda *a, **k: tiny_lm)
+    monkeypatch.setattr(color_module, "load_model", lambda *a, **k: tiny_lm)
+    data = tmp_path / "data"
+    args = argparse.Namespace(out=str(data), questions=8, seed=0, compressors="tiny", ratios="0.3,0.6,1.0",
+                              judge="evidence", target="tiny", distractors=2, min_f1=0.5, max_new_tokens=8,
+                              heldout=0.25, batch_size=4)
+    counts = training.build_preference_data(args)
+    assert counts["passages"] == 8 and counts["train"] + counts["heldout"] >= 1
+    rows = [json.loads(line) for line in (data / "train.jsonl").open()] + \
+           [json.loads(line) for line in (data / "heldout.jsonl").open()]
+    for row in rows:  # the shortest candidate that kept the code, the longest that lost it
+        assert row["chosen"] != row["rejected"] and row["question"].split()[-1].rstrip("?") in row["passage"]
+    assert training.build_preference_data(args)["passages"] == 8  # resumed: nothing judged twice
+
+    out = tmp_path / "adapter"
+    train_args = argparse.Namespace(data=str(data), out=str(out), base="tiny", epochs=15.0, lr=5e-3, beta=2.5,
+                                    length_coef=0.1, lora_r=4, lora_alpha=8, layers=2, batch_size=2,
+                                    max_length=128, seed=0, resume=False)
+    summary = training.train_compressor(train_args, lm=tiny_lm)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert json.loads((out / "color.json").read_text())["beta"] == 2.5
+    losses = [e["loss"] for e in json.loads((out / "training_log.json").read_text()) if "loss" in e]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert summary["train_pairs"] >= 1
+
+    # Save/load: the merged adapter reproduces the trained (unmerged) model's logits and changes the base's.
+    from peft import PeftModel
+
+    unmerged = PeftModel.from_pretrained(copy.deepcopy(tiny_lm.model), str(out)).eval()
+    merged = with_adapter(tiny_lm, out)
+    ids = tiny_lm.tokenizer("The code is 1003.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, got, base = unmerged(ids).logits, merged.model(ids).logits, tiny_lm.model(ids).logits
+    assert torch.allclose(expected, got, atol=1e-4) and not torch.allclose(base, got, atol=1e-3)
+    compressed = CoLoR(compressor=tiny_lm, adapter=out, max_new_tokens=6, progress=False, cache=False)
+    direct = generate_greedy(merged, [summary_prompt(tiny_lm.tokenizer, PASSAGES[0].text)], 6)[0]
+    text = compressed.compress("q", PASSAGES[:1])[0].text
+    assert text in (direct, PASSAGES[0].text)

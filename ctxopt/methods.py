@@ -22,9 +22,34 @@ class MethodSpec:
     summary: str
     needs_budget: bool = True
     options: tuple[str, ...] = field(default_factory=tuple)
+    parts: tuple[str, ...] = ()  # the registered methods a composed method runs in turn
 
 
-METHODS: dict[str, MethodSpec] = {
+COMPOSE = "+"
+
+
+class MethodRegistry(dict):
+    """Registered methods by name. A name joining registered names with "+" (``color+specpc+speckv``) is their
+    composition: the stages of each, in turn, built at the same budget with the same options."""
+
+    def __missing__(self, name: str) -> MethodSpec:
+        parts = tuple(name.split(COMPOSE))
+        if len(parts) < 2 or not all(dict.__contains__(self, part) for part in parts):
+            raise KeyError(name)
+        specs = [self[part] for part in parts]
+        return MethodSpec(
+            "ctxopt.methods:build_stages", " then ".join(parts), needs_budget=any(s.needs_budget for s in specs),
+            options=tuple(dict.fromkeys(o for s in specs for o in s.options)), parts=parts,
+        )
+
+    def get(self, name: str, default: MethodSpec | None = None) -> MethodSpec | None:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
+METHODS: MethodRegistry = MethodRegistry({
     "full": MethodSpec("ctxopt.methods:_full", "the whole context, no compression", needs_budget=False),
     "truncate": MethodSpec("ctxopt.methods:_truncate", "keep the start and end of the context"),
     "rag": MethodSpec("ctxopt.methods:_rag", "top chunks of the context by embedder similarity", options=("chunk_tokens",)),
@@ -39,7 +64,15 @@ METHODS: dict[str, MethodSpec] = {
     "snapkv": MethodSpec("ctxopt.compressors.snapkv:snapkv_stages", "KV cache pruned per head by the prompt's last queries (SnapKV)", options=("window", "kernel")),
     "speckv": MethodSpec("ctxopt.compressors.speckv:speckv_stages", "KV cache pruned per head by a draft answer's attention (SpecKV)", options=("draft", "window", "kernel", "lookahead")),
     "speckv-pc": MethodSpec("ctxopt.compressors.speckv:speckv_pc_stages", "SpecPC prompt compression, then SpecKV on the same draft answer", options=("draft", "window", "kernel", "lookahead")),
-}
+    "refrag": MethodSpec("ctxopt.compressors.refrag:refrag_stages", "one trained embedding per k-token context chunk "
+                         "(REFRAG; default adapter SmolLM2 + MiniLM, k=16)", needs_budget=False,
+                         options=("adapter", "chunk_tokens", "expand", "policy", "cache")),
+    "color": MethodSpec("ctxopt.compressors.color:color_stages", "each passage rewritten shorter by a trained "
+                        "compressor LM (CoLoR; default SmolLM2 + packaged LoRA)", needs_budget=False,
+                        options=("compressor", "adapter", "max_new_tokens", "fallback", "batch_size")),
+    "extractive": MethodSpec("ctxopt.compressors.extractive:extractive_stages", "in each passage, the sentences "
+                             "most similar to the question (budget per passage: ratio or tokens)"),
+})
 
 
 def register(name: str, spec: MethodSpec) -> None:
@@ -53,6 +86,8 @@ def build_stages(method: str, budget: int | float | None = None, **options) -> l
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}.")
     if spec.needs_budget and budget is None:
         raise InputError(f"Method {method!r} needs a budget (--budget N tokens, or a ratio such as 0.25).")
+    if spec.parts:
+        return [stage for part in spec.parts for stage in build_stages(part, budget, **options)]
     module, _, attribute = spec.factory.partition(":")
     factory: Callable[..., list[Stage]] = getattr(importlib.import_module(module), attribute)
     return factory(budget, **{k: v for k, v in options.items() if v is not None})

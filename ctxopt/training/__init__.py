@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-TRAINING_MODULES: tuple[str, ...] = ()
+TRAINING_MODULES: tuple[str, ...] = ("ctxopt.training.refrag", "ctxopt.training.color")
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:

@@ -1,8 +1,8 @@
 """Training recipes behind ``ctxopt train``: one module per method, each adding its own subcommands.
 
 A module listed in ``TRAINING_MODULES`` exposes ``add_train_parsers(subparsers)``; it must import only
-argparse-level code at module import (torch, peft and trl are imported inside the command handlers), so that
-``ctxopt --help`` stays fast and a missing ``train`` extra only breaks the command that needs it.
+argparse-level code at module import (torch and peft are imported inside the command handlers), so that
+``ctxopt --help`` stays fast.
 """
 from __future__ import annotations
 

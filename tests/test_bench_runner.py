@@ -214,7 +214,7 @@ def test_gpu_speed_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_speed.json").read_text())
     rows = result["results"]
-    assert {r["method"] for r in rows} == set(METHODS) - {"refrag", "color"}  # the script's NOT_BY_DEFAULT
+    assert {r["method"] for r in rows} == set(METHODS) - {"color"}  # the script's NOT_BY_DEFAULT
     full = next(r for r in rows if r["method"] == "full")
     assert full["ttft_s"] > 0 and full["ttft_ratio"] == 1.0
     assert "TTFT s" in done.stdout.splitlines()[-len(rows) - 1]  # the table is printed last

@@ -27,7 +27,7 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakRSS":
-        self.peak = self.process.memory_info().rss
+        self.start = self.peak = self.process.memory_info().rss
         self._thread.start()
         return self
 

@@ -149,7 +149,7 @@ class Clock:
 
 
 def run_once(pipe: Any, record: dict[str, Any], press_name: str | None, budget: int | None,
-             query_aware: bool) -> tuple[str, dict[str, Any]]:
+             query_aware: bool, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
     """One pipeline call: the answer and its measurements."""
     context = user_message(record, query_aware)
     question = "" if query_aware else record["ask_question"]
@@ -165,7 +165,7 @@ def run_once(pipe: Any, record: dict[str, Any], press_name: str | None, budget: 
     with PeakMemory(device) as memory, Clock(pipe.model, cache) as clock:
         began = time.perf_counter()
         answer = pipe(context, question=question, answer_prefix=record["answer_prefix"], press=press,
-                      max_new_tokens=record["max_new_tokens"], cache=cache)["answer"]
+                      max_new_tokens=max_new_tokens, cache=cache)["answer"]
         e2e = time.perf_counter() - began
     steps = clock.steps
     return answer.strip(), {
@@ -183,13 +183,14 @@ def run_once(pipe: Any, record: dict[str, Any], press_name: str | None, budget: 
 
 
 def run_sample(pipe: Any, metrics: ModuleType, record: dict[str, Any], press_name: str | None,
-               budget: int | None, repeats: int, query_aware: bool) -> dict[str, Any]:
+               budget: int | None, repeats: int, query_aware: bool, max_new_tokens: int | None) -> dict[str, Any]:
     """One CSV row: the first run's answer and scores, medians of the runs' measurements; errors caught."""
     row: dict[str, Any] = {"sample_id": record["id"], "question": record["question"], "answers": record["answers"]}
     try:
         runs = []
         for attempt in range(repeats):
-            answer, numbers = run_once(pipe, record, press_name, budget, query_aware)
+            answer, numbers = run_once(pipe, record, press_name, budget, query_aware,
+                                       max_new_tokens or record["max_new_tokens"])
             runs.append(numbers)
             if attempt == 0:
                 sample = SimpleNamespace(task=record["task"], answers=record["answers"], metadata=record["metadata"])
@@ -212,6 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", required=True, help="comma-separated token budgets, e.g. 512,1024")
     parser.add_argument("--presses", default=",".join(PRESSES), help=f"comma-separated, from {sorted(PRESSES)}")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: the sample's max_new_tokens (the task's); use ctxopt bench's value")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--no-query-aware", action="store_true", help="keep the question out of the press")
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for index, record in enumerate(group, start=1):
                 rows.append(run_sample(pipe, metrics, record, press_name, budget, args.repeats,
-                                       not args.no_query_aware))
+                                       not args.no_query_aware, args.max_new_tokens))
                 print(f"{task}-{length} {folder.name} {index}/{len(group)} "
                       f"{rows[-1].get('error') or 'score %.2f' % rows[-1]['score']}", flush=True)
             baseline = rows if method == BASELINE else report.baseline_rows(args.out, task, length, BASELINE)
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "task": task, "length": length, "method": method, "budget": budget, "config": folder.name,
                 "model": model_name, "draft": None, "options": {"query_aware": not args.no_query_aware},
                 "samples_requested": len(group), "repeats": args.repeats, "seed": group[0].get("seed"),
-                "max_new_tokens": None, "command": shlex.join([sys.executable, *sys.argv]), "machine": machine,
+                "max_new_tokens": args.max_new_tokens, "command": shlex.join([sys.executable, *sys.argv]), "machine": machine,
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "baseline": BASELINE,
             }

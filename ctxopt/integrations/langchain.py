@@ -267,7 +267,7 @@ class CtxoptChatModel(BaseChatModel):
     registered method, see ``ctxopt methods``). ``stop`` and the invoke keywords ``max_new_tokens``,
     ``temperature``, ``top_p`` and ``seed`` reach the decoder.
 
-    The reply carries ``usage_metadata`` (input tokens = tokens prefilled after compression) and
+    The reply carries ``usage_metadata`` (input tokens = positions prefilled after compression; a REFRAG chunk embedding is one) and
     ``response_metadata``: ``tokens_saved`` (prompt tokens without compression minus tokens prefilled),
     ``prompt_tokens_original``, ``prompt_tokens_prefilled`` and ``ctxopt`` (method, budget, per-stage stats,
     their summary, TTFT and the sources kept).
@@ -343,13 +343,19 @@ class CtxoptChatModel(BaseChatModel):
             response_metadata=self._metadata(answer, original),
         )
 
-    @staticmethod
-    def _usage(answer: Answer) -> UsageMetadata:
-        prefilled, generated = len(answer.prompt), len(answer.token_ids)
+    def _prefilled(self, answer: Answer) -> int:
+        """Positions the model prefilled: the prompt's tokens, or fewer where an input stage (REFRAG) reads one
+        embedding per chunk."""
+        inputs = self._pipe.stages["input"]
+        record = answer.stats.get(inputs[0].name) if inputs else None
+        return record.tokens_out if record is not None and record.tokens_out is not None else len(answer.prompt)
+
+    def _usage(self, answer: Answer) -> UsageMetadata:
+        prefilled, generated = self._prefilled(answer), len(answer.token_ids)
         return UsageMetadata(input_tokens=prefilled, output_tokens=generated, total_tokens=prefilled + generated)
 
     def _metadata(self, answer: Answer, original: int) -> dict[str, Any]:
-        prefilled = len(answer.prompt)
+        prefilled = self._prefilled(answer)
         return {
             "model_name": self._pipe.lm.name,
             "tokens_saved": original - prefilled,

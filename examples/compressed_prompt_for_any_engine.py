@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", help="documents to use as context (default: the bundled demo corpus)")
     parser.add_argument("-q", "--question", default="What is the vault code of the Harbour Museum?")
-    parser.add_argument("--method", default="gemfilter", help="rag, truncate, gemfilter or specpc")
+    parser.add_argument("--method", default="gemfilter", help="rag, truncate, gemfilter, specpc, extractive or color (budget: ignored by color)")
     parser.add_argument("--budget", default="0.4", help="tokens (256) or a ratio of the prompt (0.4)")
     parser.add_argument("--endpoint", default="http://127.0.0.1:8000/v1/chat/completions")
     parser.add_argument("--remote-model", default="default", help="the model name the endpoint expects")

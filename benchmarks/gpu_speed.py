@@ -35,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,20 +85,27 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", model_max_length=1 << 30)
 
 
+@contextmanager
+def random_weights_on(device: torch.device, dtype: torch.dtype, seed: int):
+    """Modules built inside get seeded random weights, directly on ``device`` in ``dtype``."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def random_model(shape: dict[str, Any], tokenizer: PreTrainedTokenizerFast, name: str, device: torch.device,
                  dtype: torch.dtype, seed: int) -> LoadedModel:
     """A random-weight Llama of ``shape``, built directly on ``device`` in ``dtype``, with SDPA attention."""
     config = LlamaConfig(**shape, **ROPE, max_position_embeddings=131072, bos_token_id=None, eos_token_id=None,
                          pad_token_id=None)
     config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    with random_weights_on(device, dtype, seed):
+        model = LlamaForCausalLM(config)
     model.eval().requires_grad_(False)
     model.generation_config.eos_token_id = None  # never stop early: every run decodes the same count
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
@@ -113,15 +121,9 @@ def random_refrag_adapter(shape: dict[str, Any], decoder_hidden: int, device: to
 
     tokenizer = word_tokenizer(shape["vocab_size"])
     tokenizer.pad_token = "w1"
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            encoder = RobertaModel(RobertaConfig(**shape, pad_token_id=1), add_pooling_layer=False)
-            projector = Projector(shape["hidden_size"], decoder_hidden)
-    finally:
-        torch.set_default_dtype(previous)
+    with random_weights_on(device, dtype, seed):
+        encoder = RobertaModel(RobertaConfig(**shape, pad_token_id=1), add_pooling_layer=False)
+        projector = Projector(shape["hidden_size"], decoder_hidden)
     config = AdapterConfig(encoder="roberta-large-shape (random)", decoder="random target",
                            encoder_hidden=shape["hidden_size"], decoder_hidden=decoder_hidden, lora_rank=0)
     chunk_encoder = ChunkEncoder(encoder.eval().requires_grad_(False), tokenizer, "cls", config.max_encoder_tokens)

@@ -204,7 +204,7 @@ def cmd_methods(args) -> int:
     from .methods import METHODS
 
     for name, spec in sorted(METHODS.items()):
-        budget = "--budget" if spec.needs_budget else "no budget"
+        budget = "--budget" if spec.needs_budget else "--budget optional" if spec.takes_budget else "no budget"
         print(f"{name:12s} {spec.summary} ({budget})")
     return 0
 

@@ -16,11 +16,16 @@ from .stages import Stage
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``factory`` is "module:callable"; the callable takes (budget, **options) and returns a list of stages."""
+    """``factory`` is "module:callable"; the callable takes (budget, **options) and returns a list of stages.
+
+    ``needs_budget``: the method cannot run without one. ``takes_budget``: it uses one when given (RAPID's
+    drafter context) and otherwise runs at its own default.
+    """
 
     factory: str
     summary: str
     needs_budget: bool = True
+    takes_budget: bool = True
     options: tuple[str, ...] = field(default_factory=tuple)
     parts: tuple[str, ...] = ()  # the registered methods a composed method runs in turn
 
@@ -39,6 +44,7 @@ class MethodRegistry(dict):
         specs = [self[part] for part in parts]
         return MethodSpec(
             "ctxopt.methods:build_stages", " then ".join(parts), needs_budget=any(s.needs_budget for s in specs),
+            takes_budget=any(s.takes_budget for s in specs),
             options=tuple(dict.fromkeys(o for s in specs for o in s.options)), parts=parts,
         )
 
@@ -50,7 +56,8 @@ class MethodRegistry(dict):
 
 
 METHODS: MethodRegistry = MethodRegistry({
-    "full": MethodSpec("ctxopt.methods:_full", "the whole context, no compression", needs_budget=False),
+    "full": MethodSpec("ctxopt.methods:_full", "the whole context, no compression", needs_budget=False,
+                       takes_budget=False),
     "truncate": MethodSpec("ctxopt.methods:_truncate", "keep the start and end of the context"),
     "rag": MethodSpec("ctxopt.methods:_rag", "top chunks of the context by embedder similarity", options=("chunk_tokens",)),
     "gemfilter": MethodSpec("ctxopt.compressors.gemfilter:gemfilter_stages", "keep the tokens an early layer's last "
@@ -65,10 +72,10 @@ METHODS: MethodRegistry = MethodRegistry({
     "speckv": MethodSpec("ctxopt.compressors.speckv:speckv_stages", "KV cache pruned per head by a draft answer's attention (SpecKV)", options=("draft", "window", "kernel", "lookahead")),
     "speckv-pc": MethodSpec("ctxopt.compressors.speckv:speckv_pc_stages", "SpecPC prompt compression, then SpecKV on the same draft answer", options=("draft", "window", "kernel", "lookahead")),
     "refrag": MethodSpec("ctxopt.compressors.refrag:refrag_stages", "one trained embedding per k-token context chunk "
-                         "(REFRAG; default adapter SmolLM2 + MiniLM, k=16)", needs_budget=False,
+                         "(REFRAG; default adapter SmolLM2 + MiniLM, k=16)", needs_budget=False, takes_budget=False,
                          options=("adapter", "chunk_tokens", "expand", "policy", "cache")),
     "color": MethodSpec("ctxopt.compressors.color:color_stages", "each passage rewritten shorter by a trained "
-                        "compressor LM (CoLoR; default SmolLM2 + packaged LoRA)", needs_budget=False,
+                        "compressor LM (CoLoR; default SmolLM2 + packaged LoRA)", needs_budget=False, takes_budget=False,
                         options=("compressor", "adapter", "max_new_tokens", "fallback", "batch_size")),
     "extractive": MethodSpec("ctxopt.compressors.extractive:extractive_stages", "in each passage, the sentences "
                              "most similar to the question (budget per passage: ratio or tokens)"),

@@ -128,6 +128,9 @@ def test_plan_puts_full_first_and_runs_budgetless_methods_once():
     assert plan(["truncate"], [64], include_full=False) == [("truncate", 64)]
     with pytest.raises(InputError, match="needs a budget"):
         plan(["truncate"], [])
+    # RAPID's budget (its drafter's context) is optional: each budget when given, else once at its default.
+    assert plan(["rapid", "refrag"], [64, 128], include_full=False) == [("rapid", 64), ("rapid", 128), ("refrag", None)]
+    assert plan(["rapid"], [], include_full=False) == [("rapid", None)]
 
 
 def test_paired_ratio_pairs_samples_by_id():

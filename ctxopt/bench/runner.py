@@ -80,13 +80,15 @@ def check_methods(methods: Iterable[str]) -> None:
 def plan(methods: Sequence[str], budgets: Sequence[int | float], include_full: bool = True) -> list[tuple[str, int | float | None]]:
     """The (method, budget) configurations in run order: the baseline first, then each method at each budget.
 
-    A method registered without ``needs_budget`` (full, rapid) runs once, at its own default budget.
+    A method that takes no budget (full, refrag, color) runs once; one whose budget is optional (rapid) runs at
+    each budget given, or once at its own default when none is.
     """
     names = list(dict.fromkeys(([BASELINE] if include_full else []) + list(methods)))
     names.sort(key=lambda name: name != BASELINE)
     configs: list[tuple[str, int | float | None]] = []
     for name in names:
-        if not METHODS[name].needs_budget:
+        spec = METHODS[name]
+        if not spec.takes_budget or (not spec.needs_budget and not budgets):
             configs.append((name, None))
         elif not budgets:
             raise InputError(f"Method {name!r} needs a budget: pass --budget 512 (or several: 512,1024).")

@@ -217,7 +217,12 @@ def test_gpu_speed_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_speed.json").read_text())
     rows = result["results"]
-    assert {r["method"] for r in rows} == set(METHODS) - {"color"}  # the script's NOT_BY_DEFAULT
+    # every method but the script's NOT_BY_DEFAULT, and REFRAG once more with its chunk embeddings cached
+    assert {r["method"] for r in rows} == set(METHODS) - {"color", "extractive"} | {"refrag-cached"}
+    assert not [r for r in rows if r.get("error") or r.get("skipped")]
     full = next(r for r in rows if r["method"] == "full")
     assert full["ttft_s"] > 0 and full["ttft_ratio"] == 1.0
+    refrag, cached = (next(r for r in rows if r["method"] == name) for name in ("refrag", "refrag-cached"))
+    assert refrag["cached_chunks"] == 0 and cached["cached_chunks"] > 0
+    assert cached["tokens_kept"] == refrag["tokens_kept"] < full["tokens_kept"]  # decoder positions
     assert "TTFT s" in done.stdout.splitlines()[-len(rows) - 1]  # the table is printed last

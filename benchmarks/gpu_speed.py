@@ -165,7 +165,7 @@ def time_config(target: LoadedModel, method: str, budget: int | None, context: s
     return result
 
 
-# A timed row that is a registered method with precomputed inputs: row name -> the method it runs.
+# The one timed row that is not a method name: REFRAG fed precomputed chunk embeddings.
 CACHED_REFRAG = "refrag-cached"
 
 
@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = timed_rows(methods)
     for row in rows:  # kernels, allocator, lazily loaded parts (the embedder): not inside the timings
         try:
-            cache = chunk_cache_for(row, warm, tokenizer, refrag_adapter)
-            time_config(target, method_of(row), budget if METHODS[method_of(row)].needs_budget else None, warm,
-                        question, method_options(row, draft, refrag_adapter, cache), 1, 2, args.prefill_chunk)
+            method, cache = method_of(row), chunk_cache_for(row, warm, tokenizer, refrag_adapter)
+            time_config(target, method, budget if METHODS[method].needs_budget else None, warm, question,
+                        method_options(row, draft, refrag_adapter, cache), 1, 2, args.prefill_chunk)
         except Exception:  # the timed run records the error
             pass
     info = {

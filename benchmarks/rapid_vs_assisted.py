@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ctxopt.cache import clone_cache
-from ctxopt.decoding import GenerationConfig, Prefill, decode, prefill
+from ctxopt.decoding import GenerationConfig, decode, prefill
 from ctxopt.models import load_model
 from ctxopt.prompting import build_prompt
 from ctxopt.retrievers.embeddings import load_embedder
@@ -46,10 +45,6 @@ def haystack(tokenizer, tokens: int) -> str:
                 used += size
     paragraphs.insert(len(paragraphs) // 2, NEEDLE)
     return "\n\n".join(paragraphs)
-
-
-def copy_state(state: Prefill) -> Prefill:
-    return Prefill(clone_cache(state.cache), state.next_position, state.logits)
 
 
 def main() -> None:
@@ -87,7 +82,7 @@ def main() -> None:
 
     runs = []
     for _ in range(args.repeats):
-        result = decode(lm.model, lm.tokenizer, copy_state(state), config, lm.eos_token_ids)
+        result = decode(lm.model, lm.tokenizer, state.copy(), config, lm.eos_token_ids)
         reference = result.token_ids
         runs.append(dict(tokens=len(result.token_ids), decode_tps=len(result.token_ids) / result.seconds,
                          stage_seconds=result.seconds, per_forward=len(result.token_ids) / max(1, result.forward_passes)))
@@ -99,7 +94,7 @@ def main() -> None:
         runs, same = [], True
         for _ in range(args.repeats):
             run = Run(lm, QUESTION, config, Stats(), embedder=lambda: embedder, passages=[Passage(context, source="essays")])
-            result = RAPID(gamma=args.gamma, eta=eta, rag_tokens=args.rag_tokens).decode(copy_state(state), prompt, run)
+            result = RAPID(gamma=args.gamma, eta=eta, rag_tokens=args.rag_tokens).decode(state.copy(), prompt, run)
             extra = result.extra
             loop = result.seconds - extra["retrieval_seconds"] - extra["draft_prefill_seconds"]
             same &= result.token_ids == reference

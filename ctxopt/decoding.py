@@ -6,6 +6,7 @@ which is what transformers' ``generate()`` does and why ctxopt does not use it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import new_cache
+from .cache import clone_cache, new_cache
 from .errors import InputError
 
 
@@ -68,6 +69,10 @@ class Prefill:
     logits: torch.Tensor | None = None
     pending_ids: torch.Tensor | None = None
     seconds: float = 0.0
+
+    def copy(self) -> "Prefill":
+        """The same state over a deep copy of the cache, so that decoding from it leaves this one intact."""
+        return dataclasses.replace(self, cache=clone_cache(self.cache))
 
 
 def prefill(

@@ -119,4 +119,14 @@ def build_prompt(
         passages=passages,
         question=question,
         text=text,
+        instruction=instruction,
+        system=system,
+        answer_prefix=answer_prefix,
     )
+
+
+def reframe_prompt(tokenizer, prompt: Prompt, passages: Sequence[Passage]) -> Prompt:
+    """``prompt``'s question, instruction, system message and answer prefix around other ``passages``, in
+    ``tokenizer``'s chat template: the prompt a second model reads when only the context differs."""
+    instruction = DEFAULT_INSTRUCTION if prompt.instruction is None else prompt.instruction
+    return build_prompt(tokenizer, prompt.question, passages, instruction, prompt.system, prompt.answer_prefix)

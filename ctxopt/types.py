@@ -60,6 +60,11 @@ class Prompt:
     passages: list[Passage]
     question: str
     text: str = ""
+    # How the prompt was framed (``prompting.build_prompt``'s arguments), so a second model can be given the
+    # same frame around other passages (RAPID's drafter). None: ctxopt's default instruction.
+    instruction: str | None = None
+    system: str | None = None
+    answer_prefix: str = ""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -8,12 +8,13 @@ import torch
 from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctxopt.cache import cache_length, clone_cache, layer_kv, num_layers
-from ctxopt.decoding import GenerationConfig, Prefill, decode, prefill
+from ctxopt.cache import cache_length, layer_kv, num_layers
+from ctxopt.decoding import GenerationConfig, decode, prefill
 from ctxopt.errors import InputError
 from ctxopt.methods import build_stages
 from ctxopt.models import LoadedModel
 from ctxopt.pipeline import Pipeline
+from ctxopt.prompting import reframe_prompt
 from ctxopt.speculative.rapid import RAPID, accept_or_resample, augment_logits
 
 DOC = " ".join(f"Sentence {i} says the colour of box {i} is blue." for i in range(60))
@@ -218,8 +219,7 @@ def test_sampled_rapid_eta0_follows_the_target_distribution(tiny_tokenizer):
     runs, counts, proposed, accepted = 600, np.zeros(256), 0, 0
     for seed in range(runs):
         result = decoder.speculate(
-            target, Prefill(clone_cache(t_state.cache), t_state.next_position, t_state.logits),
-            drafter, Prefill(clone_cache(d_state.cache), d_state.next_position, d_state.logits),
+            target, t_state.copy(), drafter, d_state.copy(),
             GenerationConfig(max_new_tokens=3, temperature=1.0, seed=seed),
         )
         y1, y2 = result.token_ids[:2]
@@ -250,6 +250,19 @@ def test_through_the_pipeline_with_a_retrieval_prompt(tiny_lm, near_drafter):
     for key in ("acceptance_rate", "tokens_per_target_forward", "drafter_seconds", "target_forwards"):
         assert key in extra
     assert extra["tokens_per_target_forward"] == 12 / extra["target_forwards"]
+
+
+def test_the_drafter_reads_the_targets_prompt_frame(tiny_lm):
+    """Instruction, system message and answer prefix reach the drafter: with a context that fits rag_tokens
+    the drafter's prompt is the target's, token for token (the bench gives RULER's instruction this way)."""
+    pipe = Pipeline(tiny_lm, stages=[RAPID(gamma=3, eta=0, rag_tokens=10_000)], max_new_tokens=4,
+                    embedder=HashEmbedder(), instruction="Answer with one colour.", system="Be brief.")
+    answer = pipe.ask("What colour is box 3?", context=DOC, answer_prefix="Answer:")
+    assert answer.stats.get("decode:rapid").extra["draft_prompt_tokens"] == len(answer.prompt)
+    reframed = reframe_prompt(tiny_lm.tokenizer, answer.prompt, answer.prompt.passages)
+    assert torch.equal(reframed.input_ids, answer.prompt.input_ids)
+    shorter = reframe_prompt(tiny_lm.tokenizer, answer.prompt, [])
+    assert shorter.text.endswith("Answer:") and "Answer with one colour." in shorter.text and "Be brief." in shorter.text
 
 
 def test_registry_builds_rapid_with_the_budget_as_drafter_context(tiny_lm):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attention import AttentionCapture, WindowAttention, capture_attention
-from ..cache import cache_length, clone_cache, crop_cache, keep_per_head, num_layers
+from ..cache import cache_length, crop_cache, keep_per_head, num_layers
 from ..decoding import GenerationConfig, Prefill, decode, forward, prefill
 from ..errors import InputError
 from ..stages import CacheStage, Run, Stage, tokens_to_keep
@@ -110,7 +110,7 @@ class SpecKV(CacheStage):
         else:
             draft = load_draft(self.draft, run)
             if draft.model is run.lm.model:
-                start = Prefill(clone_cache(state.cache), state.next_position, state.logits)
+                start = state.copy()
             else:
                 start = prefill(draft.model, prompt.input_ids)
             config = GenerationConfig(max_new_tokens=lookahead)

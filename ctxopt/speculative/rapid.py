@@ -33,9 +33,8 @@ Deviations, all deliberate:
 - Greedy mode is ours: [C] always runs its sampling rule (on logits processed by the generation config).
   In greedy mode p and q for g are softmaxes at temperature 1.
 - Temperature and top-p shape both p and q before step 3 (as [C]'s logits processors do); z is then log p.
-- Drafter prompt: ctxopt's ``build_prompt`` with ``instruction`` (ctxopt's default instruction unless given;
-  the Prompt handed to a decoder carries the question, not the pipeline's instruction) over chunks from
-  ``select_chunks`` (ctxopt's token chunker and the pipeline's embedder, where [C] uses LangChain's splitter
+- Drafter prompt: the target's prompt frame (question, the pipeline's instruction and system message, the
+  answer prefix) rebuilt by ``reframe_prompt`` around chunks from ``select_chunks`` (ctxopt's token chunker and the pipeline's embedder, where [C] uses LangChain's splitter
   and BGE-M3). A context that already fits ``rag_tokens`` goes to the drafter whole; if no chunk reaches the
   similarity threshold the drafter sees the question alone ([C] also keeps nothing then).
 - gamma is fixed per round, a draft stops early at an end-of-sequence token, and the last round's gamma is
@@ -51,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -64,7 +63,7 @@ from ..decoding import (
 )
 from ..errors import InputError
 from ..models import LoadedModel, load_model
-from ..prompting import DEFAULT_INSTRUCTION, build_prompt
+from ..prompting import reframe_prompt
 from ..stages import Decoder, Run
 from ..types import Passage, Prompt
 
@@ -174,7 +173,6 @@ class RAPID(Decoder):
     ``drafter``: None (self-speculation), a LoadedModel, or a name/path for ``ctxopt.models.load_model``;
     it must share the target's tokenizer. ``rag_tokens`` bounds the drafter's context, ``chunk_tokens`` and
     ``threshold`` shape its retrieval, ``eta`` and ``alpha`` the retrieval-augmented target distribution.
-    ``instruction`` is that of the drafter's prompt: pass the pipeline's if it is not the default.
     """
 
     drafter: LoadedModel | str | None = None
@@ -184,7 +182,6 @@ class RAPID(Decoder):
     rag_tokens: int = 4096
     threshold: float | None = 0.1
     alpha: float = 0.1
-    instruction: str = field(default=DEFAULT_INSTRUCTION, repr=False)
     name: ClassVar[str] = "rapid"
 
     def __post_init__(self) -> None:
@@ -225,7 +222,7 @@ class RAPID(Decoder):
         drafter = self.resolve_drafter(run.lm)
         passages = self.draft_passages(prompt.question, run.passages, run.lm.tokenizer, run)
         retrieved = time.perf_counter()
-        draft_prompt = build_prompt(drafter.tokenizer, prompt.question, passages, self.instruction)
+        draft_prompt = reframe_prompt(drafter.tokenizer, prompt, passages)
         draft_state = prefill(drafter.model, draft_prompt.input_ids)
         prepared = time.perf_counter()
         result = self.speculate(run.lm, state, drafter, draft_state, run.config, on_text)

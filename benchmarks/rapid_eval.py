@@ -1,0 +1,170 @@
+"""RAPID's accuracy and decode speed on benchmark tasks: an eta x gamma sweep from ONE target prefill per sample.
+
+    python benchmarks/rapid_eval.py --model qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b \\
+        --tasks ruler/qa_1,hotpotqa --length 8192 --samples 3 --etas 0 5 20 --gammas 4 10 --out runs/rapid
+
+Why a script beside ``ctxopt bench``: every RAPID configuration shares the target's prefill of the long
+prompt, which is most of the cost on a CPU (minutes per 8K prompt for a 1.5B model). ``ctxopt bench
+--methods rapid`` prefills again per configuration; here each sample is prefilled once and every row decodes
+from a copy of that cache, so the rows differ only in their decoder:
+
+- ``target``: the target's own greedy decoding of the full prompt (the reference);
+- ``drafter-rag``: the drafter alone, greedy, on its retrieval prompt (the chunks RAPID gives it), i.e. RAG;
+- ``rapid eta=E gamma=G``: RAPID with that drafter (``self`` = the target drafts for itself).
+
+Samples, prompts and scores are the bench's (``ctxopt.bench``: same seeded samples, instruction, answer
+prefix, metric). Per row: score, tokens, decode seconds; for RAPID also retrieval and drafter-prefill
+seconds, acceptance rate, tokens per target forward, and whether the output equals the target's.
+``decode tok/s`` is tokens over the decoding loop (RAPID: without retrieval and the drafter's prefill);
+``stage tok/s`` counts them in. Speedups are paired by sample against the target row, median over samples.
+Rows go to ``OUT/rows.csv`` as they finish; the summary table to ``OUT/summary.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ctxopt.bench.datasets import load_task
+from ctxopt.bench.metrics import score
+from ctxopt.bench.runner import ask_inputs, sample_max_new_tokens
+from ctxopt.decoding import GenerationConfig, decode, prefill
+from ctxopt.models import load_model
+from ctxopt.pipeline import Pipeline, as_passages
+from ctxopt.prompting import reframe_prompt
+from ctxopt.retrievers.embeddings import load_embedder
+from ctxopt.speculative.rapid import RAPID
+from ctxopt.stages import Run
+from ctxopt.types import Stats
+
+COLUMNS = ("task", "sample_id", "row", "score", "tokens", "decode_s", "stage_s", "prefill_s", "prompt_tokens",
+           "draft_prompt_tokens", "acceptance", "tokens_per_forward", "same_as_target", "prediction")
+
+
+def sample_rows(lm, drafter, embedder, sample, etas, gammas, rag_tokens, max_new_tokens):
+    """Every row of one sample, all decoding from one prefill of the target."""
+    question, context, answer_prefix, instruction = ask_inputs(sample)
+    pipe = Pipeline(lm, instruction=instruction, embedder=lambda: embedder)
+    passages = as_passages(context)
+    prompt = pipe.build_prompt(question, passages, answer_prefix)
+    config = GenerationConfig(max_new_tokens=sample_max_new_tokens(sample, max_new_tokens))
+    tick = time.perf_counter()
+    state = prefill(lm.model, prompt.input_ids, chunk_size=pipe.prefill_chunk)
+    prefill_s = time.perf_counter() - tick
+    base = dict(task=sample.task, sample_id=sample.id, prefill_s=prefill_s, prompt_tokens=len(prompt))
+
+    def row(name, result, **extra):
+        text = result.text.strip()
+        return {**base, "row": name, **score(sample, text), "tokens": len(result.token_ids), "prediction": text,
+                "stage_s": result.seconds, **extra}
+
+    target = decode(lm.model, lm.tokenizer, state.copy(), config, lm.eos_token_ids)
+    yield row("target", target, decode_s=target.seconds)
+
+    run = Run(lm, question, config, Stats(), embedder=lambda: embedder, passages=passages)
+    tick = time.perf_counter()
+    draft_prompt = reframe_prompt(drafter.tokenizer, prompt, RAPID(rag_tokens=rag_tokens).draft_passages(
+        question, passages, lm.tokenizer, run))
+    draft_state = prefill(drafter.model, draft_prompt.input_ids)
+    ready = time.perf_counter() - tick
+    alone = decode(drafter.model, drafter.tokenizer, draft_state, config, drafter.eos_token_ids)
+    yield row("drafter-rag", alone, decode_s=alone.seconds, stage_s=alone.seconds + ready,
+              draft_prompt_tokens=len(draft_prompt))
+
+    for eta in etas:
+        for gamma in gammas:
+            decoder = RAPID(drafter=drafter, gamma=gamma, eta=eta, rag_tokens=rag_tokens)
+            result = decoder.decode(state.copy(), prompt, Run(lm, question, config, Stats(), embedder=lambda: embedder,
+                                                              passages=passages))
+            extra = result.extra
+            yield row(f"rapid eta={eta:g} gamma={gamma}", result,
+                      decode_s=result.seconds - extra["retrieval_seconds"] - extra["draft_prefill_seconds"],
+                      draft_prompt_tokens=extra["draft_prompt_tokens"], acceptance=extra["acceptance_rate"],
+                      tokens_per_forward=extra["tokens_per_target_forward"],
+                      same_as_target=result.token_ids == target.token_ids)
+
+
+def summarise(rows: list[dict]) -> str:
+    """One line per task x row name: mean score, median tok/s and paired speedups over the target row."""
+    target = {(r["task"], r["sample_id"]): r for r in rows if r["row"] == "target"}
+    lines = ["| task | row | n | score | decode tok/s | decode speedup | stage speedup | accept | tok/fwd | same as target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["row"]), []).append(r)
+
+    def rate(r, key):
+        return r["tokens"] / r[key] if r[key] > 0 and r["tokens"] else float("nan")
+
+    def med(values):
+        values = [v for v in values if v == v]
+        return statistics.median(values) if values else float("nan")
+
+    def cell(value, unit=""):
+        return "-" if value != value else f"{value:.2f}{unit}"
+
+    for (task, name), group in groups.items():
+        pairs = [(r, target[(task, r["sample_id"])]) for r in group]
+        same = [r["same_as_target"] for r in group if r.get("same_as_target") not in (None, "")]
+        lines.append(
+            f"| {task} | {name} | {len(group)} | {100 * statistics.mean(r['score'] for r in group):.1f} "
+            f"| {cell(med(rate(r, 'decode_s') for r in group))} "
+            f"| {cell(med(rate(r, 'decode_s') / rate(t, 'decode_s') for r, t in pairs), 'x')} "
+            f"| {cell(med(rate(r, 'stage_s') / rate(t, 'decode_s') for r, t in pairs), 'x')} "
+            f"| {cell(med(r.get('acceptance', float('nan')) for r in group))} "
+            f"| {cell(med(r.get('tokens_per_forward', float('nan')) for r in group))} "
+            f"| {f'{sum(same)}/{len(same)}' if same else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--drafter", default=None, help="drafter model (default: the target itself)")
+    parser.add_argument("--tasks", default="ruler/qa_1,hotpotqa", help="comma-separated bench task specs")
+    parser.add_argument("--length", type=int, default=8192, help="RULER context length in target tokens")
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--etas", type=float, nargs="+", default=[0.0, 5.0, 20.0])
+    parser.add_argument("--gammas", type=int, nargs="+", default=[4, 10])
+    parser.add_argument("--rag-tokens", type=int, default=1024, help="the drafter's context (RAPID's rag_tokens)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's tokens_to_generate")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="runs/rapid-eval")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(args.model)
+    drafter = lm if args.drafter is None else load_model(args.drafter, lm.device, lm.dtype)
+    RAPID(drafter=drafter).resolve_drafter(lm)  # refuse a drafter with another vocabulary before any work
+    embedder = load_embedder()
+    rows: list[dict] = []
+    with open(out / "rows.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for task in args.tasks.split(","):
+            for sample in tqdm(load_task(task, args.length, lm.tokenizer, args.samples, args.seed), desc=task, unit="sample"):
+                for row in sample_rows(lm, drafter, embedder, sample, args.etas, args.gammas, args.rag_tokens,
+                                       args.max_new_tokens):
+                    rows.append(row)
+                    writer.writerow(row)
+                    handle.flush()
+    header = (f"`{shlex.join([Path(sys.executable).name, *sys.argv])}` — target {lm.name}, drafter "
+              f"{'self' if drafter is lm else drafter.name}, torch threads {torch.get_num_threads()}\n\n")
+    table = summarise(rows)
+    (out / "summary.md").write_text(header + table + "\n", encoding="utf-8")
+    print(header + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,10 @@ seconds, acceptance rate, tokens per target forward, and whether the output equa
 ``decode tok/s`` is tokens over the decoding loop (RAPID: without retrieval and the drafter's prefill);
 ``stage tok/s`` counts them in. Speedups are paired by sample against the target row, median over samples.
 Rows go to ``OUT/rows.csv`` as they finish; the summary table to ``OUT/summary.md``.
+
+``--forward-costs`` also times, on the first sample's prefilled cache, one target forward of 1, 2, 5 and 11
+new tokens (what a RAPID round's verification costs next to a plain decode step), with transformers' SDPA
+and with ctxopt's GROUPED_SDPA, medians of 3, into ``OUT/forward_costs.md``.
 """
 from __future__ import annotations
 
@@ -32,10 +36,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ctxopt.attention import GROUPED_SDPA
 from ctxopt.bench.datasets import load_task
 from ctxopt.bench.metrics import score
 from ctxopt.bench.runner import ask_inputs, sample_max_new_tokens
-from ctxopt.decoding import GenerationConfig, decode, prefill
+from ctxopt.cache import cache_length, crop_cache
+from ctxopt.decoding import GenerationConfig, Prefill, decode, forward, prefill
 from ctxopt.models import load_model
 from ctxopt.pipeline import Pipeline, as_passages
 from ctxopt.prompting import reframe_prompt
@@ -48,7 +54,35 @@ COLUMNS = ("task", "sample_id", "row", "score", "tokens", "decode_s", "stage_s",
            "draft_prompt_tokens", "acceptance", "tokens_per_forward", "same_as_target", "prediction")
 
 
-def sample_rows(lm, drafter, embedder, sample, etas, gammas, rag_tokens, max_new_tokens):
+def forward_costs(lm, state: Prefill, sizes=(1, 2, 5, 11), repeats=3) -> str:
+    """Markdown: seconds of one target forward of k new tokens on ``state``'s cache, per attention implementation."""
+    length, vocab = cache_length(state.cache), lm.model.config.get_text_config(decoder=True).vocab_size
+    lines = [f"cache {length} tokens; median of {repeats} forwards, seconds", "",
+             "| attention | " + " | ".join(f"k={k}" for k in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    config = lm.model.config
+    original = config._attn_implementation
+    try:
+        for implementation in ("sdpa", GROUPED_SDPA):
+            config._attn_implementation = implementation
+            cells = []
+            for k in sizes:
+                times = []
+                for _ in range(repeats):
+                    ids = torch.randint(0, vocab, (k,))
+                    tick = time.perf_counter()
+                    with torch.inference_mode():
+                        forward(lm.model, ids, positions=torch.arange(length, length + k), cache=state.cache,
+                                logits_to_keep=k)
+                    times.append(time.perf_counter() - tick)
+                    crop_cache(state.cache, length)
+                cells.append(f"{statistics.median(times):.3f}")
+            lines.append(f"| {implementation} | " + " | ".join(cells) + " |")
+    finally:
+        config._attn_implementation = original
+    return "\n".join(lines)
+
+
+def sample_rows(lm, drafter, embedder, sample, etas, gammas, rag_tokens, max_new_tokens, costs_to=None):
     """Every row of one sample, all decoding from one prefill of the target."""
     question, context, answer_prefix, instruction = ask_inputs(sample)
     pipe = Pipeline(lm, instruction=instruction, embedder=lambda: embedder)
@@ -59,6 +93,9 @@ def sample_rows(lm, drafter, embedder, sample, etas, gammas, rag_tokens, max_new
     state = prefill(lm.model, prompt.input_ids, chunk_size=pipe.prefill_chunk)
     prefill_s = time.perf_counter() - tick
     base = dict(task=sample.task, sample_id=sample.id, prefill_s=prefill_s, prompt_tokens=len(prompt))
+    if costs_to is not None:
+        costs_to.write_text(forward_costs(lm, state) + "\n", encoding="utf-8")
+        print(costs_to.read_text(encoding="utf-8"))
 
     def row(name, result, **extra):
         text = result.text.strip()
@@ -137,6 +174,7 @@ def main() -> None:
     parser.add_argument("--gammas", type=int, nargs="+", default=[4, 10])
     parser.add_argument("--rag-tokens", type=int, default=1024, help="the drafter's context (RAPID's rag_tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's tokens_to_generate")
+    parser.add_argument("--forward-costs", action="store_true", help="time k-token target forwards once (see above)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/rapid-eval")
     args = parser.parse_args()
@@ -154,8 +192,9 @@ def main() -> None:
         writer.writeheader()
         for task in args.tasks.split(","):
             for sample in tqdm(load_task(task, args.length, lm.tokenizer, args.samples, args.seed), desc=task, unit="sample"):
+                costs_to = out / "forward_costs.md" if args.forward_costs and not rows else None
                 for row in sample_rows(lm, drafter, embedder, sample, args.etas, args.gammas, args.rag_tokens,
-                                       args.max_new_tokens):
+                                       args.max_new_tokens, costs_to):
                     rows.append(row)
                     writer.writerow(row)
                     handle.flush()

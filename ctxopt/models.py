@@ -28,6 +28,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from .attention import use_grouped_sdpa
 from .errors import InputError, ModelLoadError
 from .fileutil import sha256_file
 
@@ -503,7 +504,8 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, with SDPA attention, on ``device`` in ``dtype``.
+    """Load a causal LM and its tokenizer, in eval mode, with SDPA attention (``attention.GROUPED_SDPA``), on
+    ``device`` in ``dtype``.
 
     ``name_or_path`` is one of: a registry short name (see ``REGISTRY``), a folder with a transformers
     model, a ``.gguf`` file, or a hub id ``org/name`` (needs network). Loading the same model on the
@@ -518,6 +520,7 @@ def load_model(
             model.to(resolved_device)
             model.eval()
             model.requires_grad_(False)
+            use_grouped_sdpa(model)
             name = _registry_entry(str(name_or_path)).name if kind == "registry" else str(name_or_path)
             _LOADED[key] = LoadedModel(model, tokenizer, name, resolved_device, resolved_dtype)
         return _LOADED[key]

@@ -3,7 +3,9 @@ import copy
 
 import torch
 
-from ctxopt.attention import AttentionCapture, capture_attention
+import transformers.integrations.sdpa_attention as transformers_sdpa
+
+from ctxopt.attention import GROUPED_SDPA, AttentionCapture, capture_attention
 from ctxopt.decoding import forward, prefill
 
 
@@ -53,3 +55,27 @@ def test_stop_after_runs_only_the_first_layers(tiny_lm):
             hook.remove()
     assert calls == [0]  # layer 0 finished; layer 1 stopped inside its attention; layers 2-3 never ran
     assert list(request.records) == [1] and request.records[1].shape == (20,)
+
+
+def test_grouped_sdpa_matches_eager_on_a_masked_cached_forward_without_copying_heads(tiny_lm, monkeypatch):
+    """Several tokens against a cache (RAPID's verification, a chunked prefill) carry a mask. GROUPED_SDPA must
+    give eager attention's logits there and must not repeat the KV heads per query head (transformers' SDPA
+    does, which is the cost it removes)."""
+    ids = torch.randint(1000, 30000, (40,), generator=torch.Generator().manual_seed(2))
+    repeats = []
+    original_repeat = transformers_sdpa.repeat_kv
+    monkeypatch.setattr(transformers_sdpa, "repeat_kv", lambda *a: repeats.append(1) or original_repeat(*a))
+
+    def last_five_logits(implementation: str) -> torch.Tensor:
+        model = copy.deepcopy(tiny_lm.model)
+        model.config._attn_implementation = implementation
+        state = prefill(model, ids[:35], chunk_size=16)
+        return forward(model, ids[35:], positions=torch.arange(35, 40), cache=state.cache, logits_to_keep=5).logits
+
+    reference = last_five_logits("eager")
+    assert tiny_lm.model.config.num_key_value_heads < tiny_lm.model.config.num_attention_heads
+    torch.testing.assert_close(last_five_logits("sdpa"), reference, rtol=1e-5, atol=1e-5)
+    assert repeats  # transformers' own SDPA copies the heads on this forward
+    repeats.clear()
+    torch.testing.assert_close(last_five_logits(GROUPED_SDPA), reference, rtol=1e-5, atol=1e-5)
+    assert not repeats

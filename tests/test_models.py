@@ -16,6 +16,7 @@ import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from ctxopt import models
+from ctxopt.attention import GROUPED_SDPA
 from ctxopt.errors import InputError, ModelLoadError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -113,7 +114,7 @@ def test_gguf_file_loads_with_identical_logits(tiny):
         got = lm.model(IDS).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert lm.family == "llama" and lm.num_layers == 2 and lm.max_positions == 128
-    assert lm.model.config._attn_implementation == "sdpa"
+    assert lm.model.config._attn_implementation == GROUPED_SDPA
     assert not lm.model.training and not any(p.requires_grad for p in lm.model.parameters())
     assert getattr(lm.model, "hf_quantizer", None) is None
     assert not hasattr(lm.config, "quantization_config")

@@ -1,6 +1,6 @@
 """RAPID's accuracy and decode speed on benchmark tasks: an eta x gamma sweep from ONE target prefill per sample.
 
-    python benchmarks/rapid_eval.py --model qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b \\
+    python benchmarks/rapid_eval.py --model qwen2.5-coder-1.5b --drafters self,qwen2.5-coder-0.5b \\
         --tasks ruler/qa_1,hotpotqa --length 8192 --samples 3 --etas 0 5 20 --gammas 4 10 --out runs/rapid
 
 Why a script beside ``ctxopt bench``: every RAPID configuration shares the target's prefill of the long
@@ -9,14 +9,16 @@ prompt, which is most of the cost on a CPU (minutes per 8K prompt for a 1.5B mod
 from a copy of that cache, so the rows differ only in their decoder:
 
 - ``target``: the target's own greedy decoding of the full prompt (the reference);
-- ``drafter-rag``: the drafter alone, greedy, on its retrieval prompt (the chunks RAPID gives it), i.e. RAG;
-- ``rapid eta=E gamma=G``: RAPID with that drafter (``self`` = the target drafts for itself).
+- ``drafter-rag [D]``: drafter D alone, greedy, on its retrieval prompt (the chunks RAPID gives it), i.e. RAG;
+- ``rapid [D] eta=E gamma=G``: RAPID with drafter D (``self``: the target drafts for itself).
 
+Per drafter the retrieval and the prefill of its short prompt run once and are shared by its rows, each of
+which runs ``RAPID.speculate`` (what ``RAPID.decode`` runs after those two steps).
 Samples, prompts and scores are the bench's (``ctxopt.bench``: same seeded samples, instruction, answer
-prefix, metric). Per row: score, tokens, decode seconds; for RAPID also retrieval and drafter-prefill
-seconds, acceptance rate, tokens per target forward, and whether the output equals the target's.
-``decode tok/s`` is tokens over the decoding loop (RAPID: without retrieval and the drafter's prefill);
-``stage tok/s`` counts them in. Speedups are paired by sample against the target row, median over samples.
+prefix, metric). Per row: score, tokens, decode seconds; for drafter rows also retrieval and drafter-prefill
+seconds, and for RAPID the acceptance rate, tokens per target forward, and whether the output equals the
+target's. ``decode tok/s`` is tokens over the decoding loop; ``stage`` adds the retrieval and the drafter's
+prefill. Speedups are paired by sample against the target row's decode tok/s, median over samples.
 Rows go to ``OUT/rows.csv`` as they finish; the summary table to ``OUT/summary.md``.
 
 ``--forward-costs`` also times, on the first sample's prefilled cache, one target forward of 1, 2, 5 and 11
@@ -51,7 +53,8 @@ from ctxopt.stages import Run
 from ctxopt.types import Stats
 
 COLUMNS = ("task", "sample_id", "row", "score", "tokens", "decode_s", "stage_s", "prefill_s", "prompt_tokens",
-           "draft_prompt_tokens", "acceptance", "tokens_per_forward", "same_as_target", "prediction")
+           "draft_prompt_tokens", "retrieval_s", "draft_prefill_s", "acceptance", "tokens_per_forward", "same_as_target",
+           "prediction")
 
 
 def forward_costs(lm, state: Prefill, sizes=(1, 2, 5, 11), repeats=3) -> str:
@@ -82,8 +85,10 @@ def forward_costs(lm, state: Prefill, sizes=(1, 2, 5, 11), repeats=3) -> str:
     return "\n".join(lines)
 
 
-def sample_rows(lm, drafter, embedder, sample, etas, gammas, rag_tokens, max_new_tokens, costs_to=None):
-    """Every row of one sample, all decoding from one prefill of the target."""
+def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_new_tokens, costs_to=None):
+    """Every row of one sample, all decoding from one prefill of the target; per drafter, one retrieval and
+    one prefill of its short prompt, shared by its rows (``RAPID.decode`` does both per call; the rows add
+    their measured seconds to ``stage_s`` the same way)."""
     question, context, answer_prefix, instruction = ask_inputs(sample)
     pipe = Pipeline(lm, instruction=instruction, embedder=lambda: embedder)
     passages = as_passages(context)
@@ -100,32 +105,30 @@ def sample_rows(lm, drafter, embedder, sample, etas, gammas, rag_tokens, max_new
     def row(name, result, **extra):
         text = result.text.strip()
         return {**base, "row": name, **score(sample, text), "tokens": len(result.token_ids), "prediction": text,
-                "stage_s": result.seconds, **extra}
+                "decode_s": result.seconds, **extra}
 
     target = decode(lm.model, lm.tokenizer, state.copy(), config, lm.eos_token_ids)
-    yield row("target", target, decode_s=target.seconds)
+    yield row("target", target, stage_s=target.seconds)
 
-    run = Run(lm, question, config, Stats(), embedder=lambda: embedder, passages=passages)
-    tick = time.perf_counter()
-    draft_prompt = reframe_prompt(drafter.tokenizer, prompt, RAPID(rag_tokens=rag_tokens).draft_passages(
-        question, passages, lm.tokenizer, run))
-    draft_state = prefill(drafter.model, draft_prompt.input_ids)
-    ready = time.perf_counter() - tick
-    alone = decode(drafter.model, drafter.tokenizer, draft_state, config, drafter.eos_token_ids)
-    yield row("drafter-rag", alone, decode_s=alone.seconds, stage_s=alone.seconds + ready,
-              draft_prompt_tokens=len(draft_prompt))
-
-    for eta in etas:
-        for gamma in gammas:
-            decoder = RAPID(drafter=drafter, gamma=gamma, eta=eta, rag_tokens=rag_tokens)
-            result = decoder.decode(state.copy(), prompt, Run(lm, question, config, Stats(), embedder=lambda: embedder,
-                                                              passages=passages))
-            extra = result.extra
-            yield row(f"rapid eta={eta:g} gamma={gamma}", result,
-                      decode_s=result.seconds - extra["retrieval_seconds"] - extra["draft_prefill_seconds"],
-                      draft_prompt_tokens=extra["draft_prompt_tokens"], acceptance=extra["acceptance_rate"],
-                      tokens_per_forward=extra["tokens_per_target_forward"],
-                      same_as_target=result.token_ids == target.token_ids)
+    for label, drafter in drafters.items():
+        tick = time.perf_counter()
+        chunks = RAPID(rag_tokens=rag_tokens).draft_passages(
+            question, passages, lm.tokenizer, Run(lm, question, config, Stats(), embedder=lambda: embedder))
+        retrieved = time.perf_counter()
+        draft_prompt = reframe_prompt(drafter.tokenizer, prompt, chunks)
+        draft_state = prefill(drafter.model, draft_prompt.input_ids)
+        ready = time.perf_counter() - tick
+        shared = dict(draft_prompt_tokens=len(draft_prompt), retrieval_s=retrieved - tick, draft_prefill_s=ready - (retrieved - tick))
+        alone = decode(drafter.model, drafter.tokenizer, draft_state.copy(), config, drafter.eos_token_ids)
+        yield row(f"drafter-rag [{label}]", alone, stage_s=alone.seconds + ready, **shared)
+        for eta in etas:
+            for gamma in gammas:
+                result = RAPID(drafter=drafter, gamma=gamma, eta=eta, rag_tokens=rag_tokens).speculate(
+                    lm, state.copy(), drafter, draft_state.copy(), config)
+                yield row(f"rapid [{label}] eta={eta:g} gamma={gamma}", result, stage_s=result.seconds + ready,
+                          acceptance=result.extra["acceptance_rate"],
+                          tokens_per_forward=result.extra["tokens_per_target_forward"],
+                          same_as_target=result.token_ids == target.token_ids, **shared)
 
 
 def summarise(rows: list[dict]) -> str:
@@ -165,7 +168,8 @@ def summarise(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--drafter", default=None, help="drafter model (default: the target itself)")
+    parser.add_argument("--drafters", default="self",
+                        help="comma-separated drafter models; 'self' is the target itself (self-speculation)")
     parser.add_argument("--tasks", default="ruler/qa_1,hotpotqa", help="comma-separated bench task specs")
     parser.add_argument("--length", type=int, default=8192, help="RULER context length in target tokens")
     parser.add_argument("--samples", type=int, default=3)
@@ -183,8 +187,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)
-    drafter = lm if args.drafter is None else load_model(args.drafter, lm.device, lm.dtype)
-    RAPID(drafter=drafter).resolve_drafter(lm)  # refuse a drafter with another vocabulary before any work
+    drafters = {name: lm if name == "self" else load_model(name, lm.device, lm.dtype) for name in args.drafters.split(",")}
+    for drafter in drafters.values():
+        RAPID(drafter=drafter).resolve_drafter(lm)  # refuse a drafter with another vocabulary before any work
     embedder = load_embedder()
     rows: list[dict] = []
     with open(out / "rows.csv", "w", newline="", encoding="utf-8") as handle:
@@ -193,13 +198,13 @@ def main() -> None:
         for task in args.tasks.split(","):
             for sample in tqdm(load_task(task, args.length, lm.tokenizer, args.samples, args.seed), desc=task, unit="sample"):
                 costs_to = out / "forward_costs.md" if args.forward_costs and not rows else None
-                for row in sample_rows(lm, drafter, embedder, sample, args.etas, args.gammas, args.rag_tokens,
+                for row in sample_rows(lm, drafters, embedder, sample, args.etas, args.gammas, args.rag_tokens,
                                        args.max_new_tokens, costs_to):
                     rows.append(row)
                     writer.writerow(row)
                     handle.flush()
-    header = (f"`{shlex.join([Path(sys.executable).name, *sys.argv])}` — target {lm.name}, drafter "
-              f"{'self' if drafter is lm else drafter.name}, torch threads {torch.get_num_threads()}\n\n")
+    header = (f"`{shlex.join([Path(sys.executable).name, *sys.argv])}` — target {lm.name}, "
+              f"torch threads {torch.get_num_threads()}\n\n")
     table = summarise(rows)
     (out / "summary.md").write_text(header + table + "\n", encoding="utf-8")
     print(header + table)

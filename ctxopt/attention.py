@@ -33,9 +33,10 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     transformers passes ``enable_gqa`` to SDPA only when there is no mask (a mask sends CUDA's grouped
     kernel to the math fallback) and otherwise copies every key and value head once per query head. A forward
     of several new tokens against a cache always has a mask -- RAPID's verification of gamma drafts, a
-    chunked prefill -- so on CPU that copy of the whole cache, per layer per forward, cost more than the
-    attention itself (measured at 8K with Qwen2.5-1.5B's 6 query heads per KV head: ~3x the attention time).
-    CPU SDPA groups masked queries natively, so there it is asked to; everything else is transformers' path.
+    chunked prefill -- so on CPU that copy of the whole cache, per layer per forward, is paid every time
+    (Qwen2.5-Coder-1.5B, 6 query heads per KV head, 8K cache, 2 CPU threads: a 5-token forward 3.47 s with
+    the copy, 2.38 s without; benchmarks/RESULTS.md). CPU SDPA groups masked queries natively, so there it is
+    asked to; everything else is transformers' path.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "sinks", "s_aux"))

@@ -34,8 +34,8 @@ Deviations, all deliberate:
   In greedy mode p and q for g are softmaxes at temperature 1.
 - Temperature and top-p shape both p and q before step 3 (as [C]'s logits processors do); z is then log p.
 - Drafter prompt: the target's prompt frame (question, the pipeline's instruction and system message, the
-  answer prefix) rebuilt by ``reframe_prompt`` around chunks from ``select_chunks`` (ctxopt's token chunker and the pipeline's embedder, where [C] uses LangChain's splitter
-  and BGE-M3). A context that already fits ``rag_tokens`` goes to the drafter whole; if no chunk reaches the
+  answer prefix) rebuilt by ``reframe_prompt`` around chunks from ``select_chunks`` (ctxopt's token chunker
+  and the pipeline's embedder, where [C] uses LangChain's splitter and BGE-M3). A context that already fits ``rag_tokens`` goes to the drafter whole; if no chunk reaches the
   similarity threshold the drafter sees the question alone ([C] also keeps nothing then).
 - gamma is fixed per round, a draft stops early at an end-of-sequence token, and the last round's gamma is
   cut so that no more than ``max_new_tokens`` tokens are produced.

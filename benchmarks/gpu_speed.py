@@ -14,6 +14,11 @@ tokenizer built here with the ``tokenizers`` library: word ``w<i>`` is token ``i
 token ids is the text of n words and the ordinary ``Pipeline.ask`` runs end to end (prompt provenance,
 every stage, ctxopt's decode loop). Random weights make the answers meaningless; only the timings count.
 
+RAPID's row records its acceptance rate. With random weights the drafter's tokens say nothing about the
+target's, so the row times RAPID's rounds at whatever acceptance that gives, not the paper's regime; the speedup
+at a given acceptance follows from a verification forward's cost next to a decode step's (measured on CPU by
+``benchmarks/rapid_eval.py --forward-costs``; see RESULTS.md).
+
 Per context length and method: TTFT (median of ``--repeats`` runs; one run at 64K and above) and its
 ratio to full prefill's, decode milliseconds per token after the first, KV bytes after prefill and after
 decoding, peak memory (torch's peak on CUDA). Methods are read from ``ctxopt.methods.METHODS``, so new
@@ -154,6 +159,7 @@ def time_config(target: LoadedModel, method: str, budget: int | None, context: s
         numbers["decode_ms_per_token"] = (
             1000 * (decode.seconds - first) / (decode.tokens_out - 1) if (decode.tokens_out or 0) > 1 else None
         )
+        numbers["acceptance_rate"] = decode.extra.get("acceptance_rate")  # RAPID: drafts the target accepted
         numbers["cached_chunks"] = next(  # REFRAG: chunk embeddings read from the cache, not encoded
             (r.extra["cached_chunks"] for r in answer.stats.stages if "cached_chunks" in r.extra), None)
         runs.append(numbers)
@@ -208,7 +214,8 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append([str(r["context"]), r["method"], str(r["budget"] or "-"), fmt("ttft_s", 3),
                      fmt("ttft_ratio", 2), fmt("decode_ms_per_token", 1), fmt("tokens_prefilled", 0),
                      fmt("tokens_kept", 0), fmt("kv_bytes", 1, 2**-20), fmt("peak_memory_bytes", 2, 2**-30),
-                     (r.get("error") or r.get("skipped") or "")[:60]])
+                     (r.get("error") or r.get("skipped")
+                      or ("" if r.get("acceptance_rate") is None else f"accepted {r['acceptance_rate']:.2f}"))[:60]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 

@@ -13,7 +13,7 @@ from a copy of that cache, so the rows differ only in their decoder:
 - ``rapid [D] eta=E gamma=G``: RAPID with drafter D (``self``: the target drafts for itself).
 
 Per drafter the retrieval and the prefill of its short prompt run once and are shared by its rows, each of
-which runs ``RAPID.speculate`` (what ``RAPID.decode`` runs after those two steps).
+which runs ``RAPID.speculate`` (``RAPID.decode`` is ``prepare_drafter`` then ``speculate``).
 Samples, prompts and scores are the bench's (``ctxopt.bench``: same seeded samples, instruction, answer
 prefix, metric). Per row: score, tokens, decode seconds; for drafter rows also retrieval and drafter-prefill
 seconds, and for RAPID the acceptance rate, tokens per target forward, and whether the output equals the
@@ -46,7 +46,6 @@ from ctxopt.cache import cache_length, crop_cache
 from ctxopt.decoding import GenerationConfig, Prefill, decode, forward, prefill
 from ctxopt.models import load_model
 from ctxopt.pipeline import Pipeline, as_passages
-from ctxopt.prompting import reframe_prompt
 from ctxopt.retrievers.embeddings import load_embedder
 from ctxopt.speculative.rapid import RAPID
 from ctxopt.stages import Run
@@ -111,14 +110,11 @@ def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_ne
     yield row("target", target, stage_s=target.seconds)
 
     for label, drafter in drafters.items():
-        tick = time.perf_counter()
-        chunks = RAPID(rag_tokens=rag_tokens).draft_passages(
-            question, passages, lm.tokenizer, Run(lm, question, config, Stats(), embedder=lambda: embedder))
-        retrieved = time.perf_counter()
-        draft_prompt = reframe_prompt(drafter.tokenizer, prompt, chunks)
-        draft_state = prefill(drafter.model, draft_prompt.input_ids)
-        ready = time.perf_counter() - tick
-        shared = dict(draft_prompt_tokens=len(draft_prompt), retrieval_s=retrieved - tick, draft_prefill_s=ready - (retrieved - tick))
+        run = Run(lm, question, config, Stats(), embedder=lambda: embedder, passages=passages)
+        draft_prompt, draft_state, retrieval_s, draft_prefill_s = RAPID(rag_tokens=rag_tokens).prepare_drafter(
+            drafter, prompt, run)
+        ready = retrieval_s + draft_prefill_s
+        shared = dict(draft_prompt_tokens=len(draft_prompt), retrieval_s=retrieval_s, draft_prefill_s=draft_prefill_s)
         alone = decode(drafter.model, drafter.tokenizer, draft_state.copy(), config, drafter.eos_token_ids)
         yield row(f"drafter-rag [{label}]", alone, stage_s=alone.seconds + ready, **shared)
         for eta in etas:

@@ -217,21 +217,26 @@ class RAPID(Decoder):
             run.note(f"rapid: no chunk reached similarity {self.threshold}; the drafter sees the question only")
         return kept
 
-    def decode(self, state: Prefill, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None = None) -> DecodeResult:
+    def prepare_drafter(self, drafter: LoadedModel, prompt: Prompt, run: Run) -> tuple[Prompt, Prefill, float, float]:
+        """The drafter's prompt (the target's frame around the retrieved chunks) and its prefilled state, with the
+        seconds spent on retrieval and on that prefill."""
         began = time.perf_counter()
-        drafter = self.resolve_drafter(run.lm)
         passages = self.draft_passages(prompt.question, run.passages, run.lm.tokenizer, run)
         retrieved = time.perf_counter()
         draft_prompt = reframe_prompt(drafter.tokenizer, prompt, passages)
         draft_state = prefill(drafter.model, draft_prompt.input_ids)
-        prepared = time.perf_counter()
+        return draft_prompt, draft_state, retrieved - began, time.perf_counter() - retrieved
+
+    def decode(self, state: Prefill, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None = None) -> DecodeResult:
+        drafter = self.resolve_drafter(run.lm)
+        draft_prompt, draft_state, retrieval_seconds, prefill_seconds = self.prepare_drafter(drafter, prompt, run)
         result = self.speculate(run.lm, state, drafter, draft_state, run.config, on_text)
-        result.seconds += prepared - began
-        result.first_token_seconds += prepared - began
+        result.seconds += retrieval_seconds + prefill_seconds
+        result.first_token_seconds += retrieval_seconds + prefill_seconds
         result.extra.update(
-            drafter_seconds=result.extra["drafter_seconds"] + prepared - retrieved,
-            draft_prefill_seconds=prepared - retrieved,
-            retrieval_seconds=retrieved - began,
+            drafter_seconds=result.extra["drafter_seconds"] + prefill_seconds,
+            draft_prefill_seconds=prefill_seconds,
+            retrieval_seconds=retrieval_seconds,
             draft_prompt_tokens=len(draft_prompt),
             draft_kv_bytes=kv_bytes(draft_state.cache),
             drafter=drafter.name,

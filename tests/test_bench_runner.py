@@ -92,6 +92,70 @@ def test_done_configurations_are_skipped_unless_overwrite(ran, tiny_lm, monkeypa
     assert metrics.stat().st_mtime_ns != before
 
 
+def test_shared_prefill_gives_the_same_rows_with_one_prefill_per_sample(tiny_lm, tmp_path, monkeypatch):
+    import ctxopt.pipeline as pipeline
+
+    prefills = []
+    real_prefill = pipeline.prefill
+
+    def counting_prefill(model, input_ids, **kwargs):
+        prefills.append(input_ids.shape[-1])
+        return real_prefill(model, input_ids, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prefill", counting_prefill)
+    runs = {}
+    for share in (False, True):
+        prefills.clear()
+        out = tmp_path / f"share-{share}"
+        results = bench(tiny_lm, out, methods=("snapkv",), budgets=(128, 256), share_prefill=share)
+        runs[share] = {m["config"]: read_csv(rep.config_dir(out, TASK, LENGTH, m["method"], m["budget"]) / "predictions.csv")
+                       for m in results}
+        assert len(prefills) == (2 if share else 6)  # 2 samples x (full, snapkv-128, snapkv-256)
+    keys = ("sample_id", "prediction", "score", "tokens_prefilled", "tokens_kept", "kv_bytes", "error")
+    assert list(runs[True]) == ["full-none", "snapkv-128", "snapkv-256"]
+    for config, rows in runs[False].items():
+        assert [[r[k] for k in keys] for r in runs[True][config]] == [[r[k] for k in keys] for r in rows], config
+    assert {r["tokens_kept"] for r in runs[True]["snapkv-128"]} == {"128"}
+
+
+def test_prefill_memo_shares_only_equal_captures(tiny_lm):
+    from functools import partial
+
+    import torch
+
+    from ctxopt.attention import AttentionCapture
+    from ctxopt.compressors.snapkv import snapkv_scores
+    from ctxopt.decoding import prefill
+    from ctxopt.measure import measure
+    from ctxopt.pipeline import PrefillMemo, capture_signature
+
+    def request(**keywords):
+        return AttentionCapture(window=8, reducer=partial(snapkv_scores, **keywords))
+
+    assert capture_signature(request(kernel=5, pooling="max")) == capture_signature(request(kernel=5, pooling="max"))
+    assert capture_signature(request(kernel=5, pooling="max")) != capture_signature(request(kernel=3, pooling="max"))
+    assert capture_signature(request(kernel=torch.ones(1))) is None  # a tensor argument cannot be compared
+    assert capture_signature(AttentionCapture(window=8, stop_after=1)) is None  # an early stop leaves a partial cache
+
+    ids = torch.arange(5, 40).unsqueeze(0)
+    memo = PrefillMemo()
+    with measure("prefill") as record:
+        state = prefill(tiny_lm.model, ids)
+    memo.store(ids, None, state, record)
+    assert memo.lookup(ids, request(kernel=5, pooling="max")) is None  # stored without a capture: no records
+    copy, reused = memo.lookup(ids, None)
+    assert reused.seconds == record.seconds and copy.cache is not state.cache
+    assert torch.equal(copy.cache.layers[0].keys, state.cache.layers[0].keys)
+    assert memo.lookup(ids[:, :-1], None) is None
+    captured = request(kernel=5, pooling="max")
+    captured.records.update({0: torch.ones(2)})
+    memo.store(ids, captured, state, record)
+    again = request(kernel=5, pooling="max")
+    assert memo.lookup(ids, again) is not None and torch.equal(again.records[0], torch.ones(2))
+    memo.clear()
+    assert memo.lookup(ids, None) is None
+
+
 class Boom(TokenStage):
     name = "boom"
 

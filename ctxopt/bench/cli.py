@@ -59,6 +59,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's tokens_to_generate")
     bench.add_argument("--no-full", action="store_true", help="do not run the full-context baseline (no ratios)")
     bench.add_argument("--overwrite", action="store_true", help="redo configurations whose metrics.json exists")
+    bench.add_argument("--share-prefill", action="store_true",
+                       help="prefill each sample's prompt once for every configuration that reads the same prompt "
+                            "(full, snapkv at each budget); each TTFT still counts that prefill's measured time")
     bench.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="method option passed to every method, e.g. --option layer=12 (repeatable)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,6 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         [parse_budget(b) for b in _list(args.budget)], args.out,
         model=args.model, draft=args.draft, samples=args.samples, repeats=args.repeats, seed=args.seed,
         max_new_tokens=args.max_new_tokens, include_full=not args.no_full, overwrite=args.overwrite,
+        share_prefill=args.share_prefill,
         options=_options(args.option), device=args.device, dtype=args.dtype, progress=not args.no_progress,
         command=shlex.join(["ctxopt", *sys.argv[1:]]),
     )

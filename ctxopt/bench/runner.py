@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..methods import METHODS, build_stages
 from ..models import LoadedModel, load_model
-from ..pipeline import Context, Pipeline, as_passages
+from ..pipeline import Context, Pipeline, PrefillMemo, as_passages
 from ..prompting import DEFAULT_INSTRUCTION
 from ..types import Answer, Stats
 from .datasets import Sample, load_task, ruler_tasks
@@ -138,14 +138,16 @@ def measurements(answer: Answer, pipe: Pipeline, e2e_seconds: float) -> dict[str
 
 
 def run_sample(
-    lm: LoadedModel, stages: list, sample: Sample, repeats: int = 1, max_new_tokens: int | None = None, seed: int = 0
+    lm: LoadedModel, stages: list, sample: Sample, repeats: int = 1, max_new_tokens: int | None = None, seed: int = 0,
+    prefill_memo: PrefillMemo | None = None,
 ) -> dict[str, Any]:
     """One CSV row: the first run's prediction and scores, the medians of ``repeats`` runs' measurements.
 
-    An exception is caught into the row's ``error`` column instead of stopping the benchmark.
+    An exception is caught into the row's ``error`` column instead of stopping the benchmark. With a
+    ``prefill_memo``, the prefill is shared with the other configurations that answer this sample.
     """
     question, context, answer_prefix, instruction = ask_inputs(sample)
-    pipe = Pipeline(lm, stages=stages, instruction=instruction)
+    pipe = Pipeline(lm, stages=stages, instruction=instruction, prefill_memo=prefill_memo)
     row: dict[str, Any] = {"sample_id": sample.id, "question": sample.question, "answers": sample.answers}
     try:
         row["tokens_in"] = len(pipe.build_prompt(question, as_passages(context), answer_prefix))
@@ -194,6 +196,32 @@ def _uses_draft(methods: Iterable[str]) -> bool:
     return any(name in METHODS[m].options for m in methods for name in DRAFT_OPTIONS)
 
 
+def run_configs(
+    lm: LoadedModel, stage_lists: Sequence[list], names: Sequence[str], loaded: Sequence[Sample], where: str, *,
+    repeats: int, max_new_tokens: int | None, seed: int, share_prefill: bool, progress: bool,
+) -> list[list[dict[str, Any]]]:
+    """Every configuration's rows on the same samples, one list per entry of ``stage_lists``.
+
+    Without ``share_prefill``: configuration by configuration, sample by sample. With it: sample by sample,
+    every configuration on the sample in turn through one ``PrefillMemo``, those with cache stages first (their
+    prefill carries the attention capture that the others can reuse, and not the other way round).
+    """
+    if not share_prefill:
+        return [
+            [run_sample(lm, stages, sample, repeats, max_new_tokens, seed)
+             for sample in tqdm(loaded, desc=f"{where} {name}", unit="sample", disable=not progress)]
+            for stages, name in zip(stage_lists, names)
+        ]
+    order = sorted(range(len(stage_lists)), key=lambda i: not any(s.kind == "cache" for s in stage_lists[i]))
+    rows: list[list[dict[str, Any]]] = [[] for _ in stage_lists]
+    memo = PrefillMemo()
+    for sample in tqdm(loaded, desc=f"{where} {len(names)} configs, shared prefill", unit="sample", disable=not progress):
+        memo.clear()
+        for i in order:
+            rows[i].append(run_sample(lm, stage_lists[i], sample, repeats, max_new_tokens, seed, memo))
+    return rows
+
+
 def run_benchmark(
     tasks: Sequence[str],
     lengths: Sequence[int],
@@ -209,6 +237,7 @@ def run_benchmark(
     max_new_tokens: int | None = None,
     include_full: bool = True,
     overwrite: bool = False,
+    share_prefill: bool = False,
     options: dict[str, Any] | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -219,8 +248,12 @@ def run_benchmark(
 
     Steps: check tasks and methods (before loading anything); load the model and, if a chosen method takes
     one, the draft (once, shared by every sample); then per task x length load the samples once and run
-    each configuration not already done, writing its predictions.csv and metrics.json. Ratios to the
-    baseline are paired by sample with the baseline's predictions.csv in the same task folder.
+    each configuration not already done (``run_configs``), writing its predictions.csv and metrics.json.
+    Ratios to the baseline are paired by sample with the baseline's predictions.csv in the same task folder.
+
+    ``share_prefill``: configurations that prefill the same prompt (full context and cache stages such as
+    SnapKV at every budget) run it once per sample (``PrefillMemo``); each still reports that prefill's
+    measured time in its TTFT. The results of a task x length are then written when all its samples are done.
     """
     check_tasks(tasks)
     check_methods(methods)
@@ -237,30 +270,31 @@ def run_benchmark(
     results = []
     for task in tasks:
         for length in lengths:
-            loaded: list[Sample] | None = None
+            todo = []
             for method, budget in configs:
                 folder = config_dir(out, task, length, method, budget)
                 if (folder / METRICS).exists() and not overwrite:
                     print(f"skip {task} {length} {method}-{budget_label(budget)}: {folder / METRICS} exists "
                           "(--overwrite to redo)", file=sys.stderr)
                     results.append(json.loads((folder / METRICS).read_text(encoding="utf-8")))
-                    continue
-                if loaded is None:
-                    loaded = load_task(task, length, lm.tokenizer, samples, seed)
-                stages = build_stages(method, budget, **_method_options(method, options, draft_lm))
-                rows = [
-                    run_sample(lm, stages, sample, repeats, max_new_tokens, seed)
-                    for sample in tqdm(loaded, desc=f"{task_dir('', task, length)} {folder.name}",
-                                       unit="sample", disable=not progress)
-                ]
+                else:
+                    todo.append((method, budget, folder))
+            if not todo:
+                continue
+            loaded = load_task(task, length, lm.tokenizer, samples, seed)
+            stage_lists = [build_stages(m, b, **_method_options(m, options, draft_lm)) for m, b, _ in todo]
+            names = [folder.name for _, _, folder in todo]
+            all_rows = run_configs(lm, stage_lists, names, loaded, task_dir("", task, length), repeats=repeats, max_new_tokens=max_new_tokens,
+                                   seed=seed, share_prefill=share_prefill, progress=progress)
+            for (method, budget, folder), rows in zip(todo, all_rows):  # plan order: the baseline is written first
                 for row in rows:
                     if row.get("error"):
                         print(f"error {folder.name} {row['sample_id']}: {row['error']}", file=sys.stderr)
                 info = {
                     "task": task, "length": length, "method": method, "budget": budget, "config": folder.name,
                     "model": lm.name, "draft": draft_lm.name if draft_lm and _uses_draft([method]) else None,
-                    "options": dict(options), "samples_requested": samples,
-                    "repeats": repeats, "seed": seed, "max_new_tokens": max_new_tokens, "command": command,
+                    "options": dict(options), "samples_requested": samples, "repeats": repeats, "seed": seed,
+                    "max_new_tokens": max_new_tokens, "share_prefill": share_prefill, "command": command,
                     "machine": machine, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 }
                 baseline = rows if method == BASELINE else baseline_rows(out, task, length)

@@ -68,7 +68,7 @@ METHODS: MethodRegistry = MethodRegistry({
     "rapid": MethodSpec("ctxopt.speculative.rapid:rapid", "speculative decoding with a drafter on retrieved chunks "
                         "(budget = drafter context tokens)", needs_budget=False,
                         options=("drafter", "gamma", "eta", "chunk_tokens", "threshold")),
-    "snapkv": MethodSpec("ctxopt.compressors.snapkv:snapkv_stages", "KV cache pruned per head by the prompt's last queries (SnapKV)", options=("window", "kernel")),
+    "snapkv": MethodSpec("ctxopt.compressors.snapkv:snapkv_stages", "KV cache pruned per head by the prompt's last queries (SnapKV)", options=("window", "kernel", "pooling")),
     "speckv": MethodSpec("ctxopt.compressors.speckv:speckv_stages", "KV cache pruned per head by a draft answer's attention (SpecKV)", options=("draft", "window", "kernel", "lookahead")),
     "speckv-pc": MethodSpec("ctxopt.compressors.speckv:speckv_pc_stages", "SpecPC prompt compression, then SpecKV on the same draft answer", options=("draft", "window", "kernel", "lookahead")),
     "refrag": MethodSpec("ctxopt.compressors.refrag:refrag_stages", "one trained embedding per k-token context chunk "

@@ -197,3 +197,10 @@ def test_bad_knobs(kwargs):
 def test_budget_not_above_the_window(tiny_lm):
     with pytest.raises(InputError, match="must exceed the window"):
         SnapKV(budget=8, window=8).attention_request(make_prompt(random_ids(48, seed=1)), make_run(tiny_lm))
+
+
+def test_registry_passes_the_pooling_option():
+    from ctxopt.methods import build_stages
+
+    assert build_stages("snapkv", 256, pooling="avg")[0].pooling == "avg"
+    assert build_stages("snapkv", 256)[0].pooling == "max"

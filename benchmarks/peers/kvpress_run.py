@@ -70,6 +70,27 @@ def user_message(record: dict[str, Any], query_aware: bool) -> str:
     return text + ("Question: " + record["ask_question"] if query_aware else "")
 
 
+def press_reads_prompt_tail(pipe: Any) -> None:
+    """Make kvpress prefill (and so press) the chat template's generation prompt and the answer prefix too.
+
+    kvpress compresses the context before it reads the "question" part (the template's assistant header and
+    the answer prefix), so its observation window ends at the user message; ctxopt's cache stages, like the
+    SnapKV paper's code, prefill the whole prompt and observe its last tokens. This moves every question token
+    but the last into the context, so both presses observe the same window (the last token, fed after
+    compression, gives the first answer logits).
+    """
+    preprocess = pipe.preprocess
+
+    def with_tail_in_context(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        ids = preprocess(*args, **kwargs)
+        question = ids["questions_ids"][0]
+        ids["context_ids"] = torch.cat([ids["context_ids"], question[:, :-1]], dim=1)
+        ids["questions_ids"] = [question[:, -1:]]
+        return ids
+
+    pipe.preprocess = with_tail_in_context
+
+
 def kv_bytes(cache: Any) -> int:
     """Bytes of the key and value tensors held by a transformers cache."""
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
@@ -219,6 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--no-query-aware", action="store_true", help="keep the question out of the press")
     parser.add_argument("--no-full", action="store_true", help="skip the no-press baseline")
+    parser.add_argument("--press-prompt-tail", action="store_true",
+                        help="let the press observe the generation prompt and answer prefix, as ctxopt's does")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--repo", default=str(REPO), help="the ctxopt checkout to read metrics.py/report.py from")
     return parser.parse_args(argv)
@@ -247,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=device)
+    if args.press_prompt_tail:
+        press_reads_prompt_tail(pipe)
     model_name = args.model_name or Path(args.model).name
     machine = {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -272,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline = rows if method == BASELINE else report.baseline_rows(args.out, task, length, BASELINE)
             info = {
                 "task": task, "length": length, "method": method, "budget": budget, "config": folder.name,
-                "model": model_name, "draft": None, "options": {"query_aware": not args.no_query_aware},
+                "model": model_name, "draft": None, "options": {
+                    "query_aware": not args.no_query_aware, "press_prompt_tail": args.press_prompt_tail},
                 "samples_requested": len(group), "repeats": args.repeats, "seed": group[0].get("seed"),
                 "max_new_tokens": args.max_new_tokens, "command": shlex.join([sys.executable, *sys.argv]), "machine": machine,
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -97,8 +97,10 @@ class PrefillMemo:
                 return state.copy(), dataclasses.replace(record, extra=dict(record.extra))
         return None
 
-    def store(self, input_ids: torch.Tensor, request: AttentionCapture | None, state: Prefill, record: StageStats) -> None:
-        """Keep a copy of ``state`` (prefilled under ``request``) and its record, unless the request is unsafe to share."""
+    def store(
+        self, input_ids: torch.Tensor, request: AttentionCapture | None, state: Prefill, record: StageStats
+    ) -> None:
+        """Keep a copy of ``state`` (prefilled under ``request``) and its record, unless unsafe to share."""
         signature = None if request is None else capture_signature(request)
         if request is not None and signature is None:
             return

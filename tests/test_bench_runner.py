@@ -108,8 +108,8 @@ def test_shared_prefill_gives_the_same_rows_with_one_prefill_per_sample(tiny_lm,
         prefills.clear()
         out = tmp_path / f"share-{share}"
         results = bench(tiny_lm, out, methods=("snapkv",), budgets=(128, 256), share_prefill=share)
-        runs[share] = {m["config"]: read_csv(rep.config_dir(out, TASK, LENGTH, m["method"], m["budget"]) / "predictions.csv")
-                       for m in results}
+        runs[share] = {m["config"]: read_csv(rep.config_dir(out, TASK, LENGTH, m["method"], m["budget"])
+                                             / "predictions.csv") for m in results}
         assert len(prefills) == (2 if share else 6)  # 2 samples x (full, snapkv-128, snapkv-256)
     keys = ("sample_id", "prediction", "score", "tokens_prefilled", "tokens_kept", "kv_bytes", "error")
     assert list(runs[True]) == ["full-none", "snapkv-128", "snapkv-256"]

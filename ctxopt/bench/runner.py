@@ -215,7 +215,8 @@ def run_configs(
     order = sorted(range(len(stage_lists)), key=lambda i: not any(s.kind == "cache" for s in stage_lists[i]))
     rows: list[list[dict[str, Any]]] = [[] for _ in stage_lists]
     memo = PrefillMemo()
-    for sample in tqdm(loaded, desc=f"{where} {len(names)} configs, shared prefill", unit="sample", disable=not progress):
+    desc = f"{where} {len(names)} configs, shared prefill"
+    for sample in tqdm(loaded, desc=desc, unit="sample", disable=not progress):
         memo.clear()
         for i in order:
             rows[i].append(run_sample(lm, stage_lists[i], sample, repeats, max_new_tokens, seed, memo))
@@ -284,8 +285,9 @@ def run_benchmark(
             loaded = load_task(task, length, lm.tokenizer, samples, seed)
             stage_lists = [build_stages(m, b, **_method_options(m, options, draft_lm)) for m, b, _ in todo]
             names = [folder.name for _, _, folder in todo]
-            all_rows = run_configs(lm, stage_lists, names, loaded, task_dir("", task, length), repeats=repeats, max_new_tokens=max_new_tokens,
-                                   seed=seed, share_prefill=share_prefill, progress=progress)
+            all_rows = run_configs(lm, stage_lists, names, loaded, task_dir("", task, length), repeats=repeats,
+                                   max_new_tokens=max_new_tokens, seed=seed, share_prefill=share_prefill,
+                                   progress=progress)
             for (method, budget, folder), rows in zip(todo, all_rows):  # plan order: the baseline is written first
                 for row in rows:
                     if row.get("error"):

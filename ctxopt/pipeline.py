@@ -7,6 +7,7 @@ import os
 import threading
 from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def capture_signature(request: AttentionCapture) -> tuple | None:
 
 
 class PrefillMemo:
-    """Prefills of one prompt, kept so that pipelines differing only in their cache stages share them.
+    """Prefills of one prompt, and the budget-free passes stages run over it, kept for other pipelines.
 
     A benchmark that compares full context with SnapKV at several budgets prefills the same prompt once
     instead of once per configuration (on a 2-core CPU a 4K prefill of a 1.5B model is 4 minutes). An entry
@@ -77,13 +78,31 @@ class PrefillMemo:
     no output: the captured forward runs the same attention); one that requests a capture uses only an
     entry captured with an equal request. The reused record keeps the ORIGINAL prefill's seconds and peak
     memory, so TTFT still counts a whole prefill. ``clear()`` between prompts bounds memory to one prompt.
+
+    Stages keep their own budget-free passes here too, through ``Run.shared`` (GemFilter's early layers,
+    SpecPC's draft prefill, SpecKV's draft answer): one pass serves every budget, and each reuse reports
+    the original pass's seconds and peak memory.
     """
 
     def __init__(self) -> None:
         self._entries: list[tuple[torch.Tensor, tuple | None, Prefill, StageStats, dict]] = []
+        self._passes: list[tuple[tuple, torch.Tensor, Any, StageStats]] = []
 
     def clear(self) -> None:
         self._entries.clear()
+        self._passes.clear()
+
+    def find_pass(self, key: tuple, input_ids: torch.Tensor) -> tuple[Any, StageStats] | None:
+        """The value and measured record of a pass stored under ``key`` for this prompt, or None."""
+        for stored_key, ids, value, record in self._passes:
+            if stored_key == key and torch.equal(ids, input_ids):
+                return value, record
+        return None
+
+    def store_pass(self, key: tuple, input_ids: torch.Tensor, value: Any, record: StageStats) -> None:
+        """Keep a pass's result; ``key`` names everything it depends on besides the prompt (stage, model,
+        knobs other than the budget). The value is handed out as is: its users must not modify it."""
+        self._passes.append((key, input_ids.clone(), value, record))
 
     def lookup(self, input_ids: torch.Tensor, request: AttentionCapture | None) -> tuple[Prefill, StageStats] | None:
         """A fresh copy of a stored prefill that serves this prompt and request (filling its records), or None."""
@@ -220,8 +239,7 @@ class Pipeline:
             with measure(stage.name, self.lm.device, tokens_in=len(prompt)) as record:
                 prompt = stage.select(prompt, run)
                 record.tokens_out = len(prompt)
-                record.extra.update(run.memo.pop("stage_extra", {}))  # a stage's own cost breakdown
-            run.stats.add(record)
+            run.add_record(record)
         return prompt
 
     def _prefill(self, prompt: Prompt, run: Run) -> Prefill:
@@ -245,17 +263,15 @@ class Pipeline:
                         state = prefill(self.lm.model, prompt.input_ids, chunk_size=self.prefill_chunk)
                 record.tokens_out = int(state.cache.get_seq_length())
                 record.kv_bytes = kv_bytes(state.cache)
-                record.extra.update(run.memo.pop("stage_extra", {}))  # an input stage's own cost breakdown
             if memo is not None:
                 memo.store(prompt.input_ids, request, state, record)
-        run.stats.add(record)
+        run.add_record(record)
         for stage in self.stages["cache"]:
             with measure(stage.name, self.lm.device, tokens_in=int(state.cache.get_seq_length())) as record:
                 state = stage.compress(state, prompt, run)
                 record.tokens_out = int(state.cache.get_seq_length())
                 record.kv_bytes = kv_bytes(state.cache)
-                record.extra.update(run.memo.pop("stage_extra", {}))  # a stage's own cost breakdown
-            run.stats.add(record)
+            run.add_record(record)
         return state
 
     def _decode(self, state: Prefill, prompt: Prompt, run: Run, on_text) -> DecodeResult:
@@ -302,7 +318,10 @@ class Pipeline:
     ) -> Answer:
         """Answer one question: over ``context`` if given (long-document mode), else over retrieved passages."""
         question = validate_question(question)
-        run = Run(lm=self.lm, question=question, config=self._config(generation), stats=Stats(), embedder=self.embedder)
+        run = Run(
+            lm=self.lm, question=question, config=self._config(generation), stats=Stats(), embedder=self.embedder,
+            prefill_memo=self.prefill_memo,
+        )
         passages = self._gather_passages(question, context, k, run)
         passages = self._passage_stages(question, passages, run)
         run.passages = passages

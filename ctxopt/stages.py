@@ -15,13 +15,16 @@ import torch
 
 from .decoding import DecodeResult, GenerationConfig, Prefill
 from .errors import InputError
-from .types import CONTEXT, Passage, Prompt, Stats
+from .measure import measure
+from .types import CONTEXT, Passage, Prompt, StageStats, Stats
 
 if TYPE_CHECKING:
     from .attention import AttentionCapture
     from .models import LoadedModel
+    from .pipeline import PrefillMemo
 
 KINDS = ("passage", "token", "input", "cache", "decoder")
+STAGE_EXTRA_KEY = "stage_extra"
 
 
 @dataclass
@@ -36,9 +39,37 @@ class Run:
     passages: list[Passage] = field(default_factory=list)
     memo: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    prefill_memo: "PrefillMemo | None" = None
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+    def add_record(self, record: StageStats) -> None:
+        """Add a stage's Stats record with the stage's own cost breakdown (``memo["stage_extra"]``). A shared
+        pass the stage reused (``shared``) counts in the record as if it had run: its seconds and peak memory."""
+        extra = self.memo.pop(STAGE_EXTRA_KEY, {})
+        record.extra.update(extra)
+        if "shared_pass_seconds" in extra:
+            record.seconds += extra["shared_pass_seconds"]
+            record.peak_memory_bytes = max(record.peak_memory_bytes or 0, extra["shared_pass_peak_bytes"])
+        self.stats.add(record)
+
+    def shared(self, key: tuple, input_ids: torch.Tensor, compute: Callable[[], Any]) -> tuple[Any, float, bool]:
+        """``compute()``, a pass over the prompt ``input_ids`` that does not depend on the budget, done once per
+        ``key`` (stage, model and knobs) when the pipeline shares a ``PrefillMemo``. Returns (value, seconds
+        the pass took when it ran, reused); ``add_record`` charges a reused pass's cost to the stage."""
+        found = self.prefill_memo.find_pass(key, input_ids) if self.prefill_memo is not None else None
+        if found is not None:
+            value, record = found
+            extra = self.memo.setdefault(STAGE_EXTRA_KEY, {})
+            extra["shared_pass_seconds"] = extra.get("shared_pass_seconds", 0.0) + record.seconds
+            extra["shared_pass_peak_bytes"] = max(extra.get("shared_pass_peak_bytes", 0), record.peak_memory_bytes or 0)
+            return value, record.seconds, True
+        with measure(key[0], self.lm.device) as record:
+            value = compute()
+        if self.prefill_memo is not None:
+            self.prefill_memo.store_pass(key, input_ids, value, record)
+        return value, record.seconds, False
 
 
 class Stage:

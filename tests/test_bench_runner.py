@@ -118,6 +118,53 @@ def test_shared_prefill_gives_the_same_rows_with_one_prefill_per_sample(tiny_lm,
     assert {r["tokens_kept"] for r in runs[True]["snapkv-128"]} == {"128"}
 
 
+def test_shared_selection_passes_give_the_same_rows_with_one_pass_per_sample(tiny_lm, tmp_path, monkeypatch):
+    import ctxopt.compressors.gemfilter as gemfilter
+    import ctxopt.compressors.speckv as speckv
+    import ctxopt.compressors.specpc as specpc
+
+    passes = []
+    for module, name in ((gemfilter, "early_layer_scores"), (specpc, "draft_scores"), (speckv, "decode")):
+        def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
+            passes.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    runs = {}
+    for share in (False, True):
+        passes.clear()
+        out = tmp_path / f"share-{share}"
+        results = bench(tiny_lm, out, methods=("gemfilter", "specpc", "speckv"), budgets=(128, 256),
+                        include_full=False, share_prefill=share, options={"first_layer": 1})
+        runs[share] = {m["config"]: read_csv(rep.config_dir(out, TASK, LENGTH, m["method"], m["budget"])
+                                             / "predictions.csv") for m in results}
+        per_pass = 2 * (1 if share else 2)  # 2 samples, each pass once or once per budget
+        assert sorted(passes) == sorted(["early_layer_scores", "draft_scores", "decode"] * per_pass), passes
+    keys = ("sample_id", "prediction", "score", "tokens_prefilled", "tokens_kept", "kv_bytes", "error")
+    assert len(runs[True]) == 6 and not any(r["error"] for rows in runs[True].values() for r in rows)
+    for config, rows in runs[False].items():
+        assert [[r[k] for k in keys] for r in runs[True][config]] == [[r[k] for k in keys] for r in rows], config
+
+
+def test_a_reused_selection_pass_is_charged_to_the_stage(tiny_lm):
+    from ctxopt.compressors.gemfilter import GemFilter
+    from ctxopt.pipeline import Pipeline, PrefillMemo
+
+    memo, context = PrefillMemo(), " ".join(f"word{i}" for i in range(120))
+    records = []
+    for budget in (16, 32):
+        pipe = Pipeline(tiny_lm, stages=[GemFilter(budget, layer=1)], max_new_tokens=2, prefill_memo=memo)
+        records.append(next(r for r in pipe.ask("Which word?", context=context).stats.stages
+                            if r.stage == "gemfilter"))
+    first, second = records
+    assert first.extra["selection_reused"] is False and second.extra["selection_reused"] is True
+    assert first.tokens_out == 16 and second.tokens_out == 32
+    passed = memo.find_pass(("gemfilter", tiny_lm.model, 1), memo._passes[0][1])[1]
+    assert second.extra["shared_pass_seconds"] == passed.seconds and second.seconds >= passed.seconds
+    assert second.extra["selection_seconds"] >= passed.seconds
+    assert second.peak_memory_bytes >= passed.peak_memory_bytes
+
+
 def test_prefill_memo_shares_only_equal_captures(tiny_lm):
     from functools import partial
 

@@ -61,7 +61,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--overwrite", action="store_true", help="redo configurations whose metrics.json exists")
     bench.add_argument("--share-prefill", action="store_true",
                        help="prefill each sample's prompt once for every configuration that reads the same prompt "
-                            "(full, snapkv at each budget); each TTFT still counts that prefill's measured time")
+                            "(full, snapkv at each budget), and run each selection pass (gemfilter's early layers, "
+                            "the specpc/speckv draft) once for all budgets; each TTFT still counts those passes' "
+                            "measured time")
     bench.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="method option passed to every method, e.g. --option layer=12 (repeatable)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -103,10 +103,16 @@ class GemFilter(TokenStage):
             return prompt
         layer = self.resolve_layer(run.lm)
         forced = forced_tokens(prompt, self.keep_question, keep, self.name)
+        scores, scoring_seconds, reused = run.shared(
+            ("gemfilter", run.lm.model, layer), prompt.input_ids,
+            lambda: early_layer_scores(run.lm.model, prompt.input_ids, layer),
+        )
         began = time.perf_counter()
-        scores = early_layer_scores(run.lm.model, prompt.input_ids, layer)
         kept = fill_budget([forced, rank_descending(average_pool(scores, self.kernel))], keep)
-        report(run, selection_seconds=time.perf_counter() - began, selection_layer=layer, forced_tokens=len(forced))
+        report(
+            run, selection_seconds=scoring_seconds + time.perf_counter() - began, selection_layer=layer,
+            forced_tokens=len(forced), selection_reused=reused,
+        )
         return prompt.select(kept)
 
 

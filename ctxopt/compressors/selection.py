@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..stages import Run
+from ..stages import STAGE_EXTRA_KEY, Run
 from ..types import CONTEXT, Prompt
-
-STAGE_EXTRA_KEY = "stage_extra"
 
 
 def first_occurrences(indices: torch.Tensor) -> torch.Tensor:

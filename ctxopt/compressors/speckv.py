@@ -22,7 +22,6 @@ prefilled cache instead of prefilling the prompt a second time (the same greedy 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -74,8 +73,9 @@ class SpecKV(CacheStage):
 
     ``draft``: a LoadedModel, a registry name or path, or None for the target itself. ``lookahead``: draft
     tokens to generate (None = up to the run's max_new_tokens). The draft's cost (``draft_seconds``,
-    ``draft_tokens``, ``draft_reused``) goes to ``run.memo["speckv"]`` and to this stage's Stats record extra;
-    it is part of this stage's seconds, hence of TTFT.
+    ``draft_tokens``; ``draft_reused``: SpecPC's answer in this run; ``draft_shared``: another budget's
+    answer, ``Run.shared``) goes to ``run.memo["speckv"]`` and to this stage's Stats record extra; it is part
+    of this stage's seconds, hence of TTFT.
     """
 
     draft: "LoadedModel | str | None" = None
@@ -101,26 +101,28 @@ class SpecKV(CacheStage):
     def draft_answer(self, state: Prefill, prompt: Prompt, run: Run) -> torch.Tensor:
         """Step 1: the draft's greedy answer to the prompt (reused from ``run.memo`` when present)."""
         lookahead = run.config.max_new_tokens if self.lookahead is None else self.lookahead
-        began = time.perf_counter()
         reused = DRAFT_ANSWER_KEY in run.memo
+        seconds, shared = 0.0, False
         if reused:
             ids = run.memo[DRAFT_ANSWER_KEY][:lookahead]
         elif lookahead == 0:
             ids = torch.zeros(0, dtype=torch.long)
         else:
             draft = load_draft(self.draft, run)
-            if draft.model is run.lm.model:
-                start = state.copy()
-            else:
-                start = prefill(draft.model, prompt.input_ids)
-            config = GenerationConfig(max_new_tokens=lookahead)
-            result = decode(draft.model, draft.tokenizer, start, config, draft.eos_token_ids)
-            ids = torch.tensor(result.token_ids, dtype=torch.long)
+
+            def answer() -> torch.Tensor:
+                start = state.copy() if draft.model is run.lm.model else prefill(draft.model, prompt.input_ids)
+                config = GenerationConfig(max_new_tokens=lookahead)
+                result = decode(draft.model, draft.tokenizer, start, config, draft.eos_token_ids)
+                return torch.tensor(result.token_ids, dtype=torch.long)
+
+            ids, seconds, shared = run.shared(("speckv draft", draft.model, lookahead), prompt.input_ids, answer)
             run.memo[DRAFT_ANSWER_KEY] = ids
         run.memo["speckv"] = cost = {
-            "draft_seconds": time.perf_counter() - began,
+            "draft_seconds": seconds,
             "draft_tokens": len(ids),
             "draft_reused": reused,
+            "draft_shared": shared,
         }
         report(run, **cost)
         return ids

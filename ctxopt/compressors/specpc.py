@@ -249,7 +249,6 @@ class SpecPC(TokenStage):
             return prompt
         draft = self.load_draft(run)
         forced = forced_tokens(prompt, self.keep_question, keep, self.name)
-        began = time.perf_counter()
         if self.cross_tokenizer:
             text, target_tiles = text_tiles(prompt, run.lm.tokenizer)
             encoded = draft.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -260,16 +259,21 @@ class SpecPC(TokenStage):
             ranges = torch.stack([torch.arange(len(prompt)), torch.arange(1, len(prompt) + 1)], dim=1)
         lookahead = run.config.max_new_tokens if self.lookahead is None else self.lookahead
         given = self._given_answer(run, draft) if lookahead else None
-        scores, answer = draft_scores(draft, draft_ids, self.window, self.first_layer, lookahead, given)
+        given_key = None if given is None else tuple(given.tolist())
+        key = ("specpc", draft.model, self.window, self.first_layer, lookahead, given_key)
+        (scores, answer), scoring_seconds, reused = run.shared(
+            key, draft_ids, lambda: draft_scores(draft, draft_ids, self.window, self.first_layer, lookahead, given)
+        )
+        began = time.perf_counter()
         if answer is not None and given is None:
             run.memo[DRAFT_ANSWER_KEY] = self._to_target(answer, run, draft)
-        scoring_seconds = time.perf_counter() - began
         top = None if self.cross_tokenizer else keep  # a draft token may stand for no new target token
         order = selection_order(scores, self.kernel or default_kernel(draft), self.window, top)
         kept, units = cut_to_budget(order, ranges, keep, forced)
         report(
             run,
-            selection_seconds=time.perf_counter() - began,
+            selection_seconds=scoring_seconds + time.perf_counter() - began,
+            selection_reused=reused,
             draft_seconds=scoring_seconds,
             draft_tokens=len(draft_ids),
             draft_kept_tokens=len(units),

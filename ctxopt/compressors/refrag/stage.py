@@ -27,7 +27,7 @@ import torch
 
 from ...decoding import Prefill, prefill
 from ...errors import InputError
-from ...stages import InputStage, Run, Stage
+from ...stages import STAGE_EXTRA_KEY, InputStage, Run, Stage
 from ...types import Prompt
 from .cache import ChunkCache
 from .layout import assemble, expansion_count, split_context, surprisal_scores
@@ -149,7 +149,7 @@ class REFRAG(InputStage):
             token_embeds = model.get_input_embeddings()(prompt.input_ids.to(model.device))
             inputs, _ = assemble(token_embeds, chunks, embeds.to(token_embeds.device), expanded)
         state = prefill(model, inputs_embeds=inputs)
-        run.memo["stage_extra"] = {
+        run.memo[STAGE_EXTRA_KEY] = {
             "chunks": len(chunks), "expanded": len(expanded), "cached_chunks": cached,
             "encode_seconds": encode_seconds, "decoder_positions": int(inputs.shape[0]),
             "prefill_seconds": state.seconds,

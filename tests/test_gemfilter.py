@@ -9,7 +9,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Phi3Config, Qwen2Config
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from ctxopt.compressors.gemfilter import GemFilter, default_layer, early_layer_scores, search_layer
+from ctxopt.compressors.gemfilter import (
+    GemFilter,
+    answer_spans,
+    default_layer,
+    early_layer_scores,
+    needle_recall,
+    search_layer,
+)
 from ctxopt.compressors.selection import average_pool
 from ctxopt.decoding import GenerationConfig, decode, prefill
 from ctxopt.errors import InputError
@@ -207,6 +214,25 @@ def test_search_layer_reports_the_accuracy_of_each_layer(steered):
     assert gold and gold.lower() not in at_layer_1.lower()
     sample = SimpleNamespace(question=QUESTION, context=PASSAGES, answers=[gold])
     assert search_layer(steered, [sample], layers=[1, 2], budget=5, max_new_tokens=4) == {1: 0.0, 2: 1.0}
+
+
+def test_answer_spans_find_the_context_tokens_of_each_answer(steered):
+    prompt = Pipeline(steered).build_prompt(QUESTION, as_passages(PASSAGES))
+    zebra, the, animal, giraffe = answer_spans(prompt, steered.tokenizer, ["zebra", "the river", "animal", "giraffe"])
+    assert [span.tolist() for span in zebra] == [[position_of(steered, prompt, "zebra")]]
+    assert len(the) == 1 and steered.tokenizer.decode(prompt.input_ids[the[0]]).strip() == "the river"
+    assert animal == [] and giraffe == []  # "animal" is only in the question
+
+
+def test_needle_recall_ranks_the_layers_that_keep_the_answer(steered):
+    prompt = Pipeline(steered).build_prompt(QUESTION, as_passages(PASSAGES))
+    gold = [["zebra"], ["penguin", "zebra"], ["giraffe"]]
+    recall = needle_recall(steered, [prompt] * 3, gold, budgets=[5, len(prompt)], layers=[1, 2])
+    assert recall[5] == {1: 1 / 4, 2: 2 / 4}  # layer 1 finds only the penguin, layer 2 only the zebra
+    assert recall[len(prompt)] == {1: 3 / 4, 2: 3 / 4}  # everything kept: only the absent giraffe is lost
+    for layer, word in ((1, "penguin"), (2, "zebra")):
+        kept = GemFilter(budget=5, layer=layer).select(prompt, make_run(steered))
+        assert position_of(steered, prompt, word) in kept.positions.tolist()
 
 
 @pytest.mark.real_model

@@ -13,7 +13,8 @@ Paper: "Discovering the Gems in Early Layers" (arXiv 2409.17422) [P]; code: Sale
 Selection layer: [C]'s per-model choice (13 of 32 for Llama-3.1-8B-Instruct, 19 of 40 for Mistral-Nemo-12B,
 19 of 32 for Phi-3.5-mini), matched by config shape since model names are unreliable; any other model gets
 round(0.4 * layers), the analogue of Llama-3.1-8B's 13/32: 12 of 30 for SmolLM2-135M, 11 of 28 for
-Qwen2.5-Coder-1.5B. ``search_layer`` measures the choice on a few samples. On SmolLM2, a check of all 30 layers
+Qwen2.5-Coder-1.5B. ``search_layer`` measures the choice on a few samples; ``needle_recall`` screens every
+layer from one forward per sample. On SmolLM2, a check of all 30 layers
 (11 needle samples at 1K tokens, 4 of them with distractors) found layer 12 the best at keeping the whole needle
 sentence in the top 128 (4 of 11) and top 256 (6 of 11) tokens, so the 40% rule stands for it.
 
@@ -35,7 +36,7 @@ from ..attention import AttentionCapture, capture_attention
 from ..decoding import forward
 from ..errors import InputError
 from ..stages import Run, Stage, TokenStage, tokens_to_keep
-from ..types import Prompt
+from ..types import CONTEXT, Prompt
 from .selection import average_pool, fill_budget, forced_tokens, rank_descending, report
 
 if TYPE_CHECKING:
@@ -64,17 +65,30 @@ def default_layer(config: "PretrainedConfig") -> int:
     return PAPER_LAYERS.get(key, round(DEPTH_FRACTION * config.num_hidden_layers))
 
 
-def early_layer_scores(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """Steps 1-2: sum over query heads of q_last·k at ``layer`` for every prompt token, (n,) float32.
+def last_query_scores(
+    model, input_ids: torch.Tensor, layers: Sequence[int], stop_after: int | None = None
+) -> dict[int, torch.Tensor]:
+    """Step 2 at each of ``layers``: sum over query heads of q_last·k for every prompt token, (n,) float32.
 
-    Only layers 0..layer run, without a cache: the capture stops the forward once the scores are taken.
+    One forward without a cache; ``stop_after`` ends it once that layer's scores are taken.
     """
     request = AttentionCapture(
-        window=1, layers=[layer], stop_after=layer, reducer=lambda record: record.raw[:, -1].sum(0)
+        window=1, layers=list(layers), stop_after=stop_after, reducer=lambda record: record.raw[:, -1].sum(0)
     )
     with torch.inference_mode(), capture_attention(model, request):
         forward(model, input_ids, positions=torch.arange(len(input_ids)))
-    return request.records[layer].cpu()
+    return {layer: scores.cpu() for layer, scores in request.records.items()}
+
+
+def early_layer_scores(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Steps 1-2: layer ``layer``'s scores, only layers 0..layer run."""
+    return last_query_scores(model, input_ids, [layer], stop_after=layer)[layer]
+
+
+def keep_positions(scores: torch.Tensor, kernel: int, keep: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 3-4: the ``forced`` positions, then the best smoothed scores, ``keep`` in all, ascending."""
+    forced = torch.zeros(0, dtype=torch.long) if forced is None else forced
+    return fill_budget([forced, rank_descending(average_pool(scores, kernel))], keep)
 
 
 @dataclass
@@ -108,7 +122,7 @@ class GemFilter(TokenStage):
             lambda: early_layer_scores(run.lm.model, prompt.input_ids, layer),
         )
         began = time.perf_counter()
-        kept = fill_budget([forced, rank_descending(average_pool(scores, self.kernel))], keep)
+        kept = keep_positions(scores, self.kernel, keep, forced)
         report(
             run, selection_seconds=scoring_seconds + time.perf_counter() - began, selection_layer=layer,
             forced_tokens=len(forced), selection_reused=reused,
@@ -146,3 +160,48 @@ def search_layer(
         hits = [ruler_string_match_all(pipe.ask(s.question, context=s.context).text, s.answers) for s in samples]
         accuracy[layer] = sum(hits) / max(len(hits), 1)
     return accuracy
+
+
+def answer_spans(prompt: Prompt, tokenizer, answers: Sequence[str]) -> list[list[torch.Tensor]]:
+    """For each answer string, the context token indices of each of its occurrences in ``prompt.text``
+    (the tokens whose characters overlap it; occurrences touching template or question tokens are left out)."""
+    from .specpc import overlapping, text_tiles
+
+    text, tiles = text_tiles(prompt, tokenizer)
+    spans = []
+    for answer in answers:
+        found, start = [], text.find(answer)
+        while answer and start >= 0:
+            lo, hi = overlapping(torch.tensor([[start, start + len(answer)]]), tiles)[0].tolist()
+            if hi > lo and bool((prompt.segment[lo:hi] == CONTEXT).all()):
+                found.append(torch.arange(lo, hi))
+            start = text.find(answer, start + 1)
+        spans.append(found)
+    return spans
+
+
+def needle_recall(
+    lm: "LoadedModel",
+    prompts: Sequence[Prompt],
+    answers: Sequence[Sequence[str]],
+    budgets: Sequence[int],
+    layers: Iterable[int] | None = None,
+    kernel: int = 5,
+) -> dict[int, dict[int, float]]:
+    """A cheap screen for ``search_layer``: {budget: {layer: recall}}, where recall is the fraction of gold
+    answers of which GemFilter at that budget and layer (default: every layer) keeps every token of at least
+    one occurrence in the context (an answer without an occurrence counts as lost). One full forward per
+    prompt serves all layers and budgets, and nothing is decoded, so it ranks the layers of a model too slow
+    to decode at each of them."""
+    layers = list(range(lm.num_layers)) if layers is None else list(layers)
+    hits: dict[int, dict[int, list[bool]]] = {budget: {layer: [] for layer in layers} for budget in budgets}
+    for prompt, gold in zip(prompts, answers, strict=True):
+        spans = answer_spans(prompt, lm.tokenizer, gold)
+        scores = last_query_scores(lm.model, prompt.input_ids, layers)
+        for budget in budgets:
+            for layer in layers:
+                kept = torch.zeros(len(prompt), dtype=torch.bool)
+                kept[keep_positions(scores[layer], kernel, budget)] = True
+                hits[budget][layer] += [any(bool(kept[span].all()) for span in found) for found in spans]
+    return {budget: {layer: sum(h) / max(len(h), 1) for layer, h in by_layer.items()}
+            for budget, by_layer in hits.items()}

@@ -144,6 +144,15 @@ class Stats:
     def total_seconds(self) -> float:
         return sum(s.seconds for s in self.stages)
 
+    @property
+    def reused_seconds(self) -> float:
+        """Seconds of shared work this run reused instead of running (a shared prefill, a shared selection
+        pass): its records count them, its wall time does not."""
+        return sum(
+            (s.seconds if s.extra.get("shared_prefill") else 0.0) + s.extra.get("shared_pass_seconds", 0.0)
+            for s in self.stages
+        )
+
     def decode_record(self) -> StageStats | None:
         """The decoder's record: "decode", or "decode:<name>" for a decoder stage such as RAPID."""
         return next((r for r in self.stages if r.stage == "decode" or r.stage.startswith("decode:")), None)

@@ -116,6 +116,7 @@ def test_shared_prefill_gives_the_same_rows_with_one_prefill_per_sample(tiny_lm,
     for config, rows in runs[False].items():
         assert [[r[k] for k in keys] for r in runs[True][config]] == [[r[k] for k in keys] for r in rows], config
     assert {r["tokens_kept"] for r in runs[True]["snapkv-128"]} == {"128"}
+    assert all(float(r["e2e_s"]) >= float(r["ttft_s"]) for rows in runs[True].values() for r in rows)
 
 
 def test_shared_selection_passes_give_the_same_rows_with_one_pass_per_sample(tiny_lm, tmp_path, monkeypatch):
@@ -142,6 +143,7 @@ def test_shared_selection_passes_give_the_same_rows_with_one_pass_per_sample(tin
         assert sorted(passes) == sorted(["early_layer_scores", "draft_scores", "decode"] * per_pass), passes
     keys = ("sample_id", "prediction", "score", "tokens_prefilled", "tokens_kept", "kv_bytes", "error")
     assert len(runs[True]) == 6 and not any(r["error"] for rows in runs[True].values() for r in rows)
+    assert all(float(r["e2e_s"]) >= float(r["ttft_s"]) for rows in runs[True].values() for r in rows)
     for config, rows in runs[False].items():
         assert [[r[k] for k in keys] for r in runs[True][config]] == [[r[k] for k in keys] for r in rows], config
 

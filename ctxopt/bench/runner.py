@@ -115,8 +115,10 @@ def sample_max_new_tokens(sample: Sample, override: int | None = None) -> int:
 def measurements(answer: Answer, pipe: Pipeline, e2e_seconds: float) -> dict[str, float | None]:
     """The numbers of one run, read off its Stats records.
 
-    TTFT: Stats.ttft_seconds (every record before the decoder's, plus its first-token time). tokens_prefilled: what the prefill (or input stage) ran on;
-    tokens_kept: the cache length the decoder started from; kv_bytes: the cache after decoding.
+    TTFT: Stats.ttft_seconds (every record before the decoder's, plus its first-token time). e2e: the ask's
+    wall time plus the shared work it reused (``Stats.reused_seconds``). tokens_prefilled: what the prefill (or
+    input stage) ran on; tokens_kept: the cache length the decoder started from; kv_bytes: the cache after
+    decoding.
     """
     stats: Stats = answer.stats
     decode = stats.decode_record()
@@ -127,7 +129,7 @@ def measurements(answer: Answer, pipe: Pipeline, e2e_seconds: float) -> dict[str
     return {
         "ttft_s": stats.ttft_seconds,
         "decode_tokens_per_s": decode.extra.get("tokens_per_second"),
-        "e2e_s": e2e_seconds,
+        "e2e_s": e2e_seconds + stats.reused_seconds,
         "peak_memory_bytes": max(peaks) if peaks else None,
         "kv_bytes": decode.kv_bytes,
         "prefill_kv_bytes": prefill_record.kv_bytes if prefill_record else None,

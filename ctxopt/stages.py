@@ -8,6 +8,7 @@ decoder:       cache -> answer tokens                        greedy/sampling, RA
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -58,7 +59,10 @@ class Run:
         """``compute()``, a pass over the prompt ``input_ids`` that does not depend on the budget, done once per
         ``key`` (stage, model and knobs) when the pipeline shares a ``PrefillMemo``. Returns (value, seconds
         the pass took when it ran, reused); ``add_record`` charges a reused pass's cost to the stage."""
-        found = self.prefill_memo.find_pass(key, input_ids) if self.prefill_memo is not None else None
+        if self.prefill_memo is None:
+            began = time.perf_counter()
+            return compute(), time.perf_counter() - began, False
+        found = self.prefill_memo.find_pass(key, input_ids)
         if found is not None:
             value, record = found
             extra = self.memo.setdefault(STAGE_EXTRA_KEY, {})
@@ -67,8 +71,7 @@ class Run:
             return value, record.seconds, True
         with measure(key[0], self.lm.device) as record:
             value = compute()
-        if self.prefill_memo is not None:
-            self.prefill_memo.store_pass(key, input_ids, value, record)
+        self.prefill_memo.store_pass(key, input_ids, value, record)
         return value, record.seconds, False
 
 

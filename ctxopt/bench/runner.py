@@ -257,7 +257,8 @@ def run_benchmark(
     ``share_prefill``: configurations that prefill the same prompt (full context and cache stages such as
     SnapKV at every budget) run it once per sample (``PrefillMemo``), and a stage's budget-free pass
     (``Run.shared``: GemFilter's early layers, SpecPC's draft prefill, SpecKV's draft answer) runs once for
-    all budgets; each still reports those passes' measured time in its TTFT. The results of a task x length are then written when all its samples are done.
+    all budgets; each still reports those passes' measured time in its TTFT. The results of a task x length
+    are then written when all its samples are done.
     """
     check_tasks(tasks)
     check_methods(methods)

@@ -2,9 +2,10 @@
 
 For each benchmark sample (the same seeded samples and prompts as ``ctxopt bench``), one forward of the whole
 model captures every layer's last-query scores; for each layer and budget, GemFilter's kept tokens are checked
-for the gold answer (``ctxopt.compressors.gemfilter.needle_recall``). Nothing is decoded, so all layers of a
-1.5B model cost one prefill per sample; confirm the best layers' accuracy afterwards with
-``ctxopt bench --methods gemfilter --option layer=N``.
+for the gold answer (``ctxopt.compressors.gemfilter.needle_recall``, run per sample: the table is the mean over
+samples of each sample's fraction of answers kept, so a 4-answer niah_multivalue sample weighs as much as a
+1-answer one). Nothing is decoded, so all layers of a 1.5B model cost one prefill per sample; confirm the best
+layers' accuracy afterwards with ``ctxopt bench --methods gemfilter --option layer=N``.
 
     python benchmarks/gemfilter_layers.py --model qwen2.5-coder-1.5b --task ruler/niah_single_2 --length 4096 \\
         --samples 4 --budget 512,1024 --out runs/gemfilter-layers-qwen.json

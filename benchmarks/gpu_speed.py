@@ -52,8 +52,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import ctxopt from this checkout
 
-from ctxopt.bench.runner import DRAFT_OPTIONS, measurements  # noqa: E402
-from ctxopt.methods import METHODS, build_stages  # noqa: E402
+from ctxopt.bench.runner import measurements  # noqa: E402
+from ctxopt.methods import METHODS, build_stages, draft_option  # noqa: E402
 from ctxopt.models import LoadedModel  # noqa: E402
 from ctxopt.pipeline import Pipeline, as_passages  # noqa: E402
 
@@ -189,8 +189,8 @@ def method_options(row: str, draft: LoadedModel, refrag_adapter=None, chunk_cach
     ``refrag-cached`` the context's precomputed chunk embeddings)."""
     if row in ("refrag", CACHED_REFRAG):
         return {"adapter": refrag_adapter, **({"cache": chunk_cache} if row == CACHED_REFRAG else {})}
-    taken = [name for name in DRAFT_OPTIONS if name in METHODS[row].options]
-    return {taken[0]: draft} if taken else {}
+    name = draft_option(METHODS[row])
+    return {name: draft} if name else {}
 
 
 def chunk_cache_for(row: str, context: str, tokenizer, refrag_adapter):

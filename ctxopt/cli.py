@@ -35,20 +35,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="full", help="compression method (see `ctxopt methods`)")
     parser.add_argument("--budget", default=None, help="tokens to keep (512) or a ratio (0.25)")
-    parser.add_argument("--draft", default=None, help="draft model for specpc / speckv / rapid")
+    parser.add_argument("--draft", default=None, help="draft model of a draft-based method (specpc, speckv, rapid)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra method option, e.g. --option layer=12 (repeatable)")
 
 
 def _method_options(args) -> dict:
-    options = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--option takes KEY=VALUE; got {item!r}.")
-        options[key.strip()] = json.loads(value) if value[:1] in "-0123456789[{tf\"n" else value
+    """--option items, plus --draft under the name the method takes its draft by."""
+    from .methods import METHODS, draft_option, parse_options
+
+    options = parse_options(args.option)
     if args.draft:
-        options["draft"] = args.draft
+        spec = METHODS.get(args.method)
+        name = draft_option(spec) if spec is not None else None
+        if spec is not None and name is None:
+            raise InputError(f"--draft: method {args.method!r} takes no draft model.")
+        options[name or "draft"] = args.draft
     return options
 
 
@@ -205,7 +207,8 @@ def cmd_methods(args) -> int:
 
     for name, spec in sorted(METHODS.items()):
         budget = "--budget" if spec.needs_budget else "--budget optional" if spec.takes_budget else "no budget"
-        print(f"{name:12s} {spec.summary} ({budget})")
+        options = f"; --option {', '.join(spec.options)}" if spec.options else ""
+        print(f"{name:12s} {spec.summary} ({budget}{options})")
     return 0
 
 

@@ -7,6 +7,7 @@ missing optional dependency of one method never breaks the others. To add a meth
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,27 @@ class MethodSpec:
 
 
 COMPOSE = "+"
+DRAFT_OPTIONS = ("draft", "drafter")  # the option names a draft-based method takes its second model by
+
+
+def draft_option(spec: MethodSpec) -> str | None:
+    """The option this method takes its draft model by, or None if it takes none."""
+    return next((name for name in DRAFT_OPTIONS if name in spec.options), None)
+
+
+def parse_options(items: list[str], flag: str = "--option") -> dict:
+    """``KEY=VALUE`` strings -> {key: value}; a value is read as JSON (numbers, true/false/null, lists)
+    when it parses as JSON and is kept as a string otherwise (``draft=tinyllama``)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"{flag} takes KEY=VALUE; got {item!r}.")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
 
 
 class MethodRegistry(dict):
@@ -87,30 +109,42 @@ def register(name: str, spec: MethodSpec) -> None:
 
 
 def build_stages(method: str, budget: int | float | None = None, **options) -> list[Stage]:
-    """The stages of ``method`` at ``budget`` (tokens, or a ratio in (0, 1])."""
+    """The stages of ``method`` at ``budget`` (tokens, or a ratio in (0, 1]). An option the method does not
+    take is an error (a misspelt knob must not be ignored); a composed method hands each part the options
+    that part takes."""
     spec = METHODS.get(method)
     if spec is None:
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}.")
     if spec.needs_budget and budget is None:
         raise InputError(f"Method {method!r} needs a budget (--budget N tokens, or a ratio such as 0.25).")
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        takes = f"it takes: {', '.join(spec.options)}" if spec.options else "it takes none"
+        raise InputError(f"Method {method!r} has no option {', '.join(map(repr, unknown))}; {takes}.")
     if spec.parts:
-        return [stage for part in spec.parts for stage in build_stages(part, budget, **options)]
+        return [stage for part in spec.parts
+                for stage in build_stages(part, budget, **options_for(METHODS[part], options))]
     module, _, attribute = spec.factory.partition(":")
     factory: Callable[..., list[Stage]] = getattr(importlib.import_module(module), attribute)
     return factory(budget, **{k: v for k, v in options.items() if v is not None})
 
 
-def _full(budget=None, **_) -> list[Stage]:
+def options_for(spec: MethodSpec, options: dict) -> dict:
+    """The subset of ``options`` that ``spec``'s method takes."""
+    return {name: value for name, value in options.items() if name in spec.options}
+
+
+def _full(budget=None) -> list[Stage]:
     return []
 
 
-def _truncate(budget, **_) -> list[Stage]:
+def _truncate(budget) -> list[Stage]:
     from .stages import Truncate
 
     return [Truncate(budget)]
 
 
-def _rag(budget, chunk_tokens: int = 128, **_) -> list[Stage]:
+def _rag(budget, chunk_tokens: int = 128) -> list[Stage]:
     from .compressors.rag import RAGChunks
 
     if not isinstance(budget, int):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..errors import InputError
@@ -19,17 +18,6 @@ def _ints(text: str, what: str) -> list[int]:
         return [int(part) for part in _list(text)]
     except ValueError:
         raise InputError(f"{what} takes comma-separated integers (2048,4096); got {text!r}.") from None
-
-
-def _options(items: list[str]) -> dict:
-    """--option KEY=VALUE items -> {key: value}, values read as JSON when they look like JSON."""
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--option takes KEY=VALUE; got {item!r}.")
-        options[key.strip()] = json.loads(value) if value[:1] in "-0123456789[{tf\"n" else value
-    return options
 
 
 def _add_sample_options(parser: argparse.ArgumentParser) -> None:
@@ -60,12 +48,13 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--no-full", action="store_true", help="do not run the full-context baseline (no ratios)")
     bench.add_argument("--overwrite", action="store_true", help="redo configurations whose metrics.json exists")
     bench.add_argument("--share-prefill", action="store_true",
-                       help="prefill each sample's prompt once for every configuration that reads the same prompt "
-                            "(full, snapkv at each budget), and run each selection pass (gemfilter's early layers, "
+                       help="prefill each sample's prompt once for every configuration that reads it with the "
+                            "same attention capture (full and snapkv at each budget), and run each selection pass (gemfilter's early layers, "
                             "the specpc/speckv draft) once for all budgets; each TTFT still counts those passes' "
                             "measured time")
     bench.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="method option passed to every method, e.g. --option layer=12 (repeatable)")
+                       help="method option, passed to each method that takes it, e.g. --option layer=12 (repeatable; "
+                            "`ctxopt methods` lists the options)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(handler=cmd_bench)
 
@@ -86,6 +75,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import sys
 
     from ..cli import parse_budget
+    from ..methods import parse_options
     from .runner import run_benchmark
 
     if not args.task:
@@ -97,7 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, draft=args.draft, samples=args.samples, repeats=args.repeats, seed=args.seed,
         max_new_tokens=args.max_new_tokens, include_full=not args.no_full, overwrite=args.overwrite,
         share_prefill=args.share_prefill,
-        options=_options(args.option), device=args.device, dtype=args.dtype, progress=not args.no_progress,
+        options=parse_options(args.option), device=args.device, dtype=args.dtype, progress=not args.no_progress,
         command=shlex.join(["ctxopt", *sys.argv[1:]]),
     )
     failed = sum(m["n_errors"] for m in results)

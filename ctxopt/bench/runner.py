@@ -37,7 +37,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..methods import METHODS, build_stages
+from ..methods import METHODS, build_stages, draft_option, options_for
 from ..models import LoadedModel, load_model
 from ..pipeline import Context, Pipeline, PrefillMemo, as_passages
 from ..prompting import DEFAULT_INSTRUCTION
@@ -49,7 +49,6 @@ from .report import (
 )
 
 HOTPOTQA_NEW_TOKENS = 32  # RULER's tokens_to_generate for its qa tasks
-DRAFT_OPTIONS = ("draft", "drafter")  # the option name a draft-based method takes its second model by
 
 
 # -- checks before any work -----------------------------------------------------------------------------
@@ -189,13 +188,23 @@ def machine_info(lm: LoadedModel) -> dict[str, Any]:
 
 
 def _method_options(method: str, options: dict[str, Any], draft: LoadedModel | None) -> dict[str, Any]:
-    """The user's options, plus the draft under the name this method takes it by (if it takes one)."""
-    taken = [name for name in DRAFT_OPTIONS if name in METHODS[method].options]
-    return {**options, **({taken[0]: draft} if draft is not None and taken else {})}
+    """The user's options this method takes, plus the draft under the name it takes one by (if it does)."""
+    spec = METHODS[method]
+    name = draft_option(spec)
+    return {**options_for(spec, options), **({name: draft} if draft is not None and name else {})}
 
 
 def _uses_draft(methods: Iterable[str]) -> bool:
-    return any(name in METHODS[m].options for m in methods for name in DRAFT_OPTIONS)
+    return any(draft_option(METHODS[m]) for m in methods)
+
+
+def check_options(methods: Iterable[str], options: dict[str, Any]) -> None:
+    """Each option is passed to the methods that take it; one that none of them takes is a mistake."""
+    methods = list(methods)
+    unknown = sorted(name for name in options if not any(name in METHODS[m].options for m in methods))
+    if unknown:
+        raise InputError(f"No method of {', '.join(methods)} takes the option {', '.join(map(repr, unknown))}; "
+                         "`ctxopt methods` lists each method's options.")
 
 
 def run_configs(
@@ -262,10 +271,11 @@ def run_benchmark(
     """
     check_tasks(tasks)
     check_methods(methods)
+    options = dict(options or {})
+    check_options(methods, options)
     if samples < 1 or repeats < 1:
         raise InputError(f"--samples and --repeats must be >= 1; got {samples} and {repeats}.")
     configs = plan(methods, budgets, include_full)
-    options = dict(options or {})
     command = command or shlex.join(sys.argv)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
     draft_lm = None

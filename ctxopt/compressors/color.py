@@ -225,7 +225,7 @@ class CoLoR(PassageStage):
 
 
 def color_stages(budget=None, compressor: str | LoadedModel = DEFAULT_COMPRESSOR, max_new_tokens: int = 128,
-                 fallback: str = "original", adapter: Any = "auto", batch_size: int = 8, **_) -> list[CoLoR]:
+                 fallback: str = "original", adapter: Any = "auto", batch_size: int = 8) -> list[CoLoR]:
     """Registry factory: ``color`` (the budget is unused: the compressor decides each summary's length).
     ``adapter=false`` (CLI ``--option adapter=false``) runs the untrained prompt."""
     return [CoLoR(compressor=compressor, max_new_tokens=max_new_tokens, fallback=fallback, adapter=adapter or None,

@@ -52,6 +52,6 @@ class Extractive(PassageStage):
         return [p.replace(text=extract(question, p.text, self.budget, tokenizer, embedder)) for p in passages]
 
 
-def extractive_stages(budget: int | float = 0.5, **_) -> list[Extractive]:
+def extractive_stages(budget: int | float = 0.5) -> list[Extractive]:
     """Registry factory: ``extractive`` at ``budget`` per passage."""
     return [Extractive(budget=budget)]

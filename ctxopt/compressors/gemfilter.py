@@ -133,7 +133,7 @@ class GemFilter(TokenStage):
 
 
 def gemfilter_stages(
-    budget: int | float, layer: int | None = None, kernel: int = 5, keep_question: bool = False, **_: Any
+    budget: int | float, layer: int | None = None, kernel: int = 5, keep_question: bool = False,
 ) -> list[Stage]:
     """Registry factory: ``gemfilter`` at ``budget``."""
     return [GemFilter(budget=budget, layer=layer, kernel=kernel, keep_question=keep_question)]

@@ -84,6 +84,6 @@ class SnapKV(CacheStage):
         return state
 
 
-def snapkv_stages(budget: int | float, window: int = 64, kernel: int = 5, pooling: Pooling = "max", **_) -> list[Stage]:
+def snapkv_stages(budget: int | float, window: int = 64, kernel: int = 5, pooling: Pooling = "max") -> list[Stage]:
     """Registry factory: ``snapkv`` at ``budget`` (``pooling="avg"`` as kvpress and the SnapKV code pool)."""
     return [SnapKV(budget=budget, window=window, kernel=kernel, pooling=pooling)]

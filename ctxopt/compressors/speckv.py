@@ -16,9 +16,10 @@ furiosa-ai/draft-based-approx-llm [C].
 
 Deviations from [C]: the window holds the last ``window`` prompt tokens (the code's window has one more,
 ``window + 1``), so the cache holds budget - 1 positions per head and budget once the last prompt token is
-fed again (the code keeps budget, then budget + 1). [C]'s sparse (vertical-slash) target prefill for long
-prompts, an accelerator, is not done. A draft that is the target itself answers from a copy of the target's
-prefilled cache instead of prefilling the prompt a second time (the same greedy answer).
+fed again (the code keeps budget, then budget + 1). Scores and probabilities are float32 (the code keeps the
+model's dtype). [C]'s sparse (vertical-slash) target prefill for long prompts, an accelerator, is not done. A
+draft that is the target itself answers from a copy of the target's prefilled cache instead of prefilling the
+prompt a second time (the same greedy answer).
 """
 from __future__ import annotations
 
@@ -34,14 +35,13 @@ from ..decoding import GenerationConfig, Prefill, decode, forward, prefill
 from ..errors import InputError
 from ..stages import CacheStage, Run, Stage, tokens_to_keep
 from ..types import Prompt
-from .scoring import check_knobs, pool1d, prefix_probs, select_per_head
+from .scoring import DRAFT_ANSWER_KEY, check_knobs, check_lookahead, pool1d, prefix_probs, select_per_head
 from .selection import report
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
 
 CAPTURE_KEY = "speckv:capture"
-DRAFT_ANSWER_KEY = "draft_answer_ids"
 
 
 def max_scores(record: WindowAttention, prefix: int | None = None) -> torch.Tensor:
@@ -88,8 +88,7 @@ class SpecKV(CacheStage):
 
     def __post_init__(self) -> None:
         check_knobs(self.name, self.window, self.kernel)
-        if self.lookahead is not None and (isinstance(self.lookahead, bool) or self.lookahead < 0):
-            raise InputError(f"speckv: lookahead must be a token count >= 0 or None; got {self.lookahead!r}.")
+        check_lookahead(self.name, self.lookahead)
 
     def attention_request(self, prompt: Prompt, run: Run) -> AttentionCapture | None:
         if tokens_to_keep(self.name, self.budget, len(prompt), window=self.window) is None:
@@ -163,20 +162,25 @@ class SpecKV(CacheStage):
 
 def speckv_stages(
     budget: int | float, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
-    lookahead: int | None = None, **_,
+    lookahead: int | None = None,
 ) -> list[Stage]:
     """Registry factory: ``speckv`` at ``budget``."""
     return [SpecKV(draft=draft, budget=budget, window=window, kernel=kernel, lookahead=lookahead)]
 
 
 def speckv_pc_stages(
-    budget: int | float, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
-    lookahead: int | None = None, **_,
+    budget: int, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
+    lookahead: int | None = None,
 ) -> list[Stage]:
-    """Registry factory: ``speckv-pc``, SpecPC (at least 2048 tokens, its other knobs at their defaults) then
-    SpecKV. SpecPC's draft also writes the answer (``lookahead``, None = the whole answer) that SpecKV reuses. [C]"""
+    """Registry factory: ``speckv-pc``, SpecPC at 2048 tokens (its other knobs at their defaults), then SpecKV
+    at ``budget``; SpecPC's draft also writes the answer (``lookahead``, None = the whole answer) that SpecKV
+    reuses. [C] Deviation: a budget above 2048 raises SpecPC's to the budget (at 2048 SpecKV would then keep
+    the whole cache). The budget is a token count: a ratio would apply to SpecPC's output, not the context."""
     from .specpc import SpecPC
 
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise InputError(f"speckv-pc takes its budget as a token count (SpecPC runs first, so a ratio would be of "
+                         f"its compressed prompt, not of the context); got {budget!r}.")
     return [
         SpecPC(draft=draft, budget=max(2048, budget), lookahead=lookahead),
         SpecKV(draft=draft, budget=budget, window=window, kernel=kernel, lookahead=lookahead),

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +48,7 @@ from ..decoding import GenerationConfig, decode, forward, prefill
 from ..errors import InputError
 from ..stages import Run, Stage, TokenStage, tokens_to_keep
 from ..types import Prompt
+from .scoring import DRAFT_ANSWER_KEY, check_lookahead
 from .selection import (
     centred_max_pool,
     expand_neighbours,
@@ -60,9 +61,6 @@ from .selection import (
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
-
-DRAFT_ANSWER_KEY = "draft_answer_ids"
-
 
 def default_kernel(lm: "LoadedModel") -> int:
     """[C]'s pooling kernel: 64 for Qwen-family models, 32 for Llama-family ones and anything else."""
@@ -220,8 +218,7 @@ class SpecPC(TokenStage):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if knob == "first_layer" else 1):
                 raise InputError(f"specpc: {knob} must be a {'non-negative' if knob == 'first_layer' else 'positive'} "
                                  f"int; got {value!r}.")
-        if self.lookahead is not None and (not isinstance(self.lookahead, int) or self.lookahead < 0):
-            raise InputError(f"specpc: lookahead must be an int >= 0 or None; got {self.lookahead!r}.")
+        check_lookahead(self.name, self.lookahead)
 
     def load_draft(self, run: Run) -> "LoadedModel":
         """The draft: the target when None, a registry name or path loaded on the target's device and dtype."""
@@ -306,7 +303,6 @@ def specpc_stages(
     lookahead: int | None = 0,
     keep_question: bool = False,
     cross_tokenizer: bool = False,
-    **_: Any,
 ) -> list[Stage]:
     """Registry factory: ``specpc`` at ``budget``."""
     return [SpecPC(draft=draft, budget=budget, window=window, first_layer=first_layer, kernel=kernel,

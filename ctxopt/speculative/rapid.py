@@ -322,7 +322,6 @@ def rapid(
     eta: float = 10.0,
     chunk_tokens: int = 128,
     threshold: float | None = 0.1,
-    **_,
 ) -> list[RAPID]:
     """Registry factory: ``budget`` (tokens) is the drafter's context size, ``rag_tokens``."""
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):

@@ -159,7 +159,7 @@ class REFRAG(InputStage):
 
 def refrag_stages(
     budget: Any = None, adapter: str | None = None, chunk_tokens: int | None = None, expand: float = 0.0,
-    policy: str | None = "heuristic", cache: str | None = None, **_: Any,
+    policy: str | None = "heuristic", cache: str | None = None,
 ) -> list[Stage]:
     """Registry factory: ``refrag``. The compression is set by ``chunk_tokens`` and ``expand``, not a budget;
     ``--option policy=null`` turns expansion off."""

@@ -14,11 +14,10 @@ Selection layer: [C]'s per-model choice (13 of 32 for Llama-3.1-8B-Instruct, 19 
 19 of 32 for Phi-3.5-mini), matched by config shape since model names are unreliable; any other model gets
 round(0.4 * layers), the analogue of Llama-3.1-8B's 13/32: 12 of 30 for SmolLM2-135M, 11 of 28 for
 Qwen2.5-Coder-1.5B. ``search_layer`` measures accuracy per layer on a few samples (decoding at each);
-``needle_recall`` screens every layer from one forward per sample. On SmolLM2, a check of all 30 layers (11
-needle samples at 1K tokens, 4 of them with distractors) found layer 12 the best at keeping the whole needle
-sentence in the top 128 (4 of 11) and top 256 (6 of 11) tokens, so the 40% rule stands for it. On
-Qwen2.5-Coder-1.5B the screen (6 RULER-4K needle samples) puts the retrieval layers deeper: from layer 15 on
-the needle is kept at budget 256, at layer 11 only at 1024-2048 (benchmarks/RESULTS.md).
+``needle_recall`` screens every layer from one forward per sample. On Qwen2.5-Coder-1.5B the screen (6
+RULER-4K needle samples) puts the retrieval layers deeper: at layers 15-18, 20 and 21 the needle is kept at
+budget 256, at layer 11 only at 1024-2048; yet at 8K neither layer 11 nor 15 answered (benchmarks/RESULTS.md),
+so the default stays at the 40% rule.
 
 Deviations from [C]: scores are computed in float32 (the code keeps the model's half precision), and ties in
 the ranking go to the earlier position (``torch.topk``'s tie order is unspecified). ``keep_question=True`` is

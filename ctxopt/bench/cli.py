@@ -49,9 +49,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--overwrite", action="store_true", help="redo configurations whose metrics.json exists")
     bench.add_argument("--share-prefill", action="store_true",
                        help="prefill each sample's prompt once for every configuration that reads it with the "
-                            "same attention capture (full and snapkv at each budget), and run each selection pass (gemfilter's early layers, "
-                            "the specpc/speckv draft) once for all budgets; each TTFT still counts those passes' "
-                            "measured time")
+                            "same attention capture (full and snapkv at each budget), and run each selection pass "
+                            "(gemfilter's early layers, the specpc/speckv draft) once for all budgets; each TTFT "
+                            "still counts those passes' measured time")
     bench.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="method option, passed to each method that takes it, e.g. --option layer=12 (repeatable; "
                             "`ctxopt methods` lists the options)")

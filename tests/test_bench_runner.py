@@ -258,22 +258,26 @@ def test_paired_ratio_pairs_samples_by_id():
     assert rep.paired_ratio(rows, [], "ttft_s") is None
 
 
-def handmade_folder(out: Path) -> None:
-    """Two configurations of one task written through report.write_config with hand-made rows."""
-    def row(sample, score, ttft, kept):
-        return {"sample_id": sample, "question": f"q {sample}", "answers": ["x"], "prediction": "x",
-                "score": score, "em": score, "f1": score, "ttft_s": ttft, "decode_tokens_per_s": 10.0,
-                "e2e_s": ttft + 1, "peak_memory_bytes": 2**30, "kv_bytes": kept * 2**12,
-                "prefill_kv_bytes": 4096 * 2**12, "tokens_in": 4096, "tokens_prefilled": kept,
-                "tokens_kept": kept, "new_tokens": 8}
+def handmade_row(sample, score, ttft, kept):
+    return {"sample_id": sample, "question": f"q {sample}", "answers": ["x"], "prediction": "x",
+            "score": score, "em": score, "f1": score, "ttft_s": ttft, "decode_tokens_per_s": 10.0,
+            "e2e_s": ttft + 1, "peak_memory_bytes": 2**30, "kv_bytes": kept * 2**12,
+            "prefill_kv_bytes": 4096 * 2**12, "tokens_in": 4096, "tokens_prefilled": kept,
+            "tokens_kept": kept, "new_tokens": 8}
 
-    full = [row("s1", 1.0, 2.0, 4096), row("s2", 0.0, 4.0, 4096)]
-    info = {"task": "hotpotqa", "length": 4096, "model": "m", "repeats": 1, "seed": 0, "machine": {"device": "cpu"}}
+
+HANDMADE_INFO = {"task": "hotpotqa", "length": 4096, "model": "m", "repeats": 1, "seed": 0, "machine": {"device": "cpu"}}
+
+
+def handmade_folder(out: Path, snapkv_first: bool = False) -> None:
+    """Two configurations of one task written through report.write_config with hand-made rows; with
+    ``snapkv_first`` snapkv is written as if it ran before the baseline (no ratios in its metrics.json)."""
+    full = [handmade_row("s1", 1.0, 2.0, 4096), handmade_row("s2", 0.0, 4.0, 4096)]
+    mine = [handmade_row("s1", 1.0, 0.5, 512), handmade_row("s2", 1.0, 2.0, 512)]
+    rep.write_config(rep.config_dir(out, "hotpotqa", 4096, "snapkv", 512), mine, None if snapkv_first else full,
+                     {**HANDMADE_INFO, "method": "snapkv", "budget": 512})
     rep.write_config(rep.config_dir(out, "hotpotqa", 4096, "full", None), full, full,
-                     {**info, "method": "full", "budget": None})
-    mine = [row("s1", 1.0, 0.5, 512), row("s2", 1.0, 2.0, 512)]
-    rep.write_config(rep.config_dir(out, "hotpotqa", 4096, "snapkv", 512), mine, full,
-                     {**info, "method": "snapkv", "budget": 512})
+                     {**HANDMADE_INFO, "method": "full", "budget": None})
 
 
 def test_report_table_and_markdown_from_a_handmade_folder(tmp_path):
@@ -290,6 +294,21 @@ def test_report_table_and_markdown_from_a_handmade_folder(tmp_path):
     assert markdown.count("\n|") == 4  # header, rule, two rows
     metrics = json.loads((rep.config_dir(tmp_path, "hotpotqa", 4096, "snapkv", 512) / "metrics.json").read_text())
     assert metrics["scores"] == {"em": 1.0, "f1": 1.0, "score": 1.0}
+
+
+def test_report_pairs_ratios_from_the_predictions_on_disk(tmp_path):
+    handmade_folder(tmp_path, snapkv_first=True)
+    snapkv_folder = rep.config_dir(tmp_path, "hotpotqa", 4096, "snapkv", 512)
+    assert json.loads((snapkv_folder / "metrics.json").read_text())["ratios_to_full"] is None
+    # a peer's rows pair with the baseline its runner recorded, not with ctxopt's full context
+    peer = [handmade_row("s1", 1.0, 3.0, 512), handmade_row("s2", 1.0, 3.0, 512)]
+    peer_full = [handmade_row("s1", 1.0, 6.0, 4096), handmade_row("s2", 1.0, 12.0, 4096)]
+    for method, budget, rows in (("kvpress-snapkv", 512, peer), ("kvpress-full", None, peer_full)):
+        rep.write_config(rep.config_dir(tmp_path, "hotpotqa", 4096, method, budget), rows, None,
+                         {**HANDMADE_INFO, "method": method, "budget": budget, "baseline": "kvpress-full"})
+    ratios = {(m["method"], m["budget"]): m["ratios_to_full"]["ttft_s"] for m in rep.load_results(tmp_path)}
+    assert ratios == {("full", None): 1.0, ("snapkv", 512): pytest.approx(0.375),  # median(0.5 / 2, 2 / 4)
+                      ("kvpress-full", None): 1.0, ("kvpress-snapkv", 512): pytest.approx(0.375)}  # median(3/6, 3/12)
 
 
 def test_report_plots(tmp_path):

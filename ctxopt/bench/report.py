@@ -129,10 +129,13 @@ def aggregate(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str,
         "scores": scores,
         "medians": {c: _median(r.get(c) for r in ok) for c in MEDIAN_COLUMNS},
         "peak_memory_bytes_max": max((r["peak_memory_bytes"] for r in ok if r.get("peak_memory_bytes")), default=None),
-        "ratios_to_full": (
-            None if baseline is None else {c: paired_ratio(rows, baseline, c) for c in RATIO_COLUMNS}
-        ),
+        "ratios_to_full": paired_ratios(rows, baseline),
     }
+
+
+def paired_ratios(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+    """``paired_ratio`` for every column of RATIO_COLUMNS; None without baseline rows."""
+    return None if baseline is None else {c: paired_ratio(rows, baseline, c) for c in RATIO_COLUMNS}
 
 
 def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> None:
@@ -158,8 +161,20 @@ def baseline_rows(out: str | Path, task: str, length: int, method: str = BASELIN
 
 # -- report ---------------------------------------------------------------------------------------------
 def load_results(folder: str | Path) -> list[dict[str, Any]]:
-    """Every ``*/*/metrics.json`` under ``folder``, sorted by task, length, method, budget."""
-    results = [json.loads(p.read_text(encoding="utf-8")) for p in Path(folder).glob(f"*/*/{METRICS}")]
+    """Every ``*/*/metrics.json`` under ``folder``, sorted by task, length, method, budget.
+
+    Ratios to the baseline are paired again from the predictions on disk, so a configuration run before its
+    baseline (or a baseline copied in from another run of the same samples) still gets them; the baseline is
+    ``metrics["baseline"]`` where a runner recorded one (kvpress rows: "kvpress-full"), else "full".
+    """
+    results = []
+    for path in Path(folder).glob(f"*/*/{METRICS}"):
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        base_path = config_dir(folder, metrics["task"], metrics["length"], metrics.get("baseline", BASELINE), None)
+        if (base_path / PREDICTIONS).exists() and (path.parent / PREDICTIONS).exists():
+            metrics["ratios_to_full"] = paired_ratios(read_predictions(path.parent / PREDICTIONS),
+                                                      read_predictions(base_path / PREDICTIONS))
+        results.append(metrics)
 
     def key(m: Mapping[str, Any]) -> tuple:
         budget = m.get("budget")

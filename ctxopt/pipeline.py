@@ -287,7 +287,9 @@ class Pipeline:
                 first_token_seconds=result.first_token_seconds,
                 forward_passes=result.forward_passes,
                 stopped_by=result.stopped_by,
-                tokens_per_second=len(result.token_ids) / result.seconds if result.token_ids and result.seconds else None,
+                tokens_per_second=(
+                    len(result.token_ids) / result.seconds if result.token_ids and result.seconds else None
+                ),
                 **result.extra,
             )
             if decoder is not None:

@@ -266,7 +266,8 @@ def handmade_row(sample, score, ttft, kept):
             "tokens_kept": kept, "new_tokens": 8}
 
 
-HANDMADE_INFO = {"task": "hotpotqa", "length": 4096, "model": "m", "repeats": 1, "seed": 0, "machine": {"device": "cpu"}}
+HANDMADE_INFO = {"task": "hotpotqa", "length": 4096, "model": "m", "repeats": 1, "seed": 0,
+                 "machine": {"device": "cpu"}}
 
 
 def handmade_folder(out: Path, snapkv_first: bool = False) -> None:

@@ -133,7 +133,9 @@ def aggregate(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str,
     }
 
 
-def paired_ratios(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+def paired_ratios(
+    rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]] | None
+) -> dict[str, Any] | None:
     """``paired_ratio`` for every column of RATIO_COLUMNS; None without baseline rows."""
     return None if baseline is None else {c: paired_ratio(rows, baseline, c) for c in RATIO_COLUMNS}
 

@@ -31,9 +31,9 @@ def test_long_document_mode_records_stats(tiny_lm):
 
 def test_an_answer_that_ends_at_once_has_no_decode_rate(tiny_lm, monkeypatch):
     pipe = Pipeline(tiny_lm, max_new_tokens=4)
-    first = pipe.ask("What colour is box 3?", context=DOC).token_ids[0]
-    assert pipe.ask("What colour is box 3?", context=DOC).stats.get("decode").extra["tokens_per_second"] > 0
-    monkeypatch.setattr(tiny_lm.model.generation_config, "eos_token_id", first)
+    answer = pipe.ask("What colour is box 3?", context=DOC)
+    assert answer.stats.get("decode").extra["tokens_per_second"] > 0
+    monkeypatch.setattr(tiny_lm.model.generation_config, "eos_token_id", answer.token_ids[0])
     empty = pipe.ask("What colour is box 3?", context=DOC)
     assert empty.token_ids == [] and empty.stats.get("decode").extra["tokens_per_second"] is None  # not 0 tok/s
 

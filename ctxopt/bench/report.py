@@ -169,13 +169,14 @@ def load_results(folder: str | Path) -> list[dict[str, Any]]:
     baseline (or a baseline copied in from another run of the same samples) still gets them; the baseline is
     ``metrics["baseline"]`` where a runner recorded one (kvpress rows: "kvpress-full"), else "full".
     """
-    results = []
+    results, baselines = [], {}
     for path in Path(folder).glob(f"*/*/{METRICS}"):
         metrics = json.loads(path.read_text(encoding="utf-8"))
-        base_path = config_dir(folder, metrics["task"], metrics["length"], metrics.get("baseline", BASELINE), None)
-        if (base_path / PREDICTIONS).exists() and (path.parent / PREDICTIONS).exists():
-            metrics["ratios_to_full"] = paired_ratios(read_predictions(path.parent / PREDICTIONS),
-                                                      read_predictions(base_path / PREDICTIONS))
+        base = config_dir(folder, metrics["task"], metrics["length"], metrics.get("baseline", BASELINE), None)
+        if base not in baselines:  # read each baseline once, not once per configuration
+            baselines[base] = read_predictions(base / PREDICTIONS) if (base / PREDICTIONS).exists() else None
+        if baselines[base] is not None and (path.parent / PREDICTIONS).exists():
+            metrics["ratios_to_full"] = paired_ratios(read_predictions(path.parent / PREDICTIONS), baselines[base])
         results.append(metrics)
 
     def key(m: Mapping[str, Any]) -> tuple:

@@ -19,6 +19,10 @@ target's, so the row times RAPID's rounds at whatever acceptance that gives, not
 at a given acceptance follows from a verification forward's cost next to a decode step's (measured on CPU by
 ``benchmarks/rapid_eval.py --forward-costs``; see RESULTS.md).
 
+Per context length, right after full prefill: one target forward of 1, 2, 5 and 11 new tokens on the
+prefilled context (transformers' SDPA and ctxopt's grouped SDPA): what a RAPID round's verification costs next
+to a decode step, from which its speedup at any acceptance rate follows.
+
 Per context length and method: TTFT (median of ``--repeats`` runs; one run at 64K and above) and its
 ratio to full prefill's, decode milliseconds per token after the first, KV bytes after prefill and after
 decoding, peak memory (torch's peak on CUDA). Methods are read from ``ctxopt.methods.METHODS``, so new
@@ -52,7 +56,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import ctxopt from this checkout
 
+from ctxopt.bench.costs import forward_costs, forward_costs_table  # noqa: E402
 from ctxopt.bench.runner import measurements  # noqa: E402
+from ctxopt.decoding import prefill  # noqa: E402
 from ctxopt.methods import METHODS, build_stages, draft_option  # noqa: E402
 from ctxopt.models import LoadedModel  # noqa: E402
 from ctxopt.pipeline import Pipeline, as_passages  # noqa: E402
@@ -202,6 +208,18 @@ def chunk_cache_for(row: str, context: str, tokenizer, refrag_adapter):
     return ChunkCache.build(as_passages(context), refrag_adapter, tokenizer)
 
 
+def forward_costs_on(target: LoadedModel, ids: list[int], prefill_chunk: int | None) -> dict[str, dict[int, float]]:
+    """Prefill ``ids`` (the context alone), then time target forwards of 1, 2, 5 and 11 new tokens on that cache:
+    a RAPID round's verification (gamma + 1 tokens) next to a decode step, at this context length."""
+    state = prefill(target.model, torch.tensor(ids), chunk_size=prefill_chunk)
+    try:
+        return forward_costs(target, state)
+    finally:
+        del state
+        if target.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """A short aligned table of the results."""
     header = ["context", "method", "budget", "TTFT s", "x full", "decode ms/tok", "prefilled", "kept",
@@ -218,6 +236,13 @@ def table(results: list[dict[str, Any]]) -> str:
                       or ("" if r.get("acceptance_rate") is None else f"accepted {r['acceptance_rate']:.2f}"))[:60]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def save(out: Path, info: dict[str, Any], results: list[dict[str, Any]],
+         costs: dict[int, dict[str, dict[int, float]]]) -> None:
+    """Write everything measured so far to ``out/gpu_speed.json``."""
+    document = {"info": info, "results": results, "forward_costs": {str(n): c for n, c in costs.items()}}
+    (out / "gpu_speed.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -292,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setup {info['setup_seconds']} s on {device} {info['dtype']}; methods {', '.join(methods)}", flush=True)
 
     results: list[dict[str, Any]] = []
+    costs: dict[int, dict[str, dict[int, float]]] = {}  # context length -> forward_costs
     for length in contexts:
         ids = torch.randint(1, shape["vocab_size"], (length - PROMPT_ROOM,), generator=generator).tolist()
         context = " ".join(f"w{i}" for i in ids)
@@ -317,17 +343,24 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
             if method == BASELINE:
                 full_seconds = row.get("e2e_s")
+                if full_seconds and time.perf_counter() - began + 2 * full_seconds <= time_budget:
+                    try:
+                        costs[length] = forward_costs_on(target, ids, args.prefill_chunk)
+                    except Exception as error:  # out of memory: the method rows still run
+                        print(f"{length:>7} forward costs: {type(error).__name__}: {error}", flush=True)
             base = next((r for r in results if r["context"] == length and r["method"] == BASELINE), row)
             if row.get("ttft_s") and base.get("ttft_s"):
                 row["ttft_ratio"] = row["ttft_s"] / base["ttft_s"]
             results.append(row)
             print(f"{length:>7} {name:<13} " + (row.get("error") or row.get("skipped") or
                   f"ttft {row['ttft_s']:.3f} s, decode {row['decode_ms_per_token'] or 0:.1f} ms/token"), flush=True)
-            (out / "gpu_speed.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+            save(out, info, results, costs)
     info["total_seconds"] = round(time.perf_counter() - began, 1)
-    (out / "gpu_speed.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+    save(out, info, results, costs)
     print(f"\nwrote {out / 'gpu_speed.json'} ({info['total_seconds']} s)\n")
     print(table(results))
+    for length, by_implementation in costs.items():
+        print("\n" + forward_costs_table(by_implementation, length))
     return 0
 
 

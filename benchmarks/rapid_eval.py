@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ctxopt.attention import GROUPED_SDPA
+from ctxopt.bench.costs import forward_costs, forward_costs_table
 from ctxopt.bench.datasets import load_task
 from ctxopt.bench.metrics import score
 from ctxopt.bench.runner import ask_inputs, sample_max_new_tokens
-from ctxopt.cache import cache_length, crop_cache
-from ctxopt.decoding import GenerationConfig, Prefill, decode, forward, prefill
+from ctxopt.cache import cache_length
+from ctxopt.decoding import GenerationConfig, decode, prefill
 from ctxopt.models import load_model
 from ctxopt.pipeline import Pipeline, as_passages
 from ctxopt.retrievers.embeddings import load_embedder
@@ -54,34 +54,6 @@ from ctxopt.types import Stats
 COLUMNS = ("task", "sample_id", "row", "score", "tokens", "decode_s", "stage_s", "prefill_s", "prompt_tokens",
            "draft_prompt_tokens", "retrieval_s", "draft_prefill_s", "acceptance", "tokens_per_forward", "same_as_target",
            "prediction")
-
-
-def forward_costs(lm, state: Prefill, sizes=(1, 2, 5, 11), repeats=3) -> str:
-    """Markdown: seconds of one target forward of k new tokens on ``state``'s cache, per attention implementation."""
-    length, vocab = cache_length(state.cache), lm.model.config.get_text_config(decoder=True).vocab_size
-    lines = [f"cache {length} tokens; median of {repeats} forwards, seconds", "",
-             "| attention | " + " | ".join(f"k={k}" for k in sizes) + " |", "|---|" + "---|" * len(sizes)]
-    config = lm.model.config
-    original = config._attn_implementation
-    try:
-        for implementation in ("sdpa", GROUPED_SDPA):
-            config._attn_implementation = implementation
-            cells = []
-            for k in sizes:
-                times = []
-                for _ in range(repeats):
-                    ids = torch.randint(0, vocab, (k,))
-                    tick = time.perf_counter()
-                    with torch.inference_mode():
-                        forward(lm.model, ids, positions=torch.arange(length, length + k), cache=state.cache,
-                                logits_to_keep=k)
-                    times.append(time.perf_counter() - tick)
-                    crop_cache(state.cache, length)
-                cells.append(f"{statistics.median(times):.3f}")
-            lines.append(f"| {implementation} | " + " | ".join(cells) + " |")
-    finally:
-        config._attn_implementation = original
-    return "\n".join(lines)
 
 
 def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_new_tokens, costs_to=None):
@@ -98,7 +70,8 @@ def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_ne
     prefill_s = time.perf_counter() - tick
     base = dict(task=sample.task, sample_id=sample.id, prefill_s=prefill_s, prompt_tokens=len(prompt))
     if costs_to is not None:
-        costs_to.write_text(forward_costs(lm, state) + "\n", encoding="utf-8")
+        costs_to.write_text(forward_costs_table(forward_costs(lm, state), cache_length(state.cache)) + "\n",
+                            encoding="utf-8")
         print(costs_to.read_text(encoding="utf-8"))
 
     def row(name, result, **extra):

@@ -358,4 +358,31 @@ def test_gpu_speed_smoke(tmp_path):
     refrag, cached = (next(r for r in rows if r["method"] == name) for name in ("refrag", "refrag-cached"))
     assert refrag["cached_chunks"] == 0 and cached["cached_chunks"] > 0
     assert cached["tokens_kept"] == refrag["tokens_kept"] < full["tokens_kept"]  # decoder positions
-    assert "TTFT s" in done.stdout.splitlines()[-len(rows) - 1]  # the table is printed last
+    assert any(line.startswith("context  method") and "TTFT s" in line for line in done.stdout.splitlines())
+    costs = result["forward_costs"]["512"]  # RAPID's verification forwards next to a decode step
+    assert set(costs) == {"sdpa", "ctxopt_sdpa"} and all(set(c) == {"1", "2", "5", "11"} for c in costs.values())
+    assert all(seconds > 0 for c in costs.values() for seconds in c.values())
+
+
+def test_forward_costs_leave_the_cache_as_they_found_it(tiny_lm):
+    """Each timed forward is cropped off again, so the cache decodes exactly as before the timings."""
+    import torch
+
+    from ctxopt.bench.costs import forward_costs, forward_costs_table
+    from ctxopt.cache import cache_length, crop_cache
+    from ctxopt.decoding import forward, prefill
+
+    state = prefill(tiny_lm.model, torch.arange(3, 40))
+
+    def next_logits():
+        with torch.inference_mode():
+            out = forward(tiny_lm.model, torch.tensor([7]), positions=torch.tensor([37]), cache=state.cache)
+        crop_cache(state.cache, 37)
+        return out.logits[0, -1]
+
+    before = next_logits()
+    costs = forward_costs(tiny_lm, state, sizes=(1, 4), repeats=2)
+    assert cache_length(state.cache) == 37
+    assert torch.equal(next_logits(), before)
+    assert set(costs) == {"sdpa", "ctxopt_sdpa"} and all(set(c) == {1, 4} for c in costs.values())
+    assert "| sdpa |" in forward_costs_table(costs, 37, repeats=2)

@@ -56,6 +56,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import ctxopt from this checkout
 
+from ctxopt.attention import use_grouped_sdpa  # noqa: E402
 from ctxopt.bench.costs import forward_costs, forward_costs_table  # noqa: E402
 from ctxopt.bench.runner import measurements  # noqa: E402
 from ctxopt.decoding import prefill  # noqa: E402
@@ -113,12 +114,13 @@ def random_weights_on(device: torch.device, dtype: torch.dtype, seed: int):
 
 def random_model(shape: dict[str, Any], tokenizer: PreTrainedTokenizerFast, name: str, device: torch.device,
                  dtype: torch.dtype, seed: int) -> LoadedModel:
-    """A random-weight Llama of ``shape``, built directly on ``device`` in ``dtype``, with SDPA attention."""
+    """A random-weight Llama of ``shape``, built directly on ``device`` in ``dtype``, with ctxopt's SDPA."""
     config = LlamaConfig(**shape, **ROPE, max_position_embeddings=131072, bos_token_id=None, eos_token_id=None,
                          pad_token_id=None)
     config._attn_implementation = "sdpa"
     with random_weights_on(device, dtype, seed):
         model = LlamaForCausalLM(config)
+    use_grouped_sdpa(model)  # the attention load_model gives every model
     model.eval().requires_grad_(False)
     model.generation_config.eos_token_id = None  # never stop early: every run decodes the same count
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)

@@ -7,12 +7,14 @@ and then runs ordinary SDPA. Memory stays O(W * n) per layer. GemFilter, SpecPC,
 read attention through this one hook.
 
 It also holds ``GROUPED_SDPA``, the attention implementation ``ctxopt.models.load_model`` gives every model:
-transformers' SDPA, except that a masked forward of a grouped-query model on CPU uses SDPA's own grouping.
+transformers' SDPA, except for a masked forward of several new tokens against a cache of a grouped-query
+model, which SDPA groups itself (CPU), or runs as lower-right causal flash attention (CUDA, half precision).
 """
 from __future__ import annotations
 
 import contextvars
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,13 +42,55 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "sinks", "s_aux"))
-    if attention_mask is None or groups == 1 or query.device.type != "cpu" or special:
+    if attention_mask is None or groups == 1 or special:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.device.type == "cpu":
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask[..., : key.shape[-2]], dropout_p=dropout, scale=scaling,
+            enable_gqa=True,
+        )
+        return output.transpose(1, 2).contiguous(), None
+    if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 \
+            and is_lower_right_causal(attention_mask, key.shape[-2]):
+        return lower_right_causal_attention(query, key, value, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def lower_right_causal_attention(query, key, value, scaling=None) -> torch.Tensor:
+    """Attention of q new tokens that follow a cache: query i sees keys 0 .. n - q + i. Given to SDPA as torch's
+    lower-right ``CausalBias`` with its own GQA grouping, so CUDA runs flash attention with no mask and no copy
+    of the cache (transformers copies every key and value head per query head when a mask is present: on an
+    H200 with an 8B-shaped model and a 128K cache an 11-token forward cost 0.30 s, a 1-token one 0.065 s).
+    Returns (batch, q, heads, head_dim) like transformers' attention functions."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    bias = causal_lower_right(query.shape[-2], key.shape[-2])
     output = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask[..., : key.shape[-2]], dropout_p=dropout, scale=scaling,
-        enable_gqa=True,
+        query, key, value, attn_mask=bias, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
     )
-    return output.transpose(1, 2).contiguous(), None
+    return output.transpose(1, 2).contiguous()
+
+
+_CHECKED_MASK = threading.local()  # the last mask checked (a weak reference) and the answer
+
+
+def is_lower_right_causal(mask: torch.Tensor, keys: int) -> bool:
+    """Whether a boolean batch-1 mask lets each of its q queries see exactly the keys up to its own slot, the last
+    q of ``keys``: all of the cache before them, and causally among themselves -- the mask transformers builds
+    for new tokens after a cache without padding or a sliding window. One reduction, remembered for the mask
+    object itself, which transformers hands to every layer of one forward."""
+    last = getattr(_CHECKED_MASK, "last", None)
+    if last is not None and last[0]() is mask:
+        return last[1]
+    queries = mask.shape[-2]
+    answer = False
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == 1 and 1 < queries < keys \
+            and mask.shape[-1] >= keys:
+        prefix = keys - queries
+        own = torch.ones(queries, queries, dtype=torch.bool, device=mask.device).tril()
+        answer = bool(mask[..., :prefix].all() & (mask[..., prefix:keys] == own).all())
+    _CHECKED_MASK.last = (weakref.ref(mask), answer)
+    return answer
 
 
 AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)

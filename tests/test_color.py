@@ -178,7 +178,7 @@ def test_composed_methods_share_budget_and_options(tiny_lm):
     assert [s.name for s in stages] == ["color", "truncate"] and stages[0].adapter is None
     stages[0].progress = False
     answer = Pipeline(tiny_lm, stages=stages, max_new_tokens=3).ask("Vault code?", context=PASSAGES)
-    assert [r.stage for r in answer.stats.stages][:2] == ["color", "truncate"]
+    assert [r.stage for r in answer.stats.stages][:3] == ["color", "prompt", "truncate"]
     assert {p.source for p in answer.prompt.passages} == {"a.md", "b.md"}
 
 

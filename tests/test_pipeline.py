@@ -20,9 +20,11 @@ class ListRetriever:
 def test_long_document_mode_records_stats(tiny_lm):
     answer = Pipeline(tiny_lm, max_new_tokens=8).ask("What colour is box 3?", context=DOC)
     names = [s.stage for s in answer.stats.stages]
-    assert names == ["prefill", "decode"]
-    prefill = answer.stats.get("prefill")
-    assert prefill.tokens_in == prefill.tokens_out == len(answer.prompt)
+    assert names == ["prompt", "prefill", "decode"]
+    prompt, prefill = answer.stats.get("prompt"), answer.stats.get("prefill")
+    assert prompt.tokens_out == prefill.tokens_in == prefill.tokens_out == len(answer.prompt)
+    decode = answer.stats.get("decode")  # TTFT: building the prompt, the prefill, the first decode step
+    assert answer.stats.ttft_seconds == prompt.seconds + prefill.seconds + decode.extra["first_token_seconds"]
     assert prefill.kv_bytes > 0 and prefill.peak_memory_bytes > 0
     assert answer.stats.get("decode").tokens_out == len(answer.token_ids) == 8
     assert answer.sources[0].text == DOC

@@ -65,3 +65,41 @@ def test_partial_selection_marks_gaps(tiny_tokenizer):
 def test_empty_question_is_rejected(tiny_tokenizer):
     with pytest.raises(InputError, match="question is empty"):
         build_prompt(tiny_tokenizer, "   ", PASSAGES)
+
+
+def _provenance_one_token_at_a_time(offsets, passages, question):
+    """The rule written as a plain loop, the reference for the vectorised ``_provenance``."""
+    from ctxopt.types import TEMPLATE
+
+    rows = []
+    for start, end in offsets:
+        row = (-1, -1, -1, TEMPLATE)
+        if end > start:
+            owner = next((j for j, (_, p_end) in enumerate(passages) if p_end > start), None)
+            if owner is not None and start < passages[owner][1] and end > passages[owner][0]:
+                p_start, p_end = passages[owner]
+                row = (owner, max(start, p_start) - p_start, min(end, p_end) - p_start, CONTEXT)
+            elif start < question[1] and end > question[0]:
+                row = (-1, -1, -1, QUESTION)
+        rows.append(row)
+    return rows
+
+
+def test_vectorised_provenance_equals_the_token_by_token_rule():
+    """Random tokenisations over a text with passages and a question: tokens that start a character before a
+    passage (a BPE space), straddle two passages, are empty (special tokens), or overlap the question."""
+    from ctxopt.prompting import _provenance
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        cuts = sorted(set(torch.randint(0, 400, (60,), generator=generator).tolist()) | {0, 400})
+        offsets = [(a, b) for a, b in zip(cuts, cuts[1:])]
+        for i in torch.randint(0, len(offsets), (5,), generator=generator).tolist():
+            offsets.insert(i, (offsets[i][0], offsets[i][0]))  # empty tokens
+        bounds = sorted(torch.randperm(380, generator=generator)[:6].tolist())
+        passages = [(bounds[0], bounds[1]), (bounds[2], bounds[3]), (bounds[4], bounds[5])]
+        question = (bounds[5] + 3, 399)
+        index, spans, segment = _provenance(offsets, passages, question)
+        ours = list(zip(index.tolist(), spans[:, 0].tolist(), spans[:, 1].tolist(), segment.tolist()))
+        assert ours == _provenance_one_token_at_a_time(offsets, passages, question)
+    assert [t.numel() for t in _provenance([], [], (0, 0))] == [0, 0, 0]

@@ -270,3 +270,53 @@ def test_fingerprint_is_kept_until_a_weight_changes(monkeypatch, tiny_tokenizer,
     with torch.no_grad():
         weight.copy_(original)  # what load_state_dict does
     assert adapter.fingerprint() == first and len(hashes) == 3
+
+
+def _layout_one_token_at_a_time(prompt, k, token_embeds, chunk_embeds, expanded):
+    """split_context, assemble and surprisal_scores written as plain loops: the reference for the vectorised ones."""
+    is_context, owner = (prompt.segment == CONTEXT).tolist(), prompt.passage_index.tolist()
+    spans = prompt.char_spans.tolist()
+    chunks, row = [], 0
+    while row < len(prompt):
+        if not is_context[row]:
+            row += 1
+            continue
+        end = row
+        while end < len(prompt) and is_context[end] and owner[end] == owner[row]:
+            end += 1
+        for first in range(row, end, k):
+            last = min(first + k, end)
+            lo, hi = spans[first][0], spans[last - 1][1]
+            chunks.append((owner[row], first, last, (lo, hi), prompt.passages[owner[row]].text[lo:hi]))
+        row = end
+    rows, source = [], []
+    for i in range(len(prompt)):
+        chunk = next((c for c, (_, first, last, _, _) in enumerate(chunks) if first <= i < last and c not in expanded),
+                     None)
+        if chunk is None:
+            rows.append(token_embeds[i])
+            source.append(i)
+        elif i == chunks[chunk][1]:
+            rows.append(chunk_embeds[chunk])
+            source.append(-(chunk + 1))
+    scores = [float(torch.log1p(prompt.input_ids[c[1]:c[2]].float()).mean()) for c in chunks]
+    return chunks, torch.stack(rows), torch.tensor(source), torch.tensor(scores)
+
+
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_vectorised_layout_equals_the_token_by_token_rule(tiny_tokenizer, k):
+    generator = torch.Generator().manual_seed(k)
+    words = "alpha beta gamma delta vault code 7341 Lovelace algorithm river bank 12 March".split()
+    passages = [Passage(" ".join(words[i] for i in torch.randint(0, len(words), (int(n),), generator=generator)))
+                for n in torch.randint(1, 60, (5,), generator=generator)]
+    prompt = build_prompt(tiny_tokenizer, QUESTION, passages)
+    tokens = torch.randn(len(prompt), 4, generator=generator)
+    chunks = split_context(prompt, k)
+    embeds = torch.randn(len(chunks), 4, generator=generator)
+    expanded = set(torch.randint(0, len(chunks), (len(chunks) // 3,), generator=generator).tolist())
+    ref_chunks, ref_rows, ref_source, ref_scores = _layout_one_token_at_a_time(prompt, k, tokens, embeds, expanded)
+    assert [(c.passage, c.start, c.end, c.span, c.text) for c in chunks] == ref_chunks
+    rows, source = assemble(tokens, chunks, embeds, expanded)
+    assert torch.equal(source, ref_source) and torch.equal(rows, ref_rows)
+    scores = surprisal_scores([prompt.input_ids[c.start : c.end] for c in chunks])
+    torch.testing.assert_close(scores, ref_scores)

@@ -35,24 +35,25 @@ def chunk_offsets(offsets: list[tuple[int, int]], chunk_tokens: int) -> list[tup
 
 
 def split_context(prompt: Prompt, chunk_tokens: int) -> list[Chunk]:
-    """The prompt's CONTEXT tokens cut into chunks of ``chunk_tokens``, per run of one passage, in order."""
-    is_context = (prompt.segment == CONTEXT).tolist()
-    passage_of = prompt.passage_index.tolist()
-    spans = prompt.char_spans.tolist()
+    """The prompt's CONTEXT tokens cut into chunks of ``chunk_tokens``, per run of one passage, in order.
+
+    Runs are found with tensor ops and chunk bounds per run: a loop over tokens cost 0.48 s at 128K tokens
+    (8K chunks), inside REFRAG's TTFT."""
+    owner = torch.where(prompt.segment == CONTEXT, prompt.passage_index, -1)
+    if owner.numel() == 0:
+        return []
+    edges = (torch.nonzero(owner[1:] != owner[:-1]).flatten() + 1).tolist()
     chunks: list[Chunk] = []
-    row = 0
-    while row < len(prompt):
-        if not is_context[row]:
-            row += 1
+    for start, end in zip([0] + edges, edges + [len(owner)]):
+        passage = int(owner[start])
+        if passage < 0:
             continue
-        run_end = row
-        while run_end < len(prompt) and is_context[run_end] and passage_of[run_end] == passage_of[row]:
-            run_end += 1
-        passage = passage_of[row]
+        firsts = torch.arange(start, end, chunk_tokens)
+        lasts = (firsts + chunk_tokens).clamp(max=end)
+        los, his = prompt.char_spans[firsts, 0].tolist(), prompt.char_spans[lasts - 1, 1].tolist()
         text = prompt.passages[passage].text
-        for first, end, lo, hi in chunk_offsets([tuple(s) for s in spans[row:run_end]], chunk_tokens):
-            chunks.append(Chunk(passage, row + first, row + end, (lo, hi), text[lo:hi]))
-        row = run_end
+        chunks.extend(Chunk(passage, first, last, (lo, hi), text[lo:hi])
+                      for first, last, lo, hi in zip(firsts.tolist(), lasts.tolist(), los, his))
     return chunks
 
 
@@ -63,13 +64,17 @@ def assemble(
     chunk embedding; an expanded chunk keeps its token embeddings. Returns (inputs_embeds, source) where
     ``source[i]`` is the prompt row of position i, or -(c + 1) for the embedding of chunk c."""
     n = token_embeds.shape[0]
-    keep = torch.ones(n, dtype=torch.bool)
     source = torch.arange(n)
-    for c, chunk in enumerate(chunks):
-        if c in expanded:
-            continue
-        keep[chunk.start + 1 : chunk.end] = False
-        source[chunk.start] = -(c + 1)
+    keep = torch.ones(n, dtype=torch.bool)
+    compressed = [c for c in range(len(chunks)) if c not in expanded]
+    if compressed:
+        starts = torch.tensor([chunks[c].start for c in compressed])
+        ends = torch.tensor([chunks[c].end for c in compressed])
+        inside = torch.zeros(n + 1, dtype=torch.long)  # +1 from a chunk's second row, -1 after its last
+        inside.index_add_(0, starts + 1, torch.ones_like(starts))
+        inside.index_add_(0, ends, -torch.ones_like(ends))
+        keep = inside.cumsum(0)[:n] == 0
+        source[starts] = -(torch.tensor(compressed) + 1)
     source = source[keep]
     rows = token_embeds[keep].clone()
     is_chunk = source < 0
@@ -86,7 +91,13 @@ def surprisal_scores(chunk_ids: list[torch.Tensor]) -> torch.Tensor:
     frequency, so a token's id ranks its frequency; under Zipf's law -log p(token) = log(rank) + const, so the
     mean log id is a free estimate of a chunk's unigram log-perplexity (rare names and numbers score high).
     """
-    return torch.tensor([float(torch.log1p(ids.float()).mean()) if len(ids) else 0.0 for ids in chunk_ids])
+    if not chunk_ids:
+        return torch.zeros(0)
+    lengths = torch.tensor([len(ids) for ids in chunk_ids])
+    owner = torch.repeat_interleave(torch.arange(len(chunk_ids)), lengths)
+    logs = torch.log1p(torch.cat(chunk_ids).double())
+    sums = torch.zeros(len(chunk_ids), dtype=torch.float64).index_add_(0, owner, logs)
+    return torch.where(lengths > 0, sums / lengths.clamp(min=1), 0.0).float()
 
 
 def expansion_count(expand: float, chunks: int) -> int:

@@ -30,15 +30,17 @@ GROUPED_SDPA = "ctxopt_sdpa"
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, with one change for a MASKED forward of a grouped-query model on CPU.
+    """transformers' SDPA attention, changed for a MASKED forward of a grouped-query model.
 
     transformers passes ``enable_gqa`` to SDPA only when there is no mask (a mask sends CUDA's grouped
     kernel to the math fallback) and otherwise copies every key and value head once per query head. A forward
     of several new tokens against a cache always has a mask -- RAPID's verification of gamma drafts, a
-    chunked prefill -- so on CPU that copy of the whole cache, per layer per forward, is paid every time
+    chunked prefill -- so that copy of the whole cache, per layer per forward, is paid every time
     (Qwen2.5-Coder-1.5B, 6 query heads per KV head, 8K cache, 2 CPU threads: a 5-token forward 3.47 s with
     the copy, 2.38 s without; benchmarks/RESULTS.md). CPU SDPA groups masked queries natively, so there it is
-    asked to; everything else is transformers' path.
+    asked to. On CUDA in half precision, a mask that is plain lower-right causal (new tokens after a cache, no
+    padding, no sliding window) becomes :func:`lower_right_causal_attention`. Everything else is
+    transformers' path.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "sinks", "s_aux"))
@@ -71,7 +73,7 @@ def lower_right_causal_attention(query, key, value, scaling=None) -> torch.Tenso
     return output.transpose(1, 2).contiguous()
 
 
-_CHECKED_MASK = threading.local()  # the last mask checked (a weak reference) and the answer
+_CHECKED_MASK = threading.local()  # the last mask checked (a weak reference), its key count and the answer
 
 
 def is_lower_right_causal(mask: torch.Tensor, keys: int) -> bool:
@@ -80,8 +82,8 @@ def is_lower_right_causal(mask: torch.Tensor, keys: int) -> bool:
     for new tokens after a cache without padding or a sliding window. One reduction, remembered for the mask
     object itself, which transformers hands to every layer of one forward."""
     last = getattr(_CHECKED_MASK, "last", None)
-    if last is not None and last[0]() is mask:
-        return last[1]
+    if last is not None and last[0]() is mask and last[1] == keys:
+        return last[2]
     queries = mask.shape[-2]
     answer = False
     if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == 1 and 1 < queries < keys \
@@ -89,7 +91,7 @@ def is_lower_right_causal(mask: torch.Tensor, keys: int) -> bool:
         prefix = keys - queries
         own = torch.ones(queries, queries, dtype=torch.bool, device=mask.device).tril()
         answer = bool(mask[..., :prefix].all() & (mask[..., prefix:keys] == own).all())
-    _CHECKED_MASK.last = (weakref.ref(mask), answer)
+    _CHECKED_MASK.last = (weakref.ref(mask), keys, answer)
     return answer
 
 

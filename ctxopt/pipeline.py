@@ -220,7 +220,9 @@ class Pipeline:
             self.lm.tokenizer, question, passages, self.instruction, self.system, answer_prefix=answer_prefix
         )
 
-    def _timed_prompt(self, question: str, passages: Sequence[Passage], answer_prefix: str = "") -> tuple[Prompt, StageStats]:
+    def _timed_prompt(
+        self, question: str, passages: Sequence[Passage], answer_prefix: str = ""
+    ) -> tuple[Prompt, StageStats]:
         """The prompt and its "prompt" record: the chat template, tokenization and provenance are work the
         question waits for, so they count in TTFT like every stage before the decoder."""
         with measure("prompt", self.lm.device) as record:

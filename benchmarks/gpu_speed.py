@@ -14,19 +14,23 @@ tokenizer built here with the ``tokenizers`` library: word ``w<i>`` is token ``i
 token ids is the text of n words and the ordinary ``Pipeline.ask`` runs end to end (prompt provenance,
 every stage, ctxopt's decode loop). Random weights make the answers meaningless; only the timings count.
 
-RAPID's row records its acceptance rate. With random weights the drafter's tokens say nothing about the
-target's, so the row times RAPID's rounds at whatever acceptance that gives, not the paper's regime; the speedup
-at a given acceptance follows from a verification forward's cost next to a decode step's (measured on CPU by
-``benchmarks/rapid_eval.py --forward-costs``; see RESULTS.md).
+RAPID is timed twice: ``rapid`` drafts with the 1B-shaped model, ``rapid-self`` with the target itself over the
+retrieved chunks (the paper's self-speculation); both decode 4x ``--new-tokens`` so that several rounds count,
+and record their acceptance rate. With random weights a different drafter's tokens say nothing about the
+target's (acceptance near 0), while the target drafting for itself agrees as often as its random weights make
+its next token depend on the current token rather than on the context; either way the rows time RAPID's rounds
+at whatever acceptance that gives, not the paper's regime. The speedup at any other acceptance follows from a
+verification forward's cost next to a decode step's (below; on CPU, ``benchmarks/rapid_eval.py
+--forward-costs``; see RESULTS.md).
 
 Per context length, right after full prefill: one target forward of 1, 2, 5 and 11 new tokens on the
 prefilled context (transformers' SDPA and ctxopt's grouped SDPA): what a RAPID round's verification costs next
 to a decode step, from which its speedup at any acceptance rate follows.
 
-Per context length and method: TTFT (median of ``--repeats`` runs; one run at 64K and above) and its
-ratio to full prefill's, decode milliseconds per token after the first, KV bytes after prefill and after
-decoding, peak memory (torch's peak on CUDA). Methods are read from ``ctxopt.methods.METHODS``, so new
-ones are picked up. A config that fails (a missing optional dependency, out of memory) records its error and
+Per context length and method: TTFT (median of ``--repeats`` runs; one run at 64K and above) and its ratio to
+full prefill's, the median seconds of each stage that TTFT adds up (the prompt, the method's stage, the
+prefill), decode milliseconds per token after the first, KV bytes after prefill and after decoding, peak memory
+(torch's peak on CUDA). Methods are read from ``ctxopt.methods.METHODS``, so new ones are picked up. A config that fails (a missing optional dependency, out of memory) records its error and
 the run goes on. A config is skipped when the time spent plus 1.5x the full prefill's time at that length
 (per repeat) would pass ``--time-budget`` (default 270 s, counted from the start, so that the whole run,
 imports included, ends within 6 minutes). Results go to ``$OUT/gpu_speed.json`` (default
@@ -174,26 +178,36 @@ def time_config(target: LoadedModel, method: str, budget: int | None, context: s
         numbers["acceptance_rate"] = decode.extra.get("acceptance_rate")  # RAPID: drafts the target accepted
         numbers["cached_chunks"] = next(  # REFRAG: chunk embeddings read from the cache, not encoded
             (r.extra["cached_chunks"] for r in answer.stats.stages if "cached_chunks" in r.extra), None)
+        numbers["stage_seconds"] = {record.stage: record.seconds for record in answer.stats.stages}
         runs.append(numbers)
         del answer
     result: dict[str, Any] = {"repeats": repeats}
     for key in runs[0]:
+        if key == "stage_seconds":  # where TTFT goes: each stage's median
+            result[key] = {name: statistics.median(r[key].get(name, 0.0) for r in runs) for name in runs[0][key]}
+            continue
         values = [r[key] for r in runs if r[key] is not None]
         result[key] = statistics.median(values) if values else None
     return result
 
 
-# The one timed row that is not a method name: REFRAG fed precomputed chunk embeddings.
+# The timed rows that are not method names: REFRAG fed precomputed chunk embeddings, and RAPID with the target
+# as its own drafter (the paper's self-speculation; the ``rapid`` row drafts with the 1B-shaped model).
 CACHED_REFRAG = "refrag-cached"
+SELF_RAPID = "rapid-self"
+SECOND_ROWS = {"refrag": CACHED_REFRAG, "rapid": SELF_RAPID}
+# RAPID's rows decode this many times --new-tokens: a round is up to gamma + 1 = 11 tokens, so 16 tokens would
+# time a round or two.
+RAPID_TOKENS_FACTOR = 4
 
 
 def timed_rows(methods: list[str]) -> list[str]:
-    """The rows to time: each method, and REFRAG again with its chunk embeddings cached, right after it."""
-    return [row for m in methods for row in ([m, CACHED_REFRAG] if m == "refrag" else [m])]
+    """The rows to time: each method, and REFRAG (cached) and RAPID (self-speculation) again right after them."""
+    return [row for m in methods for row in ([m, SECOND_ROWS[m]] if m in SECOND_ROWS else [m])]
 
 
 def method_of(row: str) -> str:
-    return "refrag" if row == CACHED_REFRAG else row
+    return {second: method for method, second in SECOND_ROWS.items()}.get(row, row)
 
 
 def method_options(row: str, draft: LoadedModel, refrag_adapter=None, chunk_cache=None) -> dict[str, Any]:
@@ -201,6 +215,8 @@ def method_options(row: str, draft: LoadedModel, refrag_adapter=None, chunk_cach
     ``refrag-cached`` the context's precomputed chunk embeddings)."""
     if row in ("refrag", CACHED_REFRAG):
         return {"adapter": refrag_adapter, **({"cache": chunk_cache} if row == CACHED_REFRAG else {})}
+    if row == SELF_RAPID:
+        return {}  # no drafter: the target drafts for itself over the retrieved chunks
     name = draft_option(METHODS[row])
     return {name: draft} if name else {}
 
@@ -341,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     cache = chunk_cache_for(name, context, tokenizer, refrag_adapter)
                     row.update(time_config(target, method, config_budget, context, question,
-                                           method_options(name, draft, refrag_adapter, cache), repeats, new_tokens,
+                                           method_options(name, draft, refrag_adapter, cache), repeats,
+                                           new_tokens * (RAPID_TOKENS_FACTOR if method == "rapid" else 1),
                                            args.prefill_chunk))
                 except Exception as error:  # out of memory, a missing dependency: record it, go on
                     row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]

@@ -350,14 +350,22 @@ def test_gpu_speed_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_speed.json").read_text())
     rows = result["results"]
-    # every method but the script's NOT_BY_DEFAULT, and REFRAG once more with its chunk embeddings cached
-    assert {r["method"] for r in rows} == set(METHODS) - {"color", "extractive"} | {"refrag-cached"}
+    # every method but the script's NOT_BY_DEFAULT, REFRAG once more with its chunk embeddings cached, and RAPID
+    # once more drafting for itself
+    assert {r["method"] for r in rows} == set(METHODS) - {"color", "extractive"} | {"refrag-cached", "rapid-self"}
     assert not [r for r in rows if r.get("error") or r.get("skipped")]
     full = next(r for r in rows if r["method"] == "full")
     assert full["ttft_s"] > 0 and full["ttft_ratio"] == 1.0
     refrag, cached = (next(r for r in rows if r["method"] == name) for name in ("refrag", "refrag-cached"))
     assert refrag["cached_chunks"] == 0 and cached["cached_chunks"] > 0
     assert cached["tokens_kept"] == refrag["tokens_kept"] < full["tokens_kept"]  # decoder positions
+    rapid, self_rapid = (next(r for r in rows if r["method"] == name) for name in ("rapid", "rapid-self"))
+    assert rapid["new_tokens"] == self_rapid["new_tokens"] == 4 * full["new_tokens"]  # several rounds each
+    assert self_rapid["acceptance_rate"] is not None
+    # where TTFT goes: the prompt and every stage before decoding, each timed; TTFT adds the first decode step
+    assert set(refrag["stage_seconds"]) == {"prompt", "refrag", "decode"}
+    before_decode = sum(s for name, s in full["stage_seconds"].items() if name != "decode")
+    assert 0 < before_decode <= full["ttft_s"] < before_decode + full["stage_seconds"]["decode"]
     assert any(line.startswith("context  method") and "TTFT s" in line for line in done.stdout.splitlines())
     costs = result["forward_costs"]["512"]  # RAPID's verification forwards next to a decode step
     assert set(costs) == {"sdpa", "ctxopt_sdpa"} and all(set(c) == {"1", "2", "5", "11"} for c in costs.values())

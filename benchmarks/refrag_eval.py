@@ -6,7 +6,9 @@
 logppl: held-out Paul Graham essays (never trained on, see ctxopt.training.refrag); per window of s + o tokens,
 the mean negative log-likelihood (nats per token) of continuation tokens 2..o given: the full s-token context,
 REFRAG at each k (s/k chunk embeddings, optionally with a fraction expanded by the heuristic), and no context
-(the continuation alone; its first token has nothing to condition on, hence tokens 2..o everywhere).
+(the continuation alone; its first token has nothing to condition on, hence tokens 2..o everywhere). Every
+sequence opens with the token every ctxopt prompt opens with (the chat template's first), as at inference and in
+training; ``--no-lead`` drops it (the earlier protocol).
 ``--control`` adds the expanded chunks' tokens alone (compressed chunks dropped): what the chunk embeddings add.
 ttft: a chat prompt around a held-out essay context of each length; seconds of the full prefill versus the
 REFRAG stage's prefill without a cache (encode + project + prefill) and with precomputed chunk embeddings.
@@ -27,7 +29,8 @@ from ctxopt.decoding import GenerationConfig, prefill
 from ctxopt.models import load_model
 from ctxopt.prompting import build_prompt
 from ctxopt.stages import Run
-from ctxopt.training.refrag import Window, compressed_inputs, continuation_nll, load_documents, tokenize_documents
+from ctxopt.training.refrag import (Window, compressed_inputs, continuation_nll, load_documents, prompt_start_ids,
+                                    tokenize_documents)
 from ctxopt.types import Passage, Stats
 
 
@@ -60,26 +63,32 @@ def cmd_logppl(args) -> dict:
     windows = heldout_windows(lm.tokenizer, args.context + args.continuation, args.samples)
     results: dict[str, list[float]] = {"full": [], "none": []}
     adapters = {int(k): load_adapter(folder) for k, folder in (item.split("=") for item in args.adapters.split(","))}
+    lead = [] if args.no_lead else prompt_start_ids(lm.tokenizer)
+
+    def nll_after_lead(ids: list[int], targets: torch.Tensor) -> float:
+        """NLL of continuation tokens 2..o, the last tokens of ``lead + ids``."""
+        sequence = embed(torch.tensor(lead + ids, dtype=torch.long)).unsqueeze(0)
+        return float(continuation_nll(decoder, sequence, targets, skip_first=1))
+
     with torch.inference_mode():
         for ids, text, offsets in windows:
-            tokens = torch.tensor(ids)
-            targets = tokens[args.context :].unsqueeze(0)
-            results["full"].append(float(continuation_nll(decoder, embed(tokens).unsqueeze(0), targets, skip_first=1)))
-            cont = tokens[args.context :]
-            results["none"].append(float(continuation_nll(decoder, embed(cont).unsqueeze(0), cont[1:].unsqueeze(0))))
+            targets = torch.tensor(ids[args.context :]).unsqueeze(0)
+            results["full"].append(nll_after_lead(ids, targets))
+            cont = ids[args.context :]
+            results["none"].append(nll_after_lead(cont, targets) if lead else  # the first token predicts the second
+                                   float(continuation_nll(decoder, embed(torch.tensor(cont)).unsqueeze(0), targets[:, 1:])))
             for k, adapter in adapters.items():
                 window = compressed_window(ids, text, offsets, args.context, k)
                 for expand in args.expand:
                     count = expansion_count(expand, len(window.texts))
                     scores = surprisal_scores([torch.tensor(c) for c in window.chunk_ids])
                     expanded = set(scores.topk(count).indices.tolist()) if count else set()
-                    embeds, window_targets = compressed_inputs(adapter, decoder, [window], [expanded])
+                    embeds, window_targets = compressed_inputs(adapter, decoder, [window], [expanded], lead_ids=lead)
                     nll = float(continuation_nll(decoder, embeds, window_targets, skip_first=1))
                     results.setdefault(f"refrag k={k} expand={expand}", []).append(nll)
                     if args.control and count:
                         kept = [t for c in sorted(expanded) for t in window.chunk_ids[c]] + window.continuation
-                        nll = float(continuation_nll(decoder, embed(torch.tensor(kept)).unsqueeze(0), window_targets,
-                                                     skip_first=1))
+                        nll = nll_after_lead(kept, window_targets)
                         results.setdefault(f"expanded tokens only k={k} expand={expand}", []).append(nll)
             print(json.dumps({name: round(values[-1], 4) for name, values in results.items()}), flush=True)
     summary = {name: round(statistics.mean(values), 4) for name, values in results.items()}
@@ -141,6 +150,9 @@ def main() -> None:
     logppl.add_argument("--continuation", type=int, default=256)
     logppl.add_argument("--samples", type=int, default=8)
     logppl.add_argument("--expand", type=lambda v: [float(x) for x in v.split(",")], default=[0.0])
+    logppl.add_argument("--no-lead", action="store_true",
+                        help="start every sequence at the context (the adapter's first chunk embedding at position 0), "
+                        "as this script did before 2026-11-29; default: the token every ctxopt prompt opens with first")
     logppl.add_argument("--control", action="store_true",
                         help="also score the expanded chunks' tokens alone, the compressed chunks dropped")
     ttft = commands.add_parser("ttft")

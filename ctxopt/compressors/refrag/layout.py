@@ -25,13 +25,17 @@ class Chunk:
     text: str
 
 
+def chunk_rows(length: int, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and end token of each k-token chunk of a run of ``length`` tokens (the last may be shorter):
+    the one chunking rule of the live path and of the chunk cache, which must agree chunk for chunk."""
+    firsts = torch.arange(0, length, chunk_tokens)
+    return firsts, (firsts + chunk_tokens).clamp(max=length)
+
+
 def chunk_offsets(offsets: list[tuple[int, int]], chunk_tokens: int) -> list[tuple[int, int, int, int]]:
     """Group token character offsets into k-token chunks: (first token, end token, char start, char end)."""
-    out = []
-    for first in range(0, len(offsets), chunk_tokens):
-        end = min(first + chunk_tokens, len(offsets))
-        out.append((first, end, offsets[first][0], offsets[end - 1][1]))
-    return out
+    firsts, ends = chunk_rows(len(offsets), chunk_tokens)
+    return [(first, end, offsets[first][0], offsets[end - 1][1]) for first, end in zip(firsts.tolist(), ends.tolist())]
 
 
 def split_context(prompt: Prompt, chunk_tokens: int) -> list[Chunk]:
@@ -48,8 +52,8 @@ def split_context(prompt: Prompt, chunk_tokens: int) -> list[Chunk]:
         passage = int(owner[start])
         if passage < 0:
             continue
-        firsts = torch.arange(start, end, chunk_tokens)
-        lasts = (firsts + chunk_tokens).clamp(max=end)
+        firsts, lasts = chunk_rows(end - start, chunk_tokens)
+        firsts, lasts = firsts + start, lasts + start
         los, his = prompt.char_spans[firsts, 0].tolist(), prompt.char_spans[lasts - 1, 1].tolist()
         text = prompt.passages[passage].text
         chunks.extend(Chunk(passage, first, last, (lo, hi), text[lo:hi])

@@ -3,7 +3,11 @@
 Per method and sample: context tokens before and after compression (generator tokenizer), compression
 seconds per passage, answer EM/F1 (``ctxopt.bench.metrics.score``, the bench's prompt: HotpotQA instruction,
 32 new tokens), seconds to answer, and in-context retrieval (the LOFT-style request of ``ctxopt train
-color-data`` over the sample's compressed passages; a hit when the ID the model names is a supporting one).
+color-data`` over the sample's compressed passages; a hit when the ID the model names is a supporting one),
+and evidence kept: of the supporting passages that contain a gold answer or bridge entity (the title of the
+other supporting passage), the share whose compressed text still contains all of it (the ``evidence`` judge
+of ``ctxopt train color-data``; a dropped passage keeps nothing). ``--no-answer`` measures only compression
+(tokens, seconds, evidence kept), which needs no generator calls.
 
     OMP_NUM_THREADS=1 python benchmarks/color_eval.py --samples 6 --out color-eval.json
 
@@ -31,7 +35,7 @@ from ctxopt.models import load_model
 from ctxopt.pipeline import Pipeline
 from ctxopt.retrievers.embeddings import load_embedder
 from ctxopt.stages import Run
-from ctxopt.training.color import pick_id
+from ctxopt.training.color import EvidenceJudge, JudgeCase, pick_id
 from ctxopt.types import Passage, Stats
 
 
@@ -62,6 +66,21 @@ def embeddings_filter(k: int):
     return compress
 
 
+def evidence_kept(sample, passages: list[Passage]) -> list[bool]:
+    """Per supporting passage with evidence to keep: whether its compressed version (matched by title; absent
+    when the method dropped it) still holds all of it."""
+    judge = EvidenceJudge()
+    by_title = {p.metadata["title"]: p.text for p in passages}
+    supporting = [p for p in sample.passages if p.metadata["supporting"]]
+    verdicts = []
+    for passage in supporting:
+        bridges = [p.metadata["title"] for p in supporting if p is not passage]
+        case = JudgeCase(sample.id, sample.id, sample.question, sample.answers, passage.text, [], 0, bridges)
+        if judge.spans(case):
+            verdicts.append(judge(case, by_title.get(passage.metadata["title"], "")))
+    return verdicts
+
+
 def methods(adapter: str | None) -> dict:
     return {
         "original": lambda question, passages, run: passages,
@@ -80,6 +99,7 @@ def main() -> None:
     parser.add_argument("--adapter", default=None, help="CoLoR adapter folder (default: the packaged one)")
     parser.add_argument("--methods", default="original,color-untrained,color,extractive")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--no-answer", action="store_true", help="compression only: skip answering and retrieval")
     args = parser.parse_args()
     torch.set_num_threads(1)
     lm = load_model(args.model)
@@ -96,30 +116,40 @@ def main() -> None:
             passages = compress(sample.question, sample.passages, run)
             compress_seconds = time.perf_counter() - began
             count = lambda ps: sum(len(lm.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in ps)
-            began = time.perf_counter()
-            answer = Pipeline(lm, instruction=sample.instruction, max_new_tokens=32).ask(sample.question, context=passages)
-            answer_seconds = time.perf_counter() - began
-            picked = pick_id(lm, sample.question, [p.text for p in passages])
-            rows.append({
-                "id": sample.id, "tokens_in": count(sample.passages), "tokens_out": count(passages),
-                "compress_seconds_per_passage": compress_seconds / len(sample.passages),
-                "answer_seconds": answer_seconds, "retrieval_hit": float(passages[picked].metadata["supporting"]),
-                "prediction": answer.text, **score(sample, answer.text),
-            })
-            print(name, rows[-1]["id"], rows[-1]["tokens_in"], rows[-1]["tokens_out"], round(rows[-1]["f1"], 3),
-                  rows[-1]["retrieval_hit"], flush=True)
+            kept = evidence_kept(sample, passages)
+            row = {"id": sample.id, "tokens_in": count(sample.passages), "tokens_out": count(passages),
+                   "compress_seconds_per_passage": compress_seconds / len(sample.passages),
+                   "evidence_kept": sum(kept), "evidence_passages": len(kept)}
+            if not args.no_answer:
+                began = time.perf_counter()
+                answer = Pipeline(lm, instruction=sample.instruction, max_new_tokens=32).ask(
+                    sample.question, context=passages)
+                row["answer_seconds"] = time.perf_counter() - began
+                picked = pick_id(lm, sample.question, [p.text for p in passages])
+                row.update(retrieval_hit=float(passages[picked].metadata["supporting"]), prediction=answer.text,
+                           **score(sample, answer.text))
+            rows.append(row)
+            print(name, row["id"], row["tokens_in"], row["tokens_out"], f"evidence {sum(kept)}/{len(kept)}",
+                  round(row.get("f1", float("nan")), 3), row.get("retrieval_hit"), flush=True)
         mean = lambda key: statistics.mean(r[key] for r in rows)
         results[name] = {
             "samples": len(rows), "ratio": sum(r["tokens_in"] for r in rows) / sum(r["tokens_out"] for r in rows),
-            "f1": mean("f1"), "em": mean("em"), "retrieval_accuracy": mean("retrieval_hit"),
-            "compress_seconds_per_passage": mean("compress_seconds_per_passage"),
-            "answer_seconds": mean("answer_seconds"), "rows": rows,
+            "evidence_kept": sum(r["evidence_kept"] for r in rows) / max(1, sum(r["evidence_passages"] for r in rows)),
+            "evidence_passages": sum(r["evidence_passages"] for r in rows),
+            "compress_seconds_per_passage": mean("compress_seconds_per_passage"), "rows": rows,
         }
+        if not args.no_answer:
+            results[name].update(f1=mean("f1"), em=mean("em"), retrieval_accuracy=mean("retrieval_hit"),
+                                 answer_seconds=mean("answer_seconds"))
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump({"command": vars(args), "results": results}, handle, indent=2)
     for name, r in results.items():
-        print(f"{name:18s} ratio {r['ratio']:.2f}x  F1 {r['f1']:.3f}  EM {r['em']:.3f}  retrieval {r['retrieval_accuracy']:.2f}"
-              f"  compress {r['compress_seconds_per_passage']:.2f} s/passage  answer {r['answer_seconds']:.1f} s")
+        line = (f"{name:18s} ratio {r['ratio']:.2f}x  evidence kept {r['evidence_kept']:.2f} of "
+                f"{r['evidence_passages']}  compress {r['compress_seconds_per_passage']:.2f} s/passage")
+        if "f1" in r:
+            line += (f"  F1 {r['f1']:.3f}  EM {r['em']:.3f}  retrieval {r['retrieval_accuracy']:.2f}"
+                     f"  answer {r['answer_seconds']:.1f} s")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from ctxopt.compressors import color as color_module
 from ctxopt.compressors.color import (
-    CoLoR, SummaryCache, generate_greedy, packaged_adapter, summary_prompt, with_adapter,
+    CoLoR, SummaryCache, generate_text, packaged_adapter, summary_prompt, with_adapter,
 )
 from ctxopt.compressors.extractive import Extractive, extract
 from ctxopt.errors import InputError
@@ -37,8 +37,9 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def scripted(outputs: dict[str, str]):
-    """A generate_greedy stand-in: the summary of each passage text looked up in ``outputs``."""
-    def fake(lm, prompts, max_new_tokens, batch_size=8, progress=False, desc="", max_tokens=None):
+    """A generate_text stand-in: the summary of each passage text looked up in ``outputs``."""
+    def fake(lm, prompts, max_new_tokens, batch_size=8, progress=False, desc="", max_tokens=None,
+             temperature=0.0):
         return [next(v for k, v in outputs.items() if k in p) for p in prompts]
     return fake
 
@@ -48,10 +49,10 @@ def stage(tiny_lm, **knobs) -> CoLoR:
 
 
 def test_empty_or_longer_summary_falls_back_to_the_original(tiny_lm, monkeypatch):
-    monkeypatch.setattr(color_module, "generate_greedy", scripted({"harbour": "", "lighthouse": PASSAGES[1].text + " More."}))
+    monkeypatch.setattr(color_module, "generate_text", scripted({"harbour": "", "lighthouse": PASSAGES[1].text + " More."}))
     out = stage(tiny_lm).compress("q", PASSAGES)
     assert [p.text for p in out] == [p.text for p in PASSAGES]
-    monkeypatch.setattr(color_module, "generate_greedy", scripted({"harbour": "Vault code 4471.", "lighthouse": ""}))
+    monkeypatch.setattr(color_module, "generate_text", scripted({"harbour": "Vault code 4471.", "lighthouse": ""}))
     assert [p.text for p in stage(tiny_lm, cache=False).compress("q", PASSAGES)] == ["Vault code 4471.", PASSAGES[1].text]
     assert [p.text for p in stage(tiny_lm, cache=False, fallback="drop").compress("q", PASSAGES)] == ["Vault code 4471."]
     with pytest.raises(InputError):
@@ -59,7 +60,7 @@ def test_empty_or_longer_summary_falls_back_to_the_original(tiny_lm, monkeypatch
 
 
 def test_summaries_keep_source_span_id_and_metadata(tiny_lm, monkeypatch):
-    monkeypatch.setattr(color_module, "generate_greedy", scripted({"harbour": "Museum: 1901, code 4471.",
+    monkeypatch.setattr(color_module, "generate_text", scripted({"harbour": "Museum: 1901, code 4471.",
                                                                    "lighthouse": "Lamp rebuilt 1950."}))
     out = stage(tiny_lm).compress("q", PASSAGES)
     for before, after in zip(PASSAGES, out):
@@ -73,7 +74,7 @@ def test_cache_hit_avoids_the_model(tiny_lm, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the model ran on a cached passage")
 
-    monkeypatch.setattr(color_module, "generate_greedy", boom)
+    monkeypatch.setattr(color_module, "generate_text", boom)
     again = stage(tiny_lm, max_new_tokens=6).compress("q", PASSAGES)
     assert [p.text for p in again] == [p.text for p in first]
     cached = SummaryCache(stage(tiny_lm, max_new_tokens=6).fingerprint(tiny_lm))
@@ -89,8 +90,18 @@ def test_the_packaged_adapter_is_small_and_the_default():
 
 def test_batched_greedy_generation_matches_one_at_a_time(tiny_lm):
     prompts = [summary_prompt(tiny_lm.tokenizer, p.text) for p in PASSAGES]
-    batched = generate_greedy(tiny_lm, prompts, 5, batch_size=2)
-    assert batched == [generate_greedy(tiny_lm, [p], 5, batch_size=1)[0] for p in prompts]
+    batched = generate_text(tiny_lm, prompts, 5, batch_size=2)
+    assert batched == [generate_text(tiny_lm, [p], 5, batch_size=1)[0] for p in prompts]
+
+
+def test_sampled_generation_is_seeded_and_leaves_greedy(tiny_lm):
+    prompts = [summary_prompt(tiny_lm.tokenizer, PASSAGES[0].text)] * 4
+    greedy = generate_text(tiny_lm, prompts, 8)
+    torch.manual_seed(3)
+    sampled = generate_text(tiny_lm, prompts, 8, temperature=1.0)
+    torch.manual_seed(3)
+    assert generate_text(tiny_lm, prompts, 8, temperature=1.0) == sampled
+    assert len(set(greedy)) == 1 and len(set(sampled)) > 1 and greedy[0] not in sampled
 
 
 class WordEmbedder:
@@ -210,9 +221,12 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
     data = tmp_path / "data"
     args = argparse.Namespace(out=str(data), questions=8, seed=0, compressors="tiny", ratios="0.3,0.6,1.0",
                               judge="evidence", target="tiny", distractors=2, min_f1=0.5, max_new_tokens=8,
-                              heldout=0.25, batch_size=4)
+                              heldout=0.25, batch_size=4, samples=2, temperature=1.0)
     counts = training.build_preference_data(args)
     assert counts["passages"] == 8 and counts["train"] + counts["heldout"] >= 1
+    candidates = [json.loads(line) for line in (data / "candidates.jsonl").open()]
+    assert [c["source"] for c in candidates[0]["candidates"]] == [
+        "summary:tiny", "sample:tiny:0", "sample:tiny:1", "extractive:0.3", "extractive:0.6", "extractive:1.0"]
     rows = [json.loads(line) for line in (data / "train.jsonl").open()] + \
            [json.loads(line) for line in (data / "heldout.jsonl").open()]
     for row in rows:  # the shortest candidate that kept the code, the longest that lost it
@@ -240,6 +254,29 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
         expected, got, base = unmerged(ids).logits, merged.model(ids).logits, tiny_lm.model(ids).logits
     assert torch.allclose(expected, got, atol=1e-4) and not torch.allclose(base, got, atol=1e-3)
     compressed = CoLoR(compressor=tiny_lm, adapter=out, max_new_tokens=6, progress=False, cache=False)
-    direct = generate_greedy(merged, [summary_prompt(tiny_lm.tokenizer, PASSAGES[0].text)], 6)[0]
+    direct = generate_text(merged, [summary_prompt(tiny_lm.tokenizer, PASSAGES[0].text)], 6)[0]
     text = compressed.compress("q", PASSAGES[:1])[0].text
     assert text in (direct, PASSAGES[0].text)
+
+
+def test_color_eval_counts_evidence_kept_per_supporting_passage():
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "color_eval.py"
+    spec = importlib.util.spec_from_file_location("color_eval", path)
+    color_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(color_eval)
+    museum = Passage("The Museum's vault code is 4471; the Lighthouse keeper knows it.",
+                     metadata={"title": "Museum", "supporting": True})
+    lighthouse = Passage("The keeper rows to town.", metadata={"title": "Lighthouse", "supporting": True})
+    other = Passage("Bread is baked at dawn.", metadata={"title": "Bakery", "supporting": False})
+    sample = SimpleNamespace(id="s", question="What is the vault code?", answers=["4471"],
+                             passages=[museum, lighthouse, other])
+    shortened = lambda text: [Passage(text, metadata=museum.metadata), lighthouse, other]
+    # Only the museum passage holds evidence (the answer and the bridge title "Lighthouse").
+    assert color_eval.evidence_kept(sample, sample.passages) == [True]
+    assert color_eval.evidence_kept(sample, shortened("Code 4471, known to the lighthouse keeper.")) == [True]
+    assert color_eval.evidence_kept(sample, shortened("The vault code is known to the keeper.")) == [False]
+    assert color_eval.evidence_kept(sample, [lighthouse, other]) == [False]  # dropped

@@ -85,9 +85,11 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def generate_greedy(lm: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-                    progress: bool = False, desc: str = "generate", max_tokens: list[int] | None = None) -> list[str]:
-    """Greedy completions of ``prompts`` (full prompt texts), left-padded into batches of ``batch_size``.
+def generate_text(lm: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+                  progress: bool = False, desc: str = "generate", max_tokens: list[int] | None = None,
+                  temperature: float = 0.0) -> list[str]:
+    """Completions of ``prompts`` (full prompt texts), left-padded into batches of ``batch_size``: greedy at
+    ``temperature`` 0 (CoLoR inference), else sampled from the full softmax at that temperature (seed torch).
 
     ``max_tokens[i]``, when given, also caps prompt ``i``'s completion (a batch stops at its largest cap).
     """
@@ -110,7 +112,7 @@ def generate_greedy(lm: LoadedModel, prompts: list[str], max_new_tokens: int, ba
             with torch.inference_mode():
                 out = lm.model.generate(
                     input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=max(1, limit),
-                    do_sample=False, temperature=None, top_p=None, top_k=None,
+                    do_sample=temperature > 0, temperature=temperature or None, top_p=None, top_k=None,
                     eos_token_id=eos or None, pad_token_id=pad,
                 )
             for r, i in enumerate(rows):
@@ -196,8 +198,8 @@ class CoLoR(PassageStage):
             # A summary as long as its passage falls back to the passage, so generating far past that is waste;
             # the slack keeps a capped (cut) summary at least as long as its passage after re-tokenisation.
             lengths = [count_tokens(lm.tokenizer, t) + CAP_SLACK for t in missing]
-            made = generate_greedy(lm, prompts, self.max_new_tokens, self.batch_size,
-                                   progress=self.progress, desc="color", max_tokens=lengths)
+            made = generate_text(lm, prompts, self.max_new_tokens, self.batch_size,
+                                 progress=self.progress, desc="color", max_tokens=lengths)
             for text, summary in zip(missing, made):
                 found[text] = summary
                 if store:

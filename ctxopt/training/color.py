@@ -1,16 +1,16 @@
 """CoLoR training recipe [P: Seo et al., ACL 2025; C: going-doer/CoLoR]: ``ctxopt train color-data`` and
 ``ctxopt train color``.
 
-1. ``color-data`` (preference data, [P] section 3): each training passage gets candidate compressions from
-   several compressors (the packaged models with the summarisation prompt, greedy; the extractive baseline
-   at several ratios); a judge tells success from failure for each candidate; chosen = the SHORTEST success,
-   rejected = the LONGEST failure; a passage with no success or no failure is dropped. Judges (pluggable,
-   all named ones must pass): ``retrieval``, in-context retrieval as in LOFT (the target model reads the
-   candidate among distractor passages, each with an ID, and must name the candidate's ID); ``answer``,
-   answer correctness (the target model answers the question over the same passages; F1 with the gold
-   answer >= ``--min-f1``); ``embedding``, dense retrieval (the packaged MiniLM embedder must rank the
-   candidate above every distractor for the question); ``evidence``, the candidate keeps every gold answer and
-   bridge entity (title of the question's other supporting paragraph) its passage contains.
+1. ``color-data`` (preference data, [P] section 3): each training passage gets candidate compressions from several
+   compressors (the packaged models with the summarisation prompt, greedy, plus ``--samples`` sampled summaries
+   each; the extractive baseline at several ratios); a judge tells success from failure for each candidate; chosen
+   = the SHORTEST success, rejected = the LONGEST failure; a passage with no success or no failure is dropped.
+   Judges (pluggable, all named ones must pass): ``retrieval``, in-context retrieval as in LOFT (the target model
+   reads the candidate among distractor passages, each with an ID, and must name the candidate's ID); ``answer``,
+   answer correctness (the target model answers the question over the same passages; F1 with the gold answer >=
+   ``--min-f1``); ``embedding``, dense retrieval (the packaged MiniLM embedder must rank the candidate above every
+   distractor for the question); ``evidence``, the candidate keeps every gold answer and bridge entity (title of
+   the question's other supporting paragraph) its passage contains.
 2. ``color``: ORPO (arXiv 2403.07691) with CoLoR's length term: loss = NLL(chosen) - beta * log sigmoid(s *
    log-odds(chosen, rejected)), beta = 2.5, log-odds over per-token mean log-probabilities, and
    s = max(gamma * (|rejected| - |chosen|), 1) (response tokens, gamma = 0.1) [C: custom_orpo_trainer.py].
@@ -30,6 +30,10 @@ Deviations, all deliberate (a CPU-scale recipe):
   next token: SmolLM2-135M 25%, Qwen2.5-Coder-0.5B 30%, chance 33%; replying freely, neither named an ID at
   all), so their judgement would be noise. With a capable target model, ``--judge retrieval`` is the paper's
   signal.
+- Sampled summaries (``--samples``) stand in for the paper's several LLM summarisers: the compressor's own
+  outputs at temperature ``--temperature`` vary in length and in what they keep, so its shortest success is a
+  response it can already produce (on-policy), which a small LoRA can learn from few pairs. A resumed run draws
+  new samples for the passages it had not reached.
 - The retrieval judge reads the model's next token after "Final Answer: [" among the valid IDs only, rather
   than parsing a free reply.
 - A passage whose ORIGINAL text already fails the judge is dropped before its candidates are judged: the judge
@@ -69,6 +73,9 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--compressors", default="smollm2-135m", help="comma-separated summariser models")
     data.add_argument("--ratios", default="0.25,0.5,0.75", help="extractive candidate ratios")
+    data.add_argument("--samples", type=int, default=0, help="sampled summaries per compressor and passage, "
+                      "beside its greedy one")
+    data.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of --samples")
     data.add_argument("--judge", default="retrieval", help="comma-separated: retrieval, answer, embedding, evidence "
                       "(all must pass)")
     data.add_argument("--target", default="smollm2-135m", help="the long-context model the judges run")
@@ -228,12 +235,20 @@ class EvidenceJudge:
     def __init__(self, lm=None, **_: Any):
         pass
 
+    @staticmethod
+    def spans(case: JudgeCase) -> list[str]:
+        """The normalised evidence the case's passage contains (empty: nothing to keep, every candidate passes)."""
+        from ..bench.metrics import normalize_answer
+
+        original = normalize_answer(case.passage)
+        evidence = [normalize_answer(a) for a in case.answers + case.bridges]
+        return [e for e in evidence if e and e not in ("yes", "no") and e in original]
+
     def __call__(self, case: JudgeCase, candidate: str) -> bool:
         from ..bench.metrics import normalize_answer
 
-        original, kept = normalize_answer(case.passage), normalize_answer(candidate)
-        evidence = [normalize_answer(a) for a in case.answers + case.bridges]
-        return all(e in kept for e in evidence if e and e not in ("yes", "no") and e in original)
+        kept = normalize_answer(candidate)
+        return all(e in kept for e in self.spans(case))
 
 
 JUDGES: dict[str, Callable[..., Callable[[JudgeCase, str], bool]]] = {
@@ -253,9 +268,11 @@ def choose_pair(candidates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[
 
 
 def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list[float], target,
-                    max_new_tokens: int, batch_size: int) -> list[list[tuple[str, str]]]:
-    """Per case, (source, text) of every candidate: each compressor's summary, then extractive per ratio."""
-    from ..compressors.color import CoLoR
+                    max_new_tokens: int, batch_size: int, samples: int = 0,
+                    temperature: float = 0.8) -> list[list[tuple[str, str]]]:
+    """Per case, (source, text) of every candidate: each compressor's greedy summary and ``samples`` sampled
+    ones, then extractive per ratio."""
+    from ..compressors.color import CAP_SLACK, CoLoR, count_tokens, generate_text, summary_prompt
     from ..compressors.extractive import extract
     from ..retrievers.embeddings import load_embedder
 
@@ -265,6 +282,12 @@ def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list
         lm = stage.compressor_model(target.device, target.dtype)
         for row, summary in zip(out, stage.summaries([c.passage for c in cases], lm)):
             row.append((f"summary:{name}", summary))
+        if samples:
+            prompts = [summary_prompt(lm.tokenizer, c.passage) for c in cases for _ in range(samples)]
+            caps = [count_tokens(lm.tokenizer, c.passage) + CAP_SLACK for c in cases for _ in range(samples)]
+            drawn = generate_text(lm, prompts, max_new_tokens, batch_size, max_tokens=caps, temperature=temperature)
+            for i, row in enumerate(out):
+                row.extend((f"sample:{name}:{j}", drawn[i * samples + j]) for j in range(samples))
     embedder = load_embedder()
     for case, row in zip(cases, out):
         for ratio in ratios:
@@ -294,8 +317,8 @@ def build_preference_data(args) -> dict[str, Any]:
     for lo in tqdm(range(0, len(cases), args.batch_size), desc="color-data", unit="batch"):
         batch = cases[lo:lo + args.batch_size]
         judgeable = [c for c in batch if all(judge(c, c.passage) for judge in judges)]
-        texts = candidate_texts(judgeable, compressors, ratios, target, args.max_new_tokens,
-                                args.batch_size) if judgeable else []
+        texts = candidate_texts(judgeable, compressors, ratios, target, args.max_new_tokens, args.batch_size,
+                                args.samples, args.temperature) if judgeable else []
         by_key = {c.key: row for c, row in zip(judgeable, texts)}
         with log.open("a", encoding="utf-8") as stream:
             for case in batch:

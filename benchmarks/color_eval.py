@@ -12,9 +12,9 @@ of ``ctxopt train color-data``; a dropped passage keeps nothing). ``--no-answer`
     OMP_NUM_THREADS=1 python benchmarks/color_eval.py --samples 6 --out color-eval.json
 
 Methods: ``original`` (no compression), ``color-untrained`` (the prompt alone), ``color`` (the packaged
-adapter, or ``--adapter``), ``extractive`` (ratio 0.5 per passage), ``embeddings-filter`` (LangChain's
-EmbeddingsFilter over the same MiniLM embedder, top 5 of the 10 passages; its ``compress_documents`` imports
-langchain-community, which ctxopt does not install).
+adapter, or ``--adapter``), ``extractive`` (``--extractive-ratio`` of each passage, 0.5 by default),
+``embeddings-filter`` (LangChain's EmbeddingsFilter over the same MiniLM embedder, top 5 of the 10 passages; its
+``compress_documents`` imports langchain-community, which ctxopt does not install).
 """
 from __future__ import annotations
 
@@ -81,12 +81,12 @@ def evidence_kept(sample, passages: list[Passage]) -> list[bool]:
     return verdicts
 
 
-def methods(adapter: str | None) -> dict:
+def methods(adapter: str | None, extractive_ratio: float) -> dict:
     return {
         "original": lambda question, passages, run: passages,
         "color-untrained": CoLoR(adapter=None).compress,
         "color": CoLoR(adapter=adapter or "auto").compress,
-        "extractive": Extractive(0.5).compress,
+        "extractive": Extractive(extractive_ratio).compress,
         "embeddings-filter": embeddings_filter(5),
     }
 
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--adapter", default=None, help="CoLoR adapter folder (default: the packaged one)")
     parser.add_argument("--methods", default="original,color-untrained,color,extractive")
+    parser.add_argument("--extractive-ratio", type=float, default=0.5, help="share of each passage extractive keeps")
     parser.add_argument("--out", required=True)
     parser.add_argument("--no-answer", action="store_true", help="compression only: skip answering and retrieval")
     args = parser.parse_args()
@@ -105,7 +106,7 @@ def main() -> None:
     lm = load_model(args.model)
     embedder = load_embedder()
     samples = load_hotpotqa(args.samples, seed=args.seed)
-    table = methods(args.adapter)
+    table = methods(args.adapter, args.extractive_ratio)
     results = {}
     for name in args.methods.split(","):
         compress = table[name]

@@ -14,12 +14,15 @@ tokenizer built here with the ``tokenizers`` library: word ``w<i>`` is token ``i
 token ids is the text of n words and the ordinary ``Pipeline.ask`` runs end to end (prompt provenance,
 every stage, ctxopt's decode loop). Random weights make the answers meaningless; only the timings count.
 
-RAPID is timed twice: ``rapid`` drafts with the 1B-shaped model, ``rapid-self`` with the target itself over the
-retrieved chunks (the paper's self-speculation); both decode 4x ``--new-tokens`` so that several rounds count,
+RAPID is timed three times: ``rapid`` drafts with the 1B-shaped model, ``rapid-self`` with the target itself over
+the retrieved chunks (the paper's self-speculation), and ``rapid-self-agree`` likewise with every attention
+output projection of the target zeroed for that row. All decode 4x ``--new-tokens`` so that several rounds count,
 and record their acceptance rate. With random weights a different drafter's tokens say nothing about the
 target's (acceptance near 0), while the target drafting for itself agrees as often as its random weights make
-its next token depend on the current token rather than on the context; either way the rows time RAPID's rounds
-at whatever acceptance that gives, not the paper's regime. The speedup at any other acceptance follows from a
+its next token depend on the current token rather than on the context, which in practice is never. Zeroed
+``o_proj`` weights make the next token a function of the current token alone, so the drafter over the chunks and
+the target over the whole context agree on every token (acceptance 1) while every attention still runs over its
+whole cache: ``rapid-self-agree`` times RAPID's rounds at full acceptance, the upper bound of its speedup. The speedup at any other acceptance follows from a
 verification forward's cost next to a decode step's (below; on CPU, ``benchmarks/rapid_eval.py
 --forward-costs``; see RESULTS.md).
 
@@ -192,11 +195,13 @@ def time_config(target: LoadedModel, method: str, budget: int | None, context: s
     return result
 
 
-# The timed rows that are not method names: REFRAG fed precomputed chunk embeddings, and RAPID with the target
-# as its own drafter (the paper's self-speculation; the ``rapid`` row drafts with the 1B-shaped model).
+# The timed rows that are not method names: REFRAG fed precomputed chunk embeddings, RAPID with the target as
+# its own drafter (the paper's self-speculation; the ``rapid`` row drafts with the 1B-shaped model), and that
+# again with context-free target weights (acceptance 1).
 CACHED_REFRAG = "refrag-cached"
 SELF_RAPID = "rapid-self"
-SECOND_ROWS = {"refrag": CACHED_REFRAG, "rapid": SELF_RAPID}
+AGREEING_RAPID = "rapid-self-agree"
+EXTRA_ROWS = {"refrag": (CACHED_REFRAG,), "rapid": (SELF_RAPID, AGREEING_RAPID)}
 # RAPID's rows decode this many times --new-tokens: a round is up to gamma + 1 = 11 tokens, so 16 tokens would
 # time a round or two.
 RAPID_TOKENS_FACTOR = 4
@@ -204,11 +209,29 @@ RAPID_TOKENS_FACTOR = 4
 
 def timed_rows(methods: list[str]) -> list[str]:
     """The rows to time: each method, and REFRAG (cached) and RAPID (self-speculation) again right after them."""
-    return [row for m in methods for row in ([m, SECOND_ROWS[m]] if m in SECOND_ROWS else [m])]
+    return [row for m in methods for row in (m, *EXTRA_ROWS.get(m, ()))]
 
 
 def method_of(row: str) -> str:
-    return {second: method for method, second in SECOND_ROWS.items()}.get(row, row)
+    return {extra: method for method, extras in EXTRA_ROWS.items() for extra in extras}.get(row, row)
+
+
+@contextmanager
+def context_free(target: LoadedModel, row: str):
+    """For ``rapid-self-agree``: every attention output projection of ``target`` zeroed (restored after), so
+    its next token depends on the current token alone; attention itself still runs. Other rows: unchanged."""
+    if row != AGREEING_RAPID:
+        yield
+        return
+    projections = [layer.self_attn.o_proj.weight for layer in target.model.model.layers]
+    saved = [weight.clone() for weight in projections]
+    for weight in projections:
+        weight.zero_()
+    try:
+        yield
+    finally:
+        for weight, original in zip(projections, saved):
+            weight.copy_(original)
 
 
 def method_options(row: str, draft: LoadedModel, refrag_adapter=None, chunk_cache=None) -> dict[str, Any]:
@@ -216,7 +239,7 @@ def method_options(row: str, draft: LoadedModel, refrag_adapter=None, chunk_cach
     ``refrag-cached`` the context's precomputed chunk embeddings)."""
     if row in ("refrag", CACHED_REFRAG):
         return {"adapter": refrag_adapter, **({"cache": chunk_cache} if row == CACHED_REFRAG else {})}
-    if row == SELF_RAPID:
+    if row in (SELF_RAPID, AGREEING_RAPID):
         return {}  # no drafter: the target drafts for itself over the retrieved chunks
     name = draft_option(METHODS[row])
     return {name: draft} if name else {}
@@ -325,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:  # kernels, allocator, lazily loaded parts (the embedder): not inside the timings
         try:
             method, cache = method_of(row), chunk_cache_for(row, warm, tokenizer, refrag_adapter)
-            time_config(target, method, budget if METHODS[method].needs_budget else None, warm, question,
-                        method_options(row, draft, refrag_adapter, cache), 1, 2, args.prefill_chunk)
+            with context_free(target, row):
+                time_config(target, method, budget if METHODS[method].needs_budget else None, warm, question,
+                            method_options(row, draft, refrag_adapter, cache), 1, 2, args.prefill_chunk)
         except Exception:  # the timed run records the error
             pass
     info = {
@@ -357,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 try:
                     cache = chunk_cache_for(name, context, tokenizer, refrag_adapter)
-                    row.update(time_config(target, method, config_budget, context, question,
-                                           method_options(name, draft, refrag_adapter, cache), repeats,
-                                           new_tokens * (RAPID_TOKENS_FACTOR if method == "rapid" else 1),
-                                           args.prefill_chunk))
+                    with context_free(target, name):
+                        row.update(time_config(target, method, config_budget, context, question,
+                                               method_options(name, draft, refrag_adapter, cache), repeats,
+                                               new_tokens * (RAPID_TOKENS_FACTOR if method == "rapid" else 1),
+                                               args.prefill_chunk))
                 except Exception as error:  # out of memory, a missing dependency: record it, go on
                     row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
                 if device.type == "cuda":
@@ -376,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("ttft_s") and base.get("ttft_s"):
                 row["ttft_ratio"] = row["ttft_s"] / base["ttft_s"]
             results.append(row)
-            print(f"{length:>7} {name:<13} " + (row.get("error") or row.get("skipped") or
+            print(f"{length:>7} {name:<16} " + (row.get("error") or row.get("skipped") or
                   f"ttft {row['ttft_s']:.3f} s, decode {row['decode_ms_per_token'] or 0:.1f} ms/token"), flush=True)
             save(out, info, results, costs)
     info["total_seconds"] = round(time.perf_counter() - began, 1)

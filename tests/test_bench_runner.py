@@ -351,17 +351,20 @@ def test_gpu_speed_smoke(tmp_path):
     result = json.loads((tmp_path / "gpu_speed.json").read_text())
     rows = result["results"]
     # every method but the script's NOT_BY_DEFAULT, REFRAG once more with its chunk embeddings cached, and RAPID
-    # once more drafting for itself
-    assert {r["method"] for r in rows} == set(METHODS) - {"color", "extractive"} | {"refrag-cached", "rapid-self"}
+    # twice more drafting for itself (the second time with context-free target weights)
+    assert {r["method"] for r in rows} == set(METHODS) - {"color", "extractive"} | {
+        "refrag-cached", "rapid-self", "rapid-self-agree"}
     assert not [r for r in rows if r.get("error") or r.get("skipped")]
     full = next(r for r in rows if r["method"] == "full")
     assert full["ttft_s"] > 0 and full["ttft_ratio"] == 1.0
     refrag, cached = (next(r for r in rows if r["method"] == name) for name in ("refrag", "refrag-cached"))
     assert refrag["cached_chunks"] == 0 and cached["cached_chunks"] > 0
     assert cached["tokens_kept"] == refrag["tokens_kept"] < full["tokens_kept"]  # decoder positions
-    rapid, self_rapid = (next(r for r in rows if r["method"] == name) for name in ("rapid", "rapid-self"))
-    assert rapid["new_tokens"] == self_rapid["new_tokens"] == 4 * full["new_tokens"]  # several rounds each
+    rapid, self_rapid, agree = (next(r for r in rows if r["method"] == name)
+                                for name in ("rapid", "rapid-self", "rapid-self-agree"))
+    assert rapid["new_tokens"] == self_rapid["new_tokens"] == agree["new_tokens"] == 4 * full["new_tokens"]
     assert self_rapid["acceptance_rate"] is not None
+    assert agree["acceptance_rate"] == 1.0  # drafter and target agree once the next token ignores the context
     # where TTFT goes: the prompt and every stage before decoding, each timed; TTFT adds the first decode step
     assert set(refrag["stage_seconds"]) == {"prompt", "refrag", "decode"}
     before_decode = sum(s for name, s in full["stage_seconds"].items() if name != "decode")

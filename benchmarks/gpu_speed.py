@@ -22,9 +22,9 @@ target's (acceptance near 0), while the target drafting for itself agrees as oft
 its next token depend on the current token rather than on the context, which in practice is never. Zeroed
 ``o_proj`` weights make the next token a function of the current token alone, so the drafter over the chunks and
 the target over the whole context agree on every token (acceptance 1) while every attention still runs over its
-whole cache: ``rapid-self-agree`` times RAPID's rounds at full acceptance, the upper bound of its speedup. The speedup at any other acceptance follows from a
-verification forward's cost next to a decode step's (below; on CPU, ``benchmarks/rapid_eval.py
---forward-costs``; see RESULTS.md).
+whole cache: ``rapid-self-agree`` times RAPID's rounds at full acceptance, the upper bound of its speedup. The
+speedup at any other acceptance follows from a verification forward's cost next to a decode step's (below; on
+CPU, ``benchmarks/rapid_eval.py --forward-costs``; see RESULTS.md).
 
 Per context length, right after full prefill: one target forward of 1, 2, 5 and 11 new tokens on the
 prefilled context (transformers' SDPA and ctxopt's grouped SDPA): what a RAPID round's verification costs next
@@ -208,7 +208,8 @@ RAPID_TOKENS_FACTOR = 4
 
 
 def timed_rows(methods: list[str]) -> list[str]:
-    """The rows to time: each method, and REFRAG (cached) and RAPID (self-speculation) again right after them."""
+    """The rows to time: each method, and right after them REFRAG again (cached) and RAPID twice more
+    (self-speculation, and self-speculation at acceptance 1)."""
     return [row for m in methods for row in (m, *EXTRA_ROWS.get(m, ()))]
 
 

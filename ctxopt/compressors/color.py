@@ -85,6 +85,17 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def summarise(lm: LoadedModel, passages: list[str], max_new_tokens: int, batch_size: int = 8,
+              progress: bool = False, temperature: float = 0.0) -> list[str]:
+    """The compressor's summary of each passage (the paper's prompt), capped near the passage's own length: a
+    summary as long as its passage falls back to the passage, so generating far past that is waste; the slack
+    keeps a capped (cut) summary at least as long as its passage after re-tokenisation."""
+    prompts = [summary_prompt(lm.tokenizer, t) for t in passages]
+    caps = [count_tokens(lm.tokenizer, t) + CAP_SLACK for t in passages]
+    return generate_text(lm, prompts, max_new_tokens, batch_size, progress=progress, desc="color", max_tokens=caps,
+                         temperature=temperature)
+
+
 def generate_text(lm: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
                   progress: bool = False, desc: str = "generate", max_tokens: list[int] | None = None,
                   temperature: float = 0.0) -> list[str]:
@@ -194,12 +205,7 @@ class CoLoR(PassageStage):
         found = {t: store.get(t) for t in set(texts)} if store else {}
         missing = [t for t in dict.fromkeys(texts) if found.get(t) is None]
         if missing:
-            prompts = [summary_prompt(lm.tokenizer, t) for t in missing]
-            # A summary as long as its passage falls back to the passage, so generating far past that is waste;
-            # the slack keeps a capped (cut) summary at least as long as its passage after re-tokenisation.
-            lengths = [count_tokens(lm.tokenizer, t) + CAP_SLACK for t in missing]
-            made = generate_text(lm, prompts, self.max_new_tokens, self.batch_size,
-                                 progress=self.progress, desc="color", max_tokens=lengths)
+            made = summarise(lm, missing, self.max_new_tokens, self.batch_size, progress=self.progress)
             for text, summary in zip(missing, made):
                 found[text] = summary
                 if store:

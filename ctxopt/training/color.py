@@ -272,7 +272,7 @@ def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list
                     temperature: float = 0.8) -> list[list[tuple[str, str]]]:
     """Per case, (source, text) of every candidate: each compressor's greedy summary and ``samples`` sampled
     ones, then extractive per ratio."""
-    from ..compressors.color import CAP_SLACK, CoLoR, count_tokens, generate_text, summary_prompt
+    from ..compressors.color import CoLoR, summarise
     from ..compressors.extractive import extract
     from ..retrievers.embeddings import load_embedder
 
@@ -283,9 +283,8 @@ def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list
         for row, summary in zip(out, stage.summaries([c.passage for c in cases], lm)):
             row.append((f"summary:{name}", summary))
         if samples:
-            prompts = [summary_prompt(lm.tokenizer, c.passage) for c in cases for _ in range(samples)]
-            caps = [count_tokens(lm.tokenizer, c.passage) + CAP_SLACK for c in cases for _ in range(samples)]
-            drawn = generate_text(lm, prompts, max_new_tokens, batch_size, max_tokens=caps, temperature=temperature)
+            repeated = [c.passage for c in cases for _ in range(samples)]
+            drawn = summarise(lm, repeated, max_new_tokens, batch_size, temperature=temperature)
             for i, row in enumerate(out):
                 row.extend((f"sample:{name}:{j}", drawn[i * samples + j]) for j in range(samples))
     embedder = load_embedder()

@@ -95,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--offset", type=int, default=0, help="skip this many of the seed's questions (a later page)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--adapter", default=None, help="CoLoR adapter folder (default: the packaged one)")
     parser.add_argument("--methods", default="original,color-untrained,color,extractive")
@@ -105,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(1)
     lm = load_model(args.model)
     embedder = load_embedder()
-    samples = load_hotpotqa(args.samples, seed=args.seed)
+    samples = load_hotpotqa(args.samples, seed=args.seed, split_offset=args.offset)
     table = methods(args.adapter, args.extractive_ratio)
     results = {}
     for name in args.methods.split(","):

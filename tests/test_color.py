@@ -168,6 +168,28 @@ def test_chosen_is_the_shortest_success_and_rejected_the_longest_failure():
     assert choose_pair([c(10, True), c(20, True)]) is None  # no failure
 
 
+def test_pairs_can_be_limited_to_candidates_the_compressor_wrote(tmp_path):
+    def c(source, tokens, success):
+        return {"source": source, "text": f"{source}-{tokens}", "tokens": tokens, "success": success}
+
+    records = [{"key": "a", "question_id": "qa", "question": "?", "passage": "P", "original_success": True,
+                "candidates": [c("extractive:0.25", 10, True), c("summary:m", 40, True), c("sample:m:0", 30, False),
+                               c("sample:m:1", 60, False)]},
+               {"key": "b", "question_id": "qb", "question": "?", "passage": "P", "original_success": True,
+                "candidates": [c("extractive:0.25", 10, True), c("summary:m", 40, False)]}]
+    (tmp_path / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def pairs(sources):
+        counts = training.write_pairs(tmp_path, 0.0, 0.0, sources)
+        return counts, [json.loads(line) for line in (tmp_path / "train.jsonl").open()]
+
+    counts, rows = pairs(())
+    assert counts["train"] == 2 and [r["chosen_source"] for r in rows] == ["extractive:0.25"] * 2
+    counts, rows = pairs(("summary", "sample"))
+    assert counts["train"] == 1 and counts["no_success"] == 1  # b's only success was the extract
+    assert (rows[0]["chosen_source"], rows[0]["rejected_source"]) == ("summary:m", "sample:m:1")
+
+
 def test_retrieval_judge_names_an_id_and_evidence_judge_checks_spans(tiny_lm):
     case = JudgeCase("k", "q1", "Who?", ["x"], "CANDIDATE", ["d0", "d1"], slot=1)
     texts = training.with_candidate(case, "SHORT")
@@ -179,6 +201,20 @@ def test_retrieval_judge_names_an_id_and_evidence_judge_checks_spans(tiny_lm):
     judge = training.EvidenceJudge()
     span_case = JudgeCase("k", "q", "code?", ["4471"], "The code of Eldermoor is 4471.", [], 0, ["Eldermoor", "Nowhere"])
     assert judge(span_case, "eldermoor code 4471") and not judge(span_case, "code 4471") and not judge(span_case, "a code")
+
+
+def test_answer_judge_reads_the_candidate_with_the_other_hops_and_thresholds_f1(tiny_lm):
+    from types import SimpleNamespace
+
+    judge = training.AnswerJudge(tiny_lm, min_f1=0.5)
+    asked = []
+    replies = iter(["Paris, France", "Lyon"])
+    judge.pipe = SimpleNamespace(ask=lambda question, context: asked.append(context) or
+                                 SimpleNamespace(text=next(replies)))
+    case = JudgeCase("k", "q", "Where?", ["Paris"], "ORIGINAL", ["d0", "d1"], 1, ["Hop"], ["The hop text."])
+    assert judge(case, "SHORT")  # F1("Paris, France", "Paris") = 2/3 >= 0.5
+    assert not judge(case, "SHORTER")  # F1 0
+    assert asked == [["SHORT", "The hop text."], ["SHORTER", "The hop text."]]  # no distractors
 
 
 def test_composed_methods_share_budget_and_options(tiny_lm):
@@ -232,6 +268,20 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
     for row in rows:  # the shortest candidate that kept the code, the longest that lost it
         assert row["chosen"] != row["rejected"] and row["question"].split()[-1].rstrip("?") in row["passage"]
     assert training.build_preference_data(args)["passages"] == 8  # resumed: nothing judged twice
+
+    # Judged again from the first run's candidates: the same texts, nothing generated.
+    def no_generation(*_, **__):
+        raise AssertionError("candidates were generated again")
+
+    monkeypatch.setattr(training, "candidate_texts", no_generation)
+    again = tmp_path / "again"
+    training.build_preference_data(argparse.Namespace(**{**vars(args), "out": str(again),
+                                                         "candidates_from": str(data)}))
+    rejudged = [json.loads(line) for line in (again / "candidates.jsonl").open()]
+    assert [[c["text"] for c in r["candidates"]] for r in rejudged] == \
+           [[c["text"] for c in r["candidates"]] for r in candidates]
+    with pytest.raises(InputError, match="no candidates.jsonl"):
+        training.reusable_candidates(tmp_path)
 
     out = tmp_path / "adapter"
     train_args = argparse.Namespace(data=str(data), out=str(out), base="tiny", epochs=15.0, lr=5e-3, beta=2.5,

@@ -7,10 +7,11 @@
    = the SHORTEST success, rejected = the LONGEST failure; a passage with no success or no failure is dropped.
    Judges (pluggable, all named ones must pass): ``retrieval``, in-context retrieval as in LOFT (the target model
    reads the candidate among distractor passages, each with an ID, and must name the candidate's ID); ``answer``,
-   answer correctness (the target model answers the question over the same passages; F1 with the gold answer >=
-   ``--min-f1``); ``embedding``, dense retrieval (the packaged MiniLM embedder must rank the candidate above every
-   distractor for the question); ``evidence``, the candidate keeps every gold answer and bridge entity (title of
-   the question's other supporting paragraph) its passage contains.
+   answer correctness (the target model answers the question over the candidate and the question's other
+   supporting paragraphs; F1 with the gold answer >= ``--min-f1``); ``embedding``, dense retrieval (the
+   packaged MiniLM embedder must rank the candidate above every distractor for the question); ``evidence``,
+   the candidate keeps every gold answer and bridge entity (title of the question's other supporting paragraph)
+   its passage contains.
 2. ``color``: ORPO (arXiv 2403.07691) with CoLoR's length term: loss = NLL(chosen) - beta * log sigmoid(s *
    log-odds(chosen, rejected)), beta = 2.5, log-odds over per-token mean log-probabilities, and
    s = max(gamma * (|rejected| - |chosen|), 1) (response tokens, gamma = 0.1) [C: custom_orpo_trainer.py].
@@ -34,6 +35,10 @@ Deviations, all deliberate (a CPU-scale recipe):
   outputs at temperature ``--temperature`` vary in length and in what they keep, so its shortest success is a
   response it can already produce (on-policy), which a small LoRA can learn from few pairs. A resumed run draws
   new samples for the passages it had not reached.
+- ``--pair-sources summary,sample`` builds the pairs from the compressor's own summaries only. The extractive
+  candidates are query-aware (sentences picked for the question) while the compressor never sees the question,
+  so an extract as the chosen response teaches a length it cannot reach with the right content: it learns to
+  keep a first sentence. The paper's candidates are all summaries.
 - The retrieval judge reads the model's next token after "Final Answer: [" among the valid IDs only, rather
   than parsing a free reply.
 - A passage whose ORIGINAL text already fails the judge is dropped before its candidates are judged: the judge
@@ -53,6 +58,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from ..errors import InputError
 
 CANDIDATES_FILE = "candidates.jsonl"
 TRAIN_FILE = "train.jsonl"
@@ -82,6 +89,10 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--distractors", type=int, default=2, help="distractor passages beside the candidate")
     data.add_argument("--min-f1", type=float, default=0.5, help="answer judge: F1 needed for success")
     data.add_argument("--max-new-tokens", type=int, default=128, help="summary length limit")
+    data.add_argument("--candidates-from", help="folder of an earlier color-data run: judge its candidates again "
+                      "instead of generating them (passages it has none for are generated)")
+    data.add_argument("--pair-sources", default="", help="comma-separated candidate kinds that may form the pairs "
+                      "(summary, sample, extractive; default all): every candidate is judged and logged either way")
     data.add_argument("--heldout", type=float, default=0.15, help="share of questions held out (by id hash)")
     data.add_argument("--batch-size", type=int, default=8)
     data.set_defaults(handler=cmd_color_data)
@@ -129,6 +140,7 @@ class JudgeCase:
     distractors: list[str]
     slot: int  # where the candidate sits among the distractors
     bridges: list[str] = field(default_factory=list)  # titles of the question's other supporting paragraphs
+    support: list[str] = field(default_factory=list)  # texts of the question's other supporting paragraphs
 
 
 def training_cases(questions: int, seed: int, distractors: int) -> list[JudgeCase]:
@@ -147,9 +159,10 @@ def training_cases(questions: int, seed: int, distractors: int) -> list[JudgeCas
             title = passage.metadata["title"]
             rng = random.Random(f"{seed}:{qid}:{title}")
             chosen = rng.sample(others, min(distractors, len(others)))
-            bridges = [p.metadata["title"] for p in supporting if p is not passage]
+            partners = [p for p in supporting if p is not passage]
             cases.append(JudgeCase(f"{qid}:{title}", qid, sample.question, sample.answers, passage.text, chosen,
-                                   rng.randrange(len(chosen) + 1), bridges))
+                                   rng.randrange(len(chosen) + 1), [p.metadata["title"] for p in partners],
+                                   [p.text for p in partners]))
     return cases
 
 
@@ -192,7 +205,9 @@ class RetrievalJudge:
 
 
 class AnswerJudge:
-    """Success when the target model's answer over the candidate and distractors reaches ``min_f1``."""
+    """Success when the target model's answer, read over the candidate and the question's other supporting
+    paragraphs (uncompressed, no distractors), reaches F1 ``min_f1`` with the gold answer: a multi-hop question
+    needs every hop, so the judge asks whether the candidate still carries its own hop."""
 
     name = "answer"
 
@@ -206,7 +221,7 @@ class AnswerJudge:
     def __call__(self, case: JudgeCase, candidate: str) -> bool:
         from ..bench.metrics import f1_score
 
-        return f1_score(self.pipe.ask(case.question, context=with_candidate(case, candidate)).text,
+        return f1_score(self.pipe.ask(case.question, context=[candidate, *case.support]).text,
                         case.answers) >= self.min_f1
 
 
@@ -313,12 +328,15 @@ def build_preference_data(args) -> dict[str, Any]:
     began = time.perf_counter()
     compressors = [c.strip() for c in args.compressors.split(",") if c.strip()]
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    reused = reusable_candidates(Path(args.candidates_from)) if getattr(args, "candidates_from", None) else {}
     for lo in tqdm(range(0, len(cases), args.batch_size), desc="color-data", unit="batch"):
         batch = cases[lo:lo + args.batch_size]
         judgeable = [c for c in batch if all(judge(c, c.passage) for judge in judges)]
-        texts = candidate_texts(judgeable, compressors, ratios, target, args.max_new_tokens, args.batch_size,
-                                args.samples, args.temperature) if judgeable else []
-        by_key = {c.key: row for c, row in zip(judgeable, texts)}
+        fresh = [c for c in judgeable if c.key not in reused]
+        texts = candidate_texts(fresh, compressors, ratios, target, args.max_new_tokens, args.batch_size,
+                                args.samples, args.temperature) if fresh else []
+        by_key = {c.key: row for c, row in zip(fresh, texts)}
+        by_key.update({c.key: reused[c.key] for c in judgeable if c.key in reused})
         with log.open("a", encoding="utf-8") as stream:
             for case in batch:
                 record = {"key": case.key, "question_id": case.question_id, "question": case.question,
@@ -328,11 +346,27 @@ def build_preference_data(args) -> dict[str, Any]:
                                "success": all(judge(case, text) for judge in judges) if text.strip() else False}
                               for source, text in by_key.get(case.key, [])]}
                 stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return write_pairs(out, args.heldout, time.perf_counter() - began)
+    sources = tuple(s.strip() for s in getattr(args, "pair_sources", "").split(",") if s.strip())
+    return write_pairs(out, args.heldout, time.perf_counter() - began, sources)
 
 
-def write_pairs(out: Path, heldout_share: float, seconds: float) -> dict[str, Any]:
-    """train.jsonl / heldout.jsonl from candidates.jsonl; returns counts."""
+def reusable_candidates(folder: Path) -> dict[str, list[tuple[str, str]]]:
+    """(source, text) of the candidates an earlier ``color-data`` run generated, by passage key, to judge them
+    anew with other judges without generating them again (passages it had not generated for are left out)."""
+    path = folder / CANDIDATES_FILE
+    if not path.exists():
+        raise InputError(f"--candidates-from: no {CANDIDATES_FILE} in {folder}")
+    reused = {}
+    for line in path.open(encoding="utf-8"):
+        record = json.loads(line)
+        if record["candidates"]:
+            reused[record["key"]] = [(c["source"], c["text"]) for c in record["candidates"]]
+    return reused
+
+
+def write_pairs(out: Path, heldout_share: float, seconds: float, sources: tuple[str, ...] = ()) -> dict[str, Any]:
+    """train.jsonl / heldout.jsonl from candidates.jsonl, pairing only candidates whose source starts with one of
+    ``sources`` (all when empty); returns counts."""
     counts = {"passages": 0, "original_failed": 0, "no_success": 0, "no_failure": 0, "train": 0, "heldout": 0}
     train = (out / TRAIN_FILE).open("w", encoding="utf-8")
     held = (out / HELDOUT_FILE).open("w", encoding="utf-8")
@@ -343,9 +377,10 @@ def write_pairs(out: Path, heldout_share: float, seconds: float) -> dict[str, An
             if not record["original_success"]:
                 counts["original_failed"] += 1
                 continue
-            pair = choose_pair(record["candidates"])
+            candidates = [c for c in record["candidates"] if not sources or c["source"].startswith(sources)]
+            pair = choose_pair(candidates)
             if pair is None:
-                success = any(c["success"] for c in record["candidates"])
+                success = any(c["success"] for c in candidates)
                 counts["no_failure" if success else "no_success"] += 1
                 continue
             chosen, rejected = pair

@@ -309,15 +309,33 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
     assert text in (direct, PASSAGES[0].text)
 
 
-def test_color_eval_counts_evidence_kept_per_supporting_passage():
+def benchmark_module(name: str):
     import importlib.util
     from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_color_pool_pairs_pages_by_question_and_bootstraps_the_difference(tmp_path):
+    color_pool = benchmark_module("color_pool")
+    for page, ids in (("p1", ["a", "b"]), ("p2", ["c"])):
+        rows = [{"id": q, "f1": 0.5, "tokens_in": 10, "tokens_out": 5} for q in ids]
+        (tmp_path / f"{page}.json").write_text(json.dumps({"results": {"m": {"rows": rows}}}))
+    label, rows = color_pool.pooled_rows(f"x={tmp_path / 'p1.json'},{tmp_path / 'p2.json'}:m")
+    assert label == "x" and sorted(rows) == ["a", "b", "c"]
+    assert color_pool.bootstrap_interval([0.2] * 5) == (0.2, 0.2)
+    low, high = color_pool.bootstrap_interval([-1.0, 0.0, 1.0, 2.0], draws=2000)
+    assert -1.0 <= low < 0.5 < high <= 2.0  # brackets the mean of 0.5, within the data's range
+
+
+def test_color_eval_counts_evidence_kept_per_supporting_passage():
     from types import SimpleNamespace
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "color_eval.py"
-    spec = importlib.util.spec_from_file_location("color_eval", path)
-    color_eval = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(color_eval)
+    color_eval = benchmark_module("color_eval")
     museum = Passage("The Museum's vault code is 4471; the Lighthouse keeper knows it.",
                      metadata={"title": "Museum", "supporting": True})
     lighthouse = Passage("The keeper rows to town.", metadata={"title": "Lighthouse", "supporting": True})

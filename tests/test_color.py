@@ -188,6 +188,9 @@ def test_pairs_can_be_limited_to_candidates_the_compressor_wrote(tmp_path):
     counts, rows = pairs(("summary", "sample"))
     assert counts["train"] == 1 and counts["no_success"] == 1  # b's only success was the extract
     assert (rows[0]["chosen_source"], rows[0]["rejected_source"]) == ("summary:m", "sample:m:1")
+    assert training.pair_sources(" summary, sample ") == ("summary", "sample") and training.pair_sources("") == ()
+    with pytest.raises(InputError, match="summaries"):
+        training.pair_sources("summaries")
 
 
 def test_retrieval_judge_names_an_id_and_evidence_judge_checks_spans(tiny_lm):

@@ -64,6 +64,7 @@ from ..errors import InputError
 CANDIDATES_FILE = "candidates.jsonl"
 TRAIN_FILE = "train.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
+PAIR_SOURCES = ("summary", "sample", "extractive")  # candidate kinds, the prefixes of their source names
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RETRIEVAL_INSTRUCTION = (
     "Below are documents, each between 'ID: n |' and '| END ID: n'. Which document is most relevant to answer "
@@ -318,6 +319,8 @@ def build_preference_data(args) -> dict[str, Any]:
     from ..models import load_model
 
     torch.manual_seed(args.seed)
+    sources = pair_sources(getattr(args, "pair_sources", ""))  # both checked before hours of judging
+    reused = reusable_candidates(Path(args.candidates_from)) if getattr(args, "candidates_from", None) else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / CANDIDATES_FILE
@@ -328,7 +331,6 @@ def build_preference_data(args) -> dict[str, Any]:
     began = time.perf_counter()
     compressors = [c.strip() for c in args.compressors.split(",") if c.strip()]
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    reused = reusable_candidates(Path(args.candidates_from)) if getattr(args, "candidates_from", None) else {}
     for lo in tqdm(range(0, len(cases), args.batch_size), desc="color-data", unit="batch"):
         batch = cases[lo:lo + args.batch_size]
         judgeable = [c for c in batch if all(judge(c, c.passage) for judge in judges)]
@@ -346,8 +348,16 @@ def build_preference_data(args) -> dict[str, Any]:
                                "success": all(judge(case, text) for judge in judges) if text.strip() else False}
                               for source, text in by_key.get(case.key, [])]}
                 stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    sources = tuple(s.strip() for s in getattr(args, "pair_sources", "").split(",") if s.strip())
     return write_pairs(out, args.heldout, time.perf_counter() - began, sources)
+
+
+def pair_sources(spec: str) -> tuple[str, ...]:
+    """``--pair-sources``: candidate kinds (source-name prefixes) allowed in the pairs; empty means all."""
+    sources = tuple(s.strip() for s in spec.split(",") if s.strip())
+    unknown = [s for s in sources if s not in PAIR_SOURCES]
+    if unknown:
+        raise InputError(f"--pair-sources: unknown {unknown}; choose from {list(PAIR_SOURCES)}")
+    return sources
 
 
 def reusable_candidates(folder: Path) -> dict[str, list[tuple[str, str]]]:

@@ -260,7 +260,8 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
     data = tmp_path / "data"
     args = argparse.Namespace(out=str(data), questions=8, seed=0, compressors="tiny", ratios="0.3,0.6,1.0",
                               judge="evidence", target="tiny", distractors=2, min_f1=0.5, max_new_tokens=8,
-                              heldout=0.25, batch_size=4, samples=2, temperature=1.0)
+                              heldout=0.25, batch_size=4, samples=2, temperature=1.0, candidates_from=None,
+                              pair_sources="")
     counts = training.build_preference_data(args)
     assert counts["passages"] == 8 and counts["train"] + counts["heldout"] >= 1
     candidates = [json.loads(line) for line in (data / "candidates.jsonl").open()]

@@ -319,8 +319,8 @@ def build_preference_data(args) -> dict[str, Any]:
     from ..models import load_model
 
     torch.manual_seed(args.seed)
-    sources = pair_sources(getattr(args, "pair_sources", ""))  # both checked before hours of judging
-    reused = reusable_candidates(Path(args.candidates_from)) if getattr(args, "candidates_from", None) else {}
+    sources = pair_sources(args.pair_sources)  # both checked before hours of judging
+    reused = reusable_candidates(Path(args.candidates_from)) if args.candidates_from else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / CANDIDATES_FILE

@@ -273,19 +273,50 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
         assert row["chosen"] != row["rejected"] and row["question"].split()[-1].rstrip("?") in row["passage"]
     assert training.build_preference_data(args)["passages"] == 8  # resumed: nothing judged twice
 
-    # Judged again from the first run's candidates: the same texts, nothing generated.
-    def no_generation(*_, **__):
-        raise AssertionError("candidates were generated again")
+    # Built again from the first run's candidates with the same judging: nothing generated, nothing judged.
+    def refuse(*_, **__):
+        raise AssertionError("generated or judged again")
 
-    monkeypatch.setattr(training, "candidate_texts", no_generation)
+    monkeypatch.setattr(color_module.CoLoR, "summaries", refuse)
+    monkeypatch.setitem(training.JUDGES, "evidence", lambda *_, **__: refuse)
     again = tmp_path / "again"
     training.build_preference_data(argparse.Namespace(**{**vars(args), "out": str(again),
                                                          "candidates_from": str(data)}))
-    rejudged = [json.loads(line) for line in (again / "candidates.jsonl").open()]
-    assert [[c["text"] for c in r["candidates"]] for r in rejudged] == \
-           [[c["text"] for c in r["candidates"]] for r in candidates]
+    reused = [json.loads(line) for line in (again / "candidates.jsonl").open()]
+    assert [r["candidates"] for r in reused] == [r["candidates"] for r in candidates]
+    assert json.loads((again / "color-data.json").read_text())["judging"]["judge"] == ["evidence"]
+
+    # A second compressor and a new ratio, judged with another threshold: only the new sources are generated,
+    # and every candidate, old and new, is judged again.
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "training_cases", lambda questions, seed, distractors: cases(questions))
+    monkeypatch.setattr("ctxopt.models.load_model", lambda *a, **k: tiny_lm)
+    monkeypatch.setattr(color_module, "load_model", lambda *a, **k: tiny_lm)
+    summarised = []
+    original_summaries = color_module.CoLoR.summaries
+    monkeypatch.setattr(color_module.CoLoR, "summaries",
+                        lambda stage, texts, lm: summarised.append(stage.compressor) or original_summaries(
+                            stage, texts, lm))
+    judged = []
+    evidence = training.EvidenceJudge()
+    monkeypatch.setitem(training.JUDGES, "evidence",
+                        lambda *_, **__: lambda case, text: judged.append(text) or evidence(case, text))
+    grown = tmp_path / "grown"
+    training.build_preference_data(argparse.Namespace(**{**vars(args), "out": str(grown), "min_f1": 0.9,
+                                                         "compressors": "tiny,tiny2", "ratios": "0.3,0.8",
+                                                         "candidates_from": str(data)}))
+    assert set(summarised) == {"tiny2"}
+    for before, after in zip(candidates, (json.loads(line) for line in (grown / "candidates.jsonl").open())):
+        assert after["original_success"] == before["original_success"]
+        if before["original_success"]:
+            assert after["candidates"][:6] == before["candidates"]  # judged again, to the same verdicts
+            assert [c["source"] for c in after["candidates"][6:]] == [
+                "summary:tiny2", "sample:tiny2:0", "sample:tiny2:1", "extractive:0.8"]
+    assert len(judged) == 8 + sum(len(r["candidates"]) + 4 for r in candidates if r["original_success"])
     with pytest.raises(InputError, match="no candidates.jsonl"):
-        training.reusable_candidates(tmp_path)
+        training.earlier_run(tmp_path)
+    with pytest.raises(InputError, match="--judge"):
+        training.judge_names("evidence,answers")
 
     out = tmp_path / "adapter"
     train_args = argparse.Namespace(data=str(data), out=str(out), base="tiny", epochs=15.0, lr=5e-3, beta=2.5,

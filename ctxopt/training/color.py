@@ -90,8 +90,9 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--distractors", type=int, default=2, help="distractor passages beside the candidate")
     data.add_argument("--min-f1", type=float, default=0.5, help="answer judge: F1 needed for success")
     data.add_argument("--max-new-tokens", type=int, default=128, help="summary length limit")
-    data.add_argument("--candidates-from", help="folder of an earlier color-data run: judge its candidates again "
-                      "instead of generating them (passages it has none for are generated)")
+    data.add_argument("--candidates-from", help="folder of an earlier color-data run: keep its candidates and "
+                      "generate only the sources it lacks (e.g. a new --compressors entry); its judgements are "
+                      "reused when judges, target, dtype, --min-f1, --distractors and --seed match, else re-judged")
     data.add_argument("--pair-sources", default="", help="comma-separated candidate kinds that may form the pairs "
                       "(summary, sample, extractive; default all): every candidate is judged and logged either way")
     data.add_argument("--heldout", type=float, default=0.15, help="share of questions held out (by id hash)")
@@ -284,71 +285,111 @@ def choose_pair(candidates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[
 
 
 def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list[float], target,
-                    max_new_tokens: int, batch_size: int, samples: int = 0,
-                    temperature: float = 0.8) -> list[list[tuple[str, str]]]:
-    """Per case, (source, text) of every candidate: each compressor's greedy summary and ``samples`` sampled
-    ones, then extractive per ratio."""
+                    max_new_tokens: int, batch_size: int, samples: int = 0, temperature: float = 0.8,
+                    have: list[set[str]] | None = None) -> list[list[tuple[str, str]]]:
+    """Per case, (source, text) of every candidate whose source it does not ``have`` yet: each compressor's greedy
+    summary and ``samples`` sampled ones, then extractive per ratio. A compressor is loaded only for the cases
+    that lack one of its summaries."""
     from ..compressors.color import CoLoR, summarise
     from ..compressors.extractive import extract
     from ..retrievers.embeddings import load_embedder
 
+    have = have if have is not None else [set() for _ in cases]
     out: list[list[tuple[str, str]]] = [[] for _ in cases]
     for name in compressors:
+        wanted = {f"summary:{name}", *(f"sample:{name}:{j}" for j in range(samples))}
+        lacking = [i for i, sources in enumerate(have) if not wanted <= sources]
+        if not lacking:
+            continue
         stage = CoLoR(compressor=name, adapter=None, max_new_tokens=max_new_tokens, batch_size=batch_size)
         lm = stage.compressor_model(target.device, target.dtype)
-        for row, summary in zip(out, stage.summaries([c.passage for c in cases], lm)):
-            row.append((f"summary:{name}", summary))
+        passages = [cases[i].passage for i in lacking]
+        for i, summary in zip(lacking, stage.summaries(passages, lm)):
+            out[i].append((f"summary:{name}", summary))
         if samples:
-            repeated = [c.passage for c in cases for _ in range(samples)]
-            drawn = summarise(lm, repeated, max_new_tokens, batch_size, temperature=temperature)
-            for i, row in enumerate(out):
-                row.extend((f"sample:{name}:{j}", drawn[i * samples + j]) for j in range(samples))
-    embedder = load_embedder()
-    for case, row in zip(cases, out):
-        for ratio in ratios:
-            row.append((f"extractive:{ratio}", extract(case.question, case.passage, ratio, target.tokenizer, embedder)))
-    return out
+            drawn = summarise(lm, [p for p in passages for _ in range(samples)], max_new_tokens, batch_size,
+                              temperature=temperature)
+            for n, i in enumerate(lacking):
+                out[i].extend((f"sample:{name}:{j}", drawn[n * samples + j]) for j in range(samples))
+    extracts = [(i, ratio) for i, sources in enumerate(have) for ratio in ratios
+                if f"extractive:{ratio}" not in sources]
+    if extracts:
+        embedder = load_embedder()
+        for i, ratio in extracts:
+            case = cases[i]
+            out[i].append((f"extractive:{ratio}",
+                           extract(case.question, case.passage, ratio, target.tokenizer, embedder)))
+    return [[(source, text) for source, text in row if source not in sources] for row, sources in zip(out, have)]
+
+
+def judging_settings(args, target) -> dict[str, Any]:
+    """Everything a candidate's success depends on besides its text: the judges, the model they run (name and
+    dtype), the answer threshold and the distractors (drawn per seed). An earlier run's judgements are reused
+    only when all of these match."""
+    return {"judge": judge_names(args.judge), "target": args.target,
+            "dtype": str(target.dtype).removeprefix("torch."), "min_f1": args.min_f1,
+            "distractors": args.distractors, "seed": args.seed}
 
 
 def build_preference_data(args) -> dict[str, Any]:
     """Judge every candidate of every training passage (resumable: passages already in candidates.jsonl are
-    skipped), then write the chosen/rejected pairs to train.jsonl and heldout.jsonl."""
+    skipped), then write the chosen/rejected pairs to train.jsonl and heldout.jsonl. With ``--candidates-from``,
+    the earlier run's candidates are kept, only the sources it lacks are generated, and its judgements are
+    reused when its judging settings match this run's (else every candidate is judged anew)."""
     import torch
     from tqdm.auto import tqdm
 
     from ..models import load_model
 
     torch.manual_seed(args.seed)
-    sources = pair_sources(args.pair_sources)  # both checked before hours of judging
-    reused = reusable_candidates(Path(args.candidates_from)) if args.candidates_from else {}
+    sources = pair_sources(args.pair_sources)  # all three checked before any model loads
+    judge_names(args.judge)
+    earlier, earlier_judging = earlier_run(Path(args.candidates_from)) if args.candidates_from else ({}, None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / CANDIDATES_FILE
     done = {json.loads(line)["key"] for line in log.open(encoding="utf-8")} if log.exists() else set()
     target = load_model(args.target)
-    judges = [JUDGES[name.strip()](target, min_f1=args.min_f1) for name in args.judge.split(",")]
+    judging = judging_settings(args, target)
+    judged = earlier if earlier_judging == judging else {}
+    judges = [JUDGES[name](target, min_f1=args.min_f1) for name in judging["judge"]]
+
+    def success(case: JudgeCase, text: str) -> bool:
+        return all(judge(case, text) for judge in judges) if text.strip() else False
+
     cases = [c for c in training_cases(args.questions, args.seed, args.distractors) if c.key not in done]
     began = time.perf_counter()
     compressors = [c.strip() for c in args.compressors.split(",") if c.strip()]
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     for lo in tqdm(range(0, len(cases), args.batch_size), desc="color-data", unit="batch"):
         batch = cases[lo:lo + args.batch_size]
-        judgeable = [c for c in batch if all(judge(c, c.passage) for judge in judges)]
-        fresh = [c for c in judgeable if c.key not in reused]
-        texts = candidate_texts(fresh, compressors, ratios, target, args.max_new_tokens, args.batch_size,
-                                args.samples, args.temperature) if fresh else []
-        by_key = {c.key: row for c, row in zip(fresh, texts)}
-        by_key.update({c.key: reused[c.key] for c in judgeable if c.key in reused})
+        judgeable = [c for c in batch if (judged[c.key]["original_success"] if c.key in judged
+                                          else success(c, c.passage))]
+        kept = {c.key: [(k["source"], k["text"], k["success"] if c.key in judged else None)
+                        for k in earlier.get(c.key, {}).get("candidates", [])] for c in judgeable}
+        fresh = candidate_texts(judgeable, compressors, ratios, target, args.max_new_tokens, args.batch_size,
+                                args.samples, args.temperature, [{k[0] for k in kept[c.key]} for c in judgeable])
+        for case, row in zip(judgeable, fresh):
+            kept[case.key].extend((source, text, None) for source, text in row)
         with log.open("a", encoding="utf-8") as stream:
             for case in batch:
                 record = {"key": case.key, "question_id": case.question_id, "question": case.question,
-                          "passage": case.passage, "original_success": case.key in by_key, "candidates": [
+                          "passage": case.passage, "original_success": case.key in kept, "candidates": [
                               {"source": source, "text": text,
                                "tokens": len(target.tokenizer(text, add_special_tokens=False)["input_ids"]),
-                               "success": all(judge(case, text) for judge in judges) if text.strip() else False}
-                              for source, text in by_key.get(case.key, [])]}
+                               "success": known if known is not None else success(case, text)}
+                              for source, text, known in kept.get(case.key, [])]}
                 stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return write_pairs(out, args.heldout, time.perf_counter() - began, sources)
+    return write_pairs(out, args.heldout, time.perf_counter() - began, sources, judging)
+
+
+def judge_names(spec: str) -> list[str]:
+    """``--judge``: the judges' names, each one of ``JUDGES``."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in JUDGES]
+    if not names or unknown:
+        raise InputError(f"--judge: unknown {unknown or spec!r}; choose from {list(JUDGES)}")
+    return names
 
 
 def pair_sources(spec: str) -> tuple[str, ...]:
@@ -360,23 +401,26 @@ def pair_sources(spec: str) -> tuple[str, ...]:
     return sources
 
 
-def reusable_candidates(folder: Path) -> dict[str, list[tuple[str, str]]]:
-    """(source, text) of the candidates an earlier ``color-data`` run generated, by passage key, to judge them
-    anew with other judges without generating them again (passages it had not generated for are left out)."""
+def earlier_run(folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """An earlier ``color-data`` run's candidates.jsonl records by passage key, and the judging settings its
+    color-data.json recorded (None when it recorded none: its judgements are then never reused)."""
     path = folder / CANDIDATES_FILE
     if not path.exists():
         raise InputError(f"--candidates-from: no {CANDIDATES_FILE} in {folder}")
-    reused = {}
+    records = {}
     for line in path.open(encoding="utf-8"):
         record = json.loads(line)
-        if record["candidates"]:
-            reused[record["key"]] = [(c["source"], c["text"]) for c in record["candidates"]]
-    return reused
+        records[record["key"]] = record
+    summary = folder / "color-data.json"
+    judging = json.loads(summary.read_text()).get("judging") if summary.exists() else None
+    return records, judging
 
 
-def write_pairs(out: Path, heldout_share: float, seconds: float, sources: tuple[str, ...] = ()) -> dict[str, Any]:
+def write_pairs(out: Path, heldout_share: float, seconds: float, sources: tuple[str, ...] = (),
+                judging: dict[str, Any] | None = None) -> dict[str, Any]:
     """train.jsonl / heldout.jsonl from candidates.jsonl, pairing only candidates whose source starts with one of
-    ``sources`` (all when empty); returns counts."""
+    ``sources`` (all when empty); returns counts. color-data.json records them with the command and the
+    ``judging`` settings (what lets a later ``--candidates-from`` run reuse these judgements)."""
     counts = {"passages": 0, "original_failed": 0, "no_success": 0, "no_failure": 0, "train": 0, "heldout": 0}
     train = (out / TRAIN_FILE).open("w", encoding="utf-8")
     held = (out / HELDOUT_FILE).open("w", encoding="utf-8")
@@ -403,7 +447,8 @@ def write_pairs(out: Path, heldout_share: float, seconds: float, sources: tuple[
             counts[split] += 1
     counts["seconds_this_run"] = round(seconds, 1)
     command = "ctxopt " + shlex.join(sys.argv[1:])
-    (out / "color-data.json").write_text(json.dumps({"counts": counts, "command": command}, indent=2))
+    (out / "color-data.json").write_text(json.dumps({"counts": counts, "command": command, "judging": judging},
+                                                    indent=2))
     return counts
 
 

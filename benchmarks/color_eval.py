@@ -12,9 +12,10 @@ of ``ctxopt train color-data``; a dropped passage keeps nothing). ``--no-answer`
     OMP_NUM_THREADS=1 python benchmarks/color_eval.py --samples 6 --out color-eval.json
 
 Methods: ``original`` (no compression), ``color-untrained`` (the prompt alone), ``color`` (the packaged
-adapter, or ``--adapter``), ``extractive`` (``--extractive-ratio`` of each passage, 0.5 by default),
-``embeddings-filter`` (LangChain's EmbeddingsFilter over the same MiniLM embedder, top 5 of the 10 passages; its
-``compress_documents`` imports langchain-community, which ctxopt does not install).
+adapter, or ``--adapter``; both run ``--compressor``, SmolLM2-135M by default), ``extractive``
+(``--extractive-ratio`` of each passage, 0.5 by default), ``embeddings-filter`` (LangChain's EmbeddingsFilter over
+the same MiniLM embedder, top 5 of the 10 passages; its ``compress_documents`` imports langchain-community, which
+ctxopt does not install).
 """
 from __future__ import annotations
 
@@ -81,11 +82,11 @@ def evidence_kept(sample, passages: list[Passage]) -> list[bool]:
     return verdicts
 
 
-def methods(adapter: str | None, extractive_ratio: float) -> dict:
+def methods(compressor: str, adapter: str | None, extractive_ratio: float) -> dict:
     return {
         "original": lambda question, passages, run: passages,
-        "color-untrained": CoLoR(adapter=None).compress,
-        "color": CoLoR(adapter=adapter or "auto").compress,
+        "color-untrained": CoLoR(compressor=compressor, adapter=None).compress,
+        "color": CoLoR(compressor=compressor, adapter=adapter or "auto").compress,
         "extractive": Extractive(extractive_ratio).compress,
         "embeddings-filter": embeddings_filter(5),
     }
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--offset", type=int, default=0, help="skip this many of the seed's questions (a later page)")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--compressor", default="smollm2-135m", help="CoLoR's compressor model")
     parser.add_argument("--adapter", default=None, help="CoLoR adapter folder (default: the packaged one)")
     parser.add_argument("--methods", default="original,color-untrained,color,extractive")
     parser.add_argument("--extractive-ratio", type=float, default=0.5, help="share of each passage extractive keeps")
@@ -107,7 +109,7 @@ def main() -> None:
     lm = load_model(args.model)
     embedder = load_embedder()
     samples = load_hotpotqa(args.samples, seed=args.seed, split_offset=args.offset)
-    table = methods(args.adapter, args.extractive_ratio)
+    table = methods(args.compressor, args.adapter, args.extractive_ratio)
     results = {}
     for name in args.methods.split(","):
         compress = table[name]

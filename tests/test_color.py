@@ -81,11 +81,13 @@ def test_cache_hit_avoids_the_model(tiny_lm, monkeypatch):
     assert all(cached.get(p.text) is not None for p in PASSAGES)
 
 
-def test_the_packaged_adapter_is_small_and_the_default():
-    folder = packaged_adapter("smollm2-135m")
-    assert folder is not None and (folder / "adapter_model.safetensors").stat().st_size < 10 * 2**20
-    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
-    assert CoLoR().adapter == "auto" and packaged_adapter("qwen2.5-coder-0.5b") is None
+def test_the_packaged_adapters_are_small_match_their_bases_and_are_the_default():
+    for compressor in ("smollm2-135m", "qwen2.5-coder-0.5b"):
+        folder = packaged_adapter(compressor)
+        assert folder is not None and (folder / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == compressor
+    assert packaged_adapter("Qwen-0.5B") == packaged_adapter("qwen2.5-coder-0.5b")  # an alias finds it too
+    assert CoLoR().adapter == "auto" and packaged_adapter("qwen2.5-coder-1.5b") is None
 
 
 def test_batched_greedy_generation_matches_one_at_a_time(tiny_lm):

@@ -256,9 +256,12 @@ def cases(n: int) -> list[JudgeCase]:
 
 
 def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "training_cases", lambda questions, seed, distractors: cases(questions))
-    monkeypatch.setattr("ctxopt.models.load_model", lambda *a, **k: tiny_lm)
-    monkeypatch.setattr(color_module, "load_model", lambda *a, **k: tiny_lm)
+    def tiny_everywhere():
+        monkeypatch.setattr(training, "training_cases", lambda questions, seed, distractors: cases(questions))
+        monkeypatch.setattr("ctxopt.models.load_model", lambda *a, **k: tiny_lm)
+        monkeypatch.setattr(color_module, "load_model", lambda *a, **k: tiny_lm)
+
+    tiny_everywhere()
     data = tmp_path / "data"
     args = argparse.Namespace(out=str(data), questions=8, seed=0, compressors="tiny", ratios="0.3,0.6,1.0",
                               judge="evidence", target="tiny", distractors=2, min_f1=0.5, max_new_tokens=8,
@@ -291,9 +294,7 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
     # A second compressor and a new ratio, judged with another threshold: only the new sources are generated,
     # and every candidate, old and new, is judged again.
     monkeypatch.undo()
-    monkeypatch.setattr(training, "training_cases", lambda questions, seed, distractors: cases(questions))
-    monkeypatch.setattr("ctxopt.models.load_model", lambda *a, **k: tiny_lm)
-    monkeypatch.setattr(color_module, "load_model", lambda *a, **k: tiny_lm)
+    tiny_everywhere()
     summarised = []
     original_summaries = color_module.CoLoR.summaries
     monkeypatch.setattr(color_module.CoLoR, "summaries",

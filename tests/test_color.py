@@ -255,6 +255,21 @@ def cases(n: int) -> list[JudgeCase]:
                       ["A distractor about boats.", "Another one about bread."], i % 3) for i in range(n)]
 
 
+def test_sampled_candidates_are_seeded_per_case_and_index(tiny_lm, monkeypatch):
+    """Sample indices added by a later run are new draws, not the earlier indices' summaries again."""
+    monkeypatch.setattr(color_module, "load_model", lambda *a, **k: tiny_lm)
+    few = cases(2)
+
+    def draw(samples, have=None):
+        return training.candidate_texts(few, ["tiny"], [], tiny_lm, 8, 4, samples, 1.0, have, seed=0)
+
+    first = draw(2)
+    assert draw(2) == first  # the same draws whatever the global stream did in between
+    more = draw(4, [{source for source, _ in row} for row in first])
+    assert [[source for source, _ in row] for row in more] == [["sample:tiny:2", "sample:tiny:3"]] * 2
+    assert [[text for _, text in row] for row in more] != [[text for _, text in row[1:]] for row in first]
+
+
 def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
     def tiny_everywhere():
         monkeypatch.setattr(training, "training_cases", lambda questions, seed, distractors: cases(questions))
@@ -291,8 +306,8 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
     assert [r["candidates"] for r in reused] == [r["candidates"] for r in candidates]
     assert json.loads((again / "color-data.json").read_text())["judging"]["judge"] == ["evidence"]
 
-    # A second compressor and a new ratio, judged with another threshold: only the new sources are generated,
-    # and every candidate, old and new, is judged again.
+    # A second compressor, one more sample and a new ratio, judged with another threshold: only the new sources
+    # are generated, and every candidate, old and new, is judged again.
     monkeypatch.undo()
     tiny_everywhere()
     summarised = []
@@ -306,7 +321,7 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
                         lambda *_, **__: lambda case, text: judged.append(text) or evidence(case, text))
     grown = tmp_path / "grown"
     training.build_preference_data(argparse.Namespace(**{**vars(args), "out": str(grown), "min_f1": 0.9,
-                                                         "compressors": "tiny,tiny2", "ratios": "0.3,0.8",
+                                                         "compressors": "tiny,tiny2", "ratios": "0.3,0.8", "samples": 3,
                                                          "candidates_from": str(data)}))
     assert set(summarised) == {"tiny2"}
     for before, after in zip(candidates, (json.loads(line) for line in (grown / "candidates.jsonl").open())):
@@ -314,8 +329,9 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
         if before["original_success"]:
             assert after["candidates"][:6] == before["candidates"]  # judged again, to the same verdicts
             assert [c["source"] for c in after["candidates"][6:]] == [
-                "summary:tiny2", "sample:tiny2:0", "sample:tiny2:1", "extractive:0.8"]
-    assert len(judged) == 8 + sum(len(r["candidates"]) + 4 for r in candidates if r["original_success"])
+                "sample:tiny:2", "summary:tiny2", "sample:tiny2:0", "sample:tiny2:1", "sample:tiny2:2",
+                "extractive:0.8"]
+    assert len(judged) == 8 + sum(len(r["candidates"]) + 6 for r in candidates if r["original_success"])
     with pytest.raises(InputError, match="no candidates.jsonl"):
         training.earlier_run(tmp_path)
     with pytest.raises(InputError, match="--judge"):

@@ -286,10 +286,15 @@ def choose_pair(candidates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[
 
 def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list[float], target,
                     max_new_tokens: int, batch_size: int, samples: int = 0, temperature: float = 0.8,
-                    have: list[set[str]] | None = None) -> list[list[tuple[str, str]]]:
+                    have: list[set[str]] | None = None, seed: int = 0) -> list[list[tuple[str, str]]]:
     """Per case, (source, text) of every candidate whose source it does not ``have`` yet: each compressor's greedy
-    summary and ``samples`` sampled ones, then extractive per ratio. A compressor is loaded only for the cases
-    that lack one of its summaries."""
+    summary and sampled summaries ``0 .. samples - 1``, then extractive per ratio. Only the missing ones are
+    generated, and a compressor is loaded only when some case lacks one of its summaries.
+
+    Sampling is seeded from ``seed``, the compressor and the (case, sample index) pairs it draws, not from the
+    global stream: a later run that adds sample indices 4-7 draws new summaries instead of repeating 0-3."""
+    import torch
+
     from ..compressors.color import CoLoR, summarise
     from ..compressors.extractive import extract
     from ..retrievers.embeddings import load_embedder
@@ -297,29 +302,30 @@ def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list
     have = have if have is not None else [set() for _ in cases]
     out: list[list[tuple[str, str]]] = [[] for _ in cases]
     for name in compressors:
-        wanted = {f"summary:{name}", *(f"sample:{name}:{j}" for j in range(samples))}
-        lacking = [i for i, sources in enumerate(have) if not wanted <= sources]
-        if not lacking:
+        greedy = [i for i, sources in enumerate(have) if f"summary:{name}" not in sources]
+        drawn = [(i, j) for i, sources in enumerate(have) for j in range(samples)
+                 if f"sample:{name}:{j}" not in sources]
+        if not greedy and not drawn:
             continue
         stage = CoLoR(compressor=name, adapter=None, max_new_tokens=max_new_tokens, batch_size=batch_size)
         lm = stage.compressor_model(target.device, target.dtype)
-        passages = [cases[i].passage for i in lacking]
-        for i, summary in zip(lacking, stage.summaries(passages, lm)):
-            out[i].append((f"summary:{name}", summary))
-        if samples:
-            drawn = summarise(lm, [p for p in passages for _ in range(samples)], max_new_tokens, batch_size,
+        if greedy:
+            for i, summary in zip(greedy, stage.summaries([cases[i].passage for i in greedy], lm)):
+                out[i].append((f"summary:{name}", summary))
+        if drawn:
+            torch.manual_seed(_hash(json.dumps([seed, name, [(cases[i].key, j) for i, j in drawn]])))
+            texts = summarise(lm, [cases[i].passage for i, _ in drawn], max_new_tokens, batch_size,
                               temperature=temperature)
-            for n, i in enumerate(lacking):
-                out[i].extend((f"sample:{name}:{j}", drawn[n * samples + j]) for j in range(samples))
-    extracts = [(i, ratio) for i, sources in enumerate(have) for ratio in ratios
-                if f"extractive:{ratio}" not in sources]
-    if extracts:
-        embedder = load_embedder()
-        for i, ratio in extracts:
-            case = cases[i]
-            out[i].append((f"extractive:{ratio}",
-                           extract(case.question, case.passage, ratio, target.tokenizer, embedder)))
-    return [[(source, text) for source, text in row if source not in sources] for row, sources in zip(out, have)]
+            for (i, j), text in zip(drawn, texts):
+                out[i].append((f"sample:{name}:{j}", text))
+    embedder = None
+    for i, sources in enumerate(have):
+        for ratio in ratios:
+            if f"extractive:{ratio}" not in sources:
+                embedder = embedder or load_embedder()
+                out[i].append((f"extractive:{ratio}",
+                               extract(cases[i].question, cases[i].passage, ratio, target.tokenizer, embedder)))
+    return out
 
 
 def judging_settings(args, target) -> dict[str, Any]:
@@ -368,7 +374,8 @@ def build_preference_data(args) -> dict[str, Any]:
         kept = {c.key: [(k["source"], k["text"], k["success"] if c.key in judged else None)
                         for k in earlier.get(c.key, {}).get("candidates", [])] for c in judgeable}
         fresh = candidate_texts(judgeable, compressors, ratios, target, args.max_new_tokens, args.batch_size,
-                                args.samples, args.temperature, [{k[0] for k in kept[c.key]} for c in judgeable])
+                                args.samples, args.temperature, [{k[0] for k in kept[c.key]} for c in judgeable],
+                                args.seed)
         for case, row in zip(judgeable, fresh):
             kept[case.key].extend((source, text, None) for source, text in row)
         with log.open("a", encoding="utf-8") as stream:

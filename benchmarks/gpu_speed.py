@@ -72,7 +72,8 @@ from ctxopt.attention import use_grouped_sdpa  # noqa: E402
 from ctxopt.bench.costs import forward_costs, forward_costs_table  # noqa: E402
 from ctxopt.bench.runner import measurements  # noqa: E402
 from ctxopt.decoding import prefill  # noqa: E402
-from ctxopt.methods import METHODS, build_stages, draft_option  # noqa: E402
+from ctxopt.methods import DRAFT as DRAFT_OPTION  # noqa: E402
+from ctxopt.methods import METHODS, build_stages  # noqa: E402
 from ctxopt.models import LoadedModel  # noqa: E402
 from ctxopt.pipeline import Pipeline, as_passages  # noqa: E402
 
@@ -236,14 +237,13 @@ def context_free(target: LoadedModel, row: str):
 
 
 def method_options(row: str, draft: LoadedModel, refrag_adapter=None, chunk_cache=None) -> dict[str, Any]:
-    """The draft under the option name the method takes it by, if it takes one; REFRAG's random adapter (and for
+    """The draft, if the method takes one; REFRAG's random adapter (and for
     ``refrag-cached`` the context's precomputed chunk embeddings)."""
     if row in ("refrag", CACHED_REFRAG):
         return {"adapter": refrag_adapter, **({"cache": chunk_cache} if row == CACHED_REFRAG else {})}
     if row in (SELF_RAPID, AGREEING_RAPID):
         return {}  # no drafter: the target drafts for itself over the retrieved chunks
-    name = draft_option(METHODS[row])
-    return {name: draft} if name else {}
+    return {DRAFT_OPTION: draft} if METHODS[row].takes_draft else {}
 
 
 def chunk_cache_for(row: str, context: str, tokenizer, refrag_adapter):

@@ -83,7 +83,7 @@ def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_ne
     yield row("target", target, stage_s=target.seconds)
 
     for label, drafter in drafters.items():
-        run = Run(lm, question, config, Stats(), embedder=lambda: embedder, passages=passages)
+        run = Run(lm, question, config, Stats(), embedder=lambda: embedder)
         draft_prompt, draft_state, retrieval_s, draft_prefill_s = RAPID(rag_tokens=rag_tokens).prepare_drafter(
             drafter, prompt, run)
         ready = retrieval_s + draft_prefill_s
@@ -92,7 +92,7 @@ def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_ne
         yield row(f"drafter-rag [{label}]", alone, stage_s=alone.seconds + ready, **shared)
         for eta in etas:
             for gamma in gammas:
-                result = RAPID(drafter=drafter, gamma=gamma, eta=eta, rag_tokens=rag_tokens).speculate(
+                result = RAPID(draft=drafter, gamma=gamma, eta=eta, rag_tokens=rag_tokens).speculate(
                     lm, state.copy(), drafter, draft_state.copy(), config)
                 yield row(f"rapid [{label}] eta={eta:g} gamma={gamma}", result, stage_s=result.seconds + ready,
                           acceptance=result.extra["acceptance_rate"],
@@ -158,7 +158,7 @@ def main() -> None:
     lm = load_model(args.model)
     drafters = {name: lm if name == "self" else load_model(name, lm.device, lm.dtype) for name in args.drafters.split(",")}
     for drafter in drafters.values():
-        RAPID(drafter=drafter).resolve_drafter(lm)  # refuse a drafter with another vocabulary before any work
+        RAPID(draft=drafter).resolve_drafter(lm)  # refuse a drafter with another vocabulary before any work
     embedder = load_embedder()
     rows: list[dict] = []
     with open(out / "rows.csv", "w", newline="", encoding="utf-8") as handle:

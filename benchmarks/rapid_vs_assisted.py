@@ -93,7 +93,7 @@ def main() -> None:
     for eta in args.etas:
         runs, same = [], True
         for _ in range(args.repeats):
-            run = Run(lm, QUESTION, config, Stats(), embedder=lambda: embedder, passages=[Passage(context, source="essays")])
+            run = Run(lm, QUESTION, config, Stats(), embedder=lambda: embedder)
             result = RAPID(gamma=args.gamma, eta=eta, rag_tokens=args.rag_tokens).decode(state.copy(), prompt, run)
             extra = result.extra
             loop = result.seconds - extra["retrieval_seconds"] - extra["draft_prefill_seconds"]

@@ -127,7 +127,7 @@ def cmd_ttft(args) -> dict:
         cache = ChunkCache.build([passage], adapter, lm.tokenizer)
         cached_stage = REFRAG(adapter=adapter, cache=cache)
         cached = _median_seconds(lambda: cached_stage.prefill(prompt, run), args.repeats)
-        extra = run.memo.get("stage_extra", {})
+        extra = run.figures
         row = {"prompt_tokens": len(prompt), "decoder_positions": extra.get("decoder_positions"),
                "cached_chunks": extra.get("cached_chunks"), "chunks": extra.get("chunks"),
                "full_s": round(full, 3), "refrag_uncached_s": round(uncached, 3), "refrag_cached_s": round(cached, 3),

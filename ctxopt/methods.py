@@ -1,43 +1,78 @@
-"""Registry of named methods, shared by the CLI (``--method``) and the benchmark runner.
+"""Registry of named methods, shared by the CLI (``--method``), the LangChain components and the benchmark.
 
-Each entry builds the list of stages for a budget. Method modules are imported only when named, so a
-missing optional dependency of one method never breaks the others. To add a method, add one line here
-(see docs/adding-a-method.md).
+An entry names a stage class (or, for a method that is a composition, a function returning stages), a one-line
+summary and whether the method needs, takes or ignores a budget. Its options and their defaults are not written
+here: they are the class's constructor parameters (its dataclass fields), read when asked, so a knob is declared
+once. A field marked ``field(metadata={"option": False})`` is for Python callers only (a live object, not a
+command-line value). Method modules are imported only when named, so a missing optional dependency of one
+method never breaks the others. Adding a method: docs/adding-a-method.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import InputError
 from .stages import Stage
 
+COMPOSE = "+"
+BUDGET = "budget"
+DRAFT = "draft"  # the one option name a draft-based method takes its second model by
+
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``factory`` is "module:callable"; the callable takes (budget, **options) and returns a list of stages.
+    """``target`` is "module:attribute": a Stage class (built as ``Class(budget=..., **options)``) or a function
+    ``(budget, **options) -> list[Stage]`` for a composition. ``needs_budget``: the method cannot run without one.
+    ``takes_budget``: it uses one when given (RAPID's drafter context) and otherwise runs at its own default.
+    ``parts``: the registered methods a composed method ("color+specpc") runs in turn."""
 
-    ``needs_budget``: the method cannot run without one. ``takes_budget``: it uses one when given (RAPID's
-    drafter context) and otherwise runs at its own default.
-    """
-
-    factory: str
+    target: str | None
     summary: str
     needs_budget: bool = True
     takes_budget: bool = True
-    options: tuple[str, ...] = field(default_factory=tuple)
-    parts: tuple[str, ...] = ()  # the registered methods a composed method runs in turn
+    parts: tuple[str, ...] = ()
 
+    def load(self) -> Callable[..., Stage | list[Stage]] | None:
+        """The stage class or composition function (imported now), or None for a method with no stages."""
+        if self.target is None:
+            return None
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
 
-COMPOSE = "+"
-DRAFT_OPTIONS = ("draft", "drafter")  # the option names a draft-based method takes its second model by
+    @cached_property
+    def options(self) -> tuple[str, ...]:
+        """The knobs a user may set: the target's parameters other than the budget (for a composition, every
+        part's), in declaration order."""
+        if self.parts:
+            return tuple(dict.fromkeys(o for part in self.parts for o in METHODS[part].options))
+        target = self.load()
+        if target is None:
+            return ()
+        hidden = set()
+        if dataclasses.is_dataclass(target):
+            hidden = {f.name for f in dataclasses.fields(target) if f.metadata.get("option") is False}
+        parameters = inspect.signature(target).parameters
+        return tuple(name for name in parameters if name != BUDGET and name not in hidden)
 
+    @property
+    def takes_draft(self) -> bool:
+        return DRAFT in self.options
 
-def draft_option(spec: MethodSpec) -> str | None:
-    """The option this method takes its draft model by, or None if it takes none."""
-    return next((name for name in DRAFT_OPTIONS if name in spec.options), None)
+    def build(self, budget: int | float | None, options: dict) -> list[Stage]:
+        """The stages at ``budget`` with ``options`` (already checked); a budget the method ignores is not passed."""
+        target = self.load()
+        if target is None:
+            return []
+        if BUDGET in inspect.signature(target).parameters and budget is not None:
+            options = {BUDGET: budget, **options}
+        built = target(**options)
+        return list(built) if isinstance(built, (list, tuple)) else [built]
 
 
 def parse_options(items: list[str], flag: str = "--option") -> dict:
@@ -65,9 +100,8 @@ class MethodRegistry(dict):
             raise KeyError(name)
         specs = [self[part] for part in parts]
         return MethodSpec(
-            "ctxopt.methods:build_stages", " then ".join(parts), needs_budget=any(s.needs_budget for s in specs),
-            takes_budget=any(s.takes_budget for s in specs),
-            options=tuple(dict.fromkeys(o for s in specs for o in s.options)), parts=parts,
+            None, " then ".join(parts), needs_budget=any(s.needs_budget for s in specs),
+            takes_budget=any(s.takes_budget for s in specs), parts=parts,
         )
 
     def get(self, name: str, default: MethodSpec | None = None) -> MethodSpec | None:
@@ -78,40 +112,41 @@ class MethodRegistry(dict):
 
 
 METHODS: MethodRegistry = MethodRegistry({
-    "full": MethodSpec("ctxopt.methods:_full", "the whole context, no compression", needs_budget=False,
-                       takes_budget=False),
-    "truncate": MethodSpec("ctxopt.methods:_truncate", "keep the start and end of the context"),
-    "rag": MethodSpec("ctxopt.methods:_rag", "top chunks of the context by embedder similarity", options=("chunk_tokens",)),
-    "gemfilter": MethodSpec("ctxopt.compressors.gemfilter:gemfilter_stages", "keep the tokens an early layer's last "
-                            "query scores highest (GemFilter)", options=("layer", "kernel", "keep_question")),
-    "specpc": MethodSpec("ctxopt.compressors.specpc:specpc_stages", "keep the tokens a draft model attends to (SpecPC)",
-                         options=("draft", "window", "first_layer", "kernel", "lookahead", "keep_question",
-                                  "cross_tokenizer")),
+    "full": MethodSpec(None, "the whole context, no compression", needs_budget=False, takes_budget=False),
+    "truncate": MethodSpec("ctxopt.stages:Truncate", "keep the start and end of the context"),
+    "rag": MethodSpec("ctxopt.compressors.rag:RAGChunks", "top chunks of the context by embedder similarity"),
+    "gemfilter": MethodSpec("ctxopt.compressors.gemfilter:GemFilter",
+                            "keep the tokens an early layer's last query scores highest (GemFilter)"),
+    "specpc": MethodSpec("ctxopt.compressors.specpc:SpecPC", "keep the tokens a draft model attends to (SpecPC)"),
     "rapid": MethodSpec("ctxopt.speculative.rapid:rapid", "speculative decoding with a drafter on retrieved chunks "
-                        "(budget = drafter context tokens)", needs_budget=False,
-                        options=("drafter", "gamma", "eta", "chunk_tokens", "threshold")),
-    "snapkv": MethodSpec("ctxopt.compressors.snapkv:snapkv_stages", "KV cache pruned per head by the prompt's last queries (SnapKV)", options=("window", "kernel", "pooling")),
-    "speckv": MethodSpec("ctxopt.compressors.speckv:speckv_stages", "KV cache pruned per head by a draft answer's attention (SpecKV)", options=("draft", "window", "kernel", "lookahead")),
-    "speckv-pc": MethodSpec("ctxopt.compressors.speckv:speckv_pc_stages", "SpecPC prompt compression, then SpecKV on the same draft answer", options=("draft", "window", "kernel", "lookahead")),
-    "refrag": MethodSpec("ctxopt.compressors.refrag:refrag_stages", "one trained embedding per k-token context chunk "
-                         "(REFRAG; default adapter SmolLM2 + MiniLM, k=16)", needs_budget=False, takes_budget=False,
-                         options=("adapter", "chunk_tokens", "expand", "policy", "cache")),
-    "color": MethodSpec("ctxopt.compressors.color:color_stages", "each passage rewritten shorter by a trained "
-                        "compressor LM (CoLoR; default SmolLM2 + packaged LoRA)", needs_budget=False, takes_budget=False,
-                        options=("compressor", "adapter", "max_new_tokens", "fallback", "batch_size")),
-    "extractive": MethodSpec("ctxopt.compressors.extractive:extractive_stages", "in each passage, the sentences "
-                             "most similar to the question (budget per passage: ratio or tokens)"),
+                        "(budget = drafter context tokens)", needs_budget=False),
+    "snapkv": MethodSpec("ctxopt.compressors.snapkv:SnapKV",
+                         "KV cache pruned per head by the prompt's last queries (SnapKV)"),
+    "speckv": MethodSpec("ctxopt.compressors.speckv:SpecKV",
+                         "KV cache pruned per head by a draft answer's attention (SpecKV)"),
+    "speckv-pc": MethodSpec("ctxopt.compressors.speckv:speckv_pc",
+                            "SpecPC prompt compression, then SpecKV on the same draft answer"),
+    "refrag": MethodSpec("ctxopt.compressors.refrag:REFRAG", "one trained embedding per k-token context chunk "
+                         "(REFRAG; default adapter SmolLM2 + MiniLM, k=16)", needs_budget=False, takes_budget=False),
+    "color": MethodSpec("ctxopt.compressors.color:CoLoR", "each passage rewritten shorter by a trained compressor "
+                        "LM (CoLoR; default Qwen2.5-Coder-0.5B + packaged LoRA)", needs_budget=False,
+                        takes_budget=False),
+    "extractive": MethodSpec("ctxopt.compressors.extractive:Extractive", "in each passage, the sentences most "
+                             "similar to the question (budget per passage: ratio or tokens)"),
 })
 
 
 def register(name: str, spec: MethodSpec) -> None:
+    """Add a method under ``name`` (a plug-in's own stage: ``MethodSpec("mypkg.mymod:MyStage", "...")``)."""
+    if COMPOSE in name:
+        raise InputError(f"A method name cannot contain {COMPOSE!r}: that joins methods into a composition.")
     METHODS[name] = spec
 
 
 def build_stages(method: str, budget: int | float | None = None, **options) -> list[Stage]:
     """The stages of ``method`` at ``budget`` (tokens, or a ratio in (0, 1]). An option the method does not
     take is an error (a misspelt knob must not be ignored); a composed method hands each part the options
-    that part takes."""
+    that part takes. An option given as None keeps the method's default."""
     spec = METHODS.get(method)
     if spec is None:
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}.")
@@ -124,29 +159,9 @@ def build_stages(method: str, budget: int | float | None = None, **options) -> l
     if spec.parts:
         return [stage for part in spec.parts
                 for stage in build_stages(part, budget, **options_for(METHODS[part], options))]
-    module, _, attribute = spec.factory.partition(":")
-    factory: Callable[..., list[Stage]] = getattr(importlib.import_module(module), attribute)
-    return factory(budget, **{k: v for k, v in options.items() if v is not None})
+    return spec.build(budget, {k: v for k, v in options.items() if v is not None})
 
 
 def options_for(spec: MethodSpec, options: dict) -> dict:
     """The subset of ``options`` that ``spec``'s method takes."""
     return {name: value for name, value in options.items() if name in spec.options}
-
-
-def _full(budget=None) -> list[Stage]:
-    return []
-
-
-def _truncate(budget) -> list[Stage]:
-    from .stages import Truncate
-
-    return [Truncate(budget)]
-
-
-def _rag(budget, chunk_tokens: int = 128) -> list[Stage]:
-    from .compressors.rag import RAGChunks
-
-    if not isinstance(budget, int):
-        raise InputError("rag takes its budget as a token count.")
-    return [RAGChunks(budget=budget, chunk_tokens=chunk_tokens)]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import torch
 
-from .decoding import DecodeResult, GenerationConfig, Prefill
+from .decoding import DecodeResult, GenerationConfig, Prefill, decode, prefill
 from .errors import InputError
 from .measure import measure
 from .types import CONTEXT, Passage, Prompt, StageStats, Stats
@@ -22,56 +22,83 @@ from .types import CONTEXT, Passage, Prompt, StageStats, Stats
 if TYPE_CHECKING:
     from .attention import AttentionCapture
     from .models import LoadedModel
-    from .pipeline import PrefillMemo
 
 KINDS = ("passage", "token", "input", "cache", "decoder")
-STAGE_EXTRA_KEY = "stage_extra"
+
+
+class SharedWork(Protocol):
+    """Work that several runs over the same prompt may share, kept by whoever runs them (the benchmark's
+    ``ctxopt.bench.memo.PrefillMemo``): a stage's budget-free passes (``Run.shared``) and plain prefills.
+    A found entry carries the record of the run that did the work, so its cost still counts."""
+
+    def find_pass(self, key: tuple, input_ids: torch.Tensor) -> tuple[Any, StageStats] | None: ...
+
+    def store_pass(self, key: tuple, input_ids: torch.Tensor, value: Any, record: StageStats) -> None: ...
+
+    def lookup(
+        self, input_ids: torch.Tensor, request: "AttentionCapture | None"
+    ) -> tuple[Prefill, StageStats] | None: ...
+
+    def store(
+        self, input_ids: torch.Tensor, request: "AttentionCapture | None", state: Prefill, record: StageStats
+    ) -> None: ...
 
 
 @dataclass
 class Run:
-    """What one question's run shares between its stages."""
+    """One question's run: the model, the question, the decoding settings and the ledger its stages write to.
+
+    What stages legitimately share has a typed field: ``draft_answer`` (a draft model's greedy answer in the
+    target's token ids, written by SpecPC with a lookahead and reused by SpecKV). A stage reports its own
+    figures with ``report(**figures)``; they land in that stage's Stats record.
+    """
 
     lm: "LoadedModel"
     question: str
     config: GenerationConfig
-    stats: Stats
+    stats: Stats = field(default_factory=Stats)
     embedder: Callable[[], Any] | None = None
-    passages: list[Passage] = field(default_factory=list)
-    memo: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    prefill_memo: "PrefillMemo | None" = None
+    draft_answer: torch.Tensor | None = None
+    shared_work: SharedWork | None = None
+    # The running stage's own figures, not yet in a record: ``add_record`` moves them into the next one.
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def note(self, text: str) -> None:
-        self.notes.append(text)
+        """A remark about this run (a budget that changed nothing), shown with the answer's last record."""
+        self.stats.notes.append(text)
+
+    def report(self, **figures: Any) -> None:
+        """The running stage's own cost breakdown (draft seconds, chunks encoded): it goes into the stage's
+        Stats record ``extra``."""
+        self.figures.update(figures)
 
     def add_record(self, record: StageStats) -> None:
-        """Add a stage's Stats record with the stage's own cost breakdown (``memo["stage_extra"]``). A shared
-        pass the stage reused (``shared``) counts in the record as if it had run: its seconds and peak memory."""
-        extra = self.memo.pop(STAGE_EXTRA_KEY, {})
-        record.extra.update(extra)
-        if "shared_pass_seconds" in extra:
-            record.seconds += extra["shared_pass_seconds"]
-            record.peak_memory_bytes = max(record.peak_memory_bytes or 0, extra["shared_pass_peak_bytes"])
+        """Add a stage's Stats record with the figures the stage reported. A shared pass the stage reused
+        (``shared``) counts in the record as if it had run: its seconds and peak memory."""
+        figures, self.figures = self.figures, {}
+        record.extra.update(figures)
+        if "shared_pass_seconds" in figures:
+            record.seconds += figures["shared_pass_seconds"]
+            record.peak_memory_bytes = max(record.peak_memory_bytes or 0, figures["shared_pass_peak_bytes"])
         self.stats.add(record)
 
     def shared(self, key: tuple, input_ids: torch.Tensor, compute: Callable[[], Any]) -> tuple[Any, float, bool]:
         """``compute()``, a pass over the prompt ``input_ids`` that does not depend on the budget, done once per
-        ``key`` (stage, model and knobs) when the pipeline shares a ``PrefillMemo``. Returns (value, seconds
-        the pass took when it ran, reused); ``add_record`` charges a reused pass's cost to the stage."""
-        if self.prefill_memo is None:
+        ``key`` (stage, model and knobs) when the run has ``shared_work``. Returns (value, seconds the pass
+        took when it ran, reused); ``add_record`` charges a reused pass's cost to the stage."""
+        if self.shared_work is None:
             began = time.perf_counter()
             return compute(), time.perf_counter() - began, False
-        found = self.prefill_memo.find_pass(key, input_ids)
+        found = self.shared_work.find_pass(key, input_ids)
         if found is not None:
             value, record = found
-            extra = self.memo.setdefault(STAGE_EXTRA_KEY, {})
-            extra["shared_pass_seconds"] = extra.get("shared_pass_seconds", 0.0) + record.seconds
-            extra["shared_pass_peak_bytes"] = max(extra.get("shared_pass_peak_bytes", 0), record.peak_memory_bytes or 0)
+            seconds = self.figures.get("shared_pass_seconds", 0.0) + record.seconds
+            peak = max(self.figures.get("shared_pass_peak_bytes", 0), record.peak_memory_bytes or 0)
+            self.report(shared_pass_seconds=seconds, shared_pass_peak_bytes=peak)
             return value, record.seconds, True
         with measure(key[0], self.lm.device) as record:
             value = compute()
-        self.prefill_memo.store_pass(key, input_ids, value, record)
+        self.shared_work.store_pass(key, input_ids, value, record)
         return value, record.seconds, False
 
 
@@ -83,6 +110,8 @@ class Stage:
 
 
 class PassageStage(Stage):
+    """Passages -> shorter passages (text), before the prompt is built."""
+
     kind = "passage"
 
     def compress(self, question: str, passages: list[Passage], run: Run) -> list[Passage]:
@@ -90,6 +119,8 @@ class PassageStage(Stage):
 
 
 class TokenStage(Stage):
+    """Prompt -> the subset of its tokens to keep (``prompt.select``), provenance intact."""
+
     kind = "token"
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:
@@ -97,6 +128,8 @@ class TokenStage(Stage):
 
 
 class InputStage(Stage):
+    """Prompt -> prefilled cache. ``TokenPrefill`` is the default; REFRAG prefills chunk embeddings instead."""
+
     kind = "input"
 
     def prefill(self, prompt: Prompt, run: Run) -> Prefill:
@@ -105,22 +138,56 @@ class InputStage(Stage):
 
 class CacheStage(Stage):
     """Prunes a prefilled cache. A stage that scores with the prefill's own attention (SnapKV, SpecKV)
-    returns a request from ``attention_request``; the pipeline runs the prefill under that capture."""
+    returns a request from ``attention_request``; the generator runs the prefill under that capture and hands
+    the filled request back to ``compress`` as ``capture`` (None when the stage asked for none)."""
 
     kind = "cache"
 
     def attention_request(self, prompt: Prompt, run: Run) -> "AttentionCapture | None":
         return None
 
-    def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
+    def compress(self, state: Prefill, prompt: Prompt, run: Run, capture: "AttentionCapture | None") -> Prefill:
         raise NotImplementedError
 
 
 class Decoder(Stage):
+    """Prefilled cache -> answer tokens. ``StepDecoder`` is the default; RAPID decodes speculatively."""
+
     kind = "decoder"
+
+    @property
+    def record_name(self) -> str:
+        """The name of this decoder's Stats record: ``decode:<name>``."""
+        return f"decode:{self.name}"
 
     def decode(self, state: Prefill, prompt: Prompt, run: Run, on_text=None) -> DecodeResult:
         raise NotImplementedError
+
+
+@dataclass
+class TokenPrefill(InputStage):
+    """The default input stage: the model runs the prompt's token ids at positions 0..n-1 (``chunk_size``
+    tokens per forward when set, to bound attention memory on long prompts)."""
+
+    chunk_size: int | None = None
+    name = "prefill"
+
+    def prefill(self, prompt: Prompt, run: Run) -> Prefill:
+        return prefill(run.lm.model, prompt.input_ids, chunk_size=self.chunk_size)
+
+
+class StepDecoder(Decoder):
+    """The default decoder: greedy or sampled, one token per forward, at explicit positions."""
+
+    name = "step"
+
+    @property
+    def record_name(self) -> str:
+        return "decode"
+
+    def decode(self, state: Prefill, prompt: Prompt, run: Run, on_text=None) -> DecodeResult:
+        lm = run.lm
+        return decode(lm.model, lm.tokenizer, state, run.config, lm.eos_token_ids, on_text)
 
 
 def resolve_budget(budget: int | float, total: int, what: str = "budget") -> int:
@@ -159,14 +226,13 @@ def tokens_to_keep(
     return keep
 
 
+@dataclass
 class Truncate(TokenStage):
     """Baseline: keep instruction/question/template tokens, and the start and end of the context to fit
     the budget (half from each end), counting every kept prompt token against the budget."""
 
+    budget: int | float = 1024
     name = "truncate"
-
-    def __init__(self, budget: int | float = 1024):
-        self.budget = budget
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:
         keep_total = tokens_to_keep(self.name, self.budget, len(prompt), run)

@@ -1,6 +1,7 @@
 """Plain data types that flow through a ctxopt pipeline.
 
-Passage -> Prompt (token ids + provenance) -> Prefill (KV cache + next position) -> Answer (+ Stats).
+Passage -> Prompt (token ids + provenance, and the Stats of building it) -> Prefill (KV cache + next position)
+-> Answer (+ Stats).
 """
 from __future__ import annotations
 
@@ -38,79 +39,6 @@ class Passage:
         return dataclasses.replace(self, **changes)
 
 
-# Segment codes of prompt tokens.
-TEMPLATE, CONTEXT, QUESTION = 0, 1, 2
-
-
-@dataclass
-class Prompt:
-    """Token ids of a chat prompt with per-token provenance.
-
-    For token ``i``: ``passage_index[i]`` is the passage it came from (-1 for template, instruction and
-    question tokens), ``char_spans[i]`` its character span inside that passage's text ((-1, -1) when
-    it has none), ``segment[i]`` one of TEMPLATE / CONTEXT / QUESTION, and ``positions[i]`` its position
-    in the original, uncompressed prompt. Token stages return ``prompt.select(kept)``; provenance follows.
-    """
-
-    input_ids: torch.Tensor
-    passage_index: torch.Tensor
-    char_spans: torch.Tensor
-    segment: torch.Tensor
-    positions: torch.Tensor
-    passages: list[Passage]
-    question: str
-    text: str = ""
-    # How the prompt was framed (``prompting.build_prompt``'s arguments), so a second model can be given the
-    # same frame around other passages (RAPID's drafter). None: ctxopt's default instruction.
-    instruction: str | None = None
-    system: str | None = None
-    answer_prefix: str = ""
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def original_length(self) -> int:
-        return int(self.positions.max().item()) + 1 if len(self) else 0
-
-    def select(self, keep: torch.Tensor | list[int]) -> "Prompt":
-        """The prompt restricted to the given token indices, kept in ascending order."""
-        keep = torch.as_tensor(keep, dtype=torch.long).flatten()
-        keep = torch.unique(keep, sorted=True)
-        if len(keep) and (keep[0] < 0 or keep[-1] >= len(self)):
-            raise IndexError(f"token index out of range for a prompt of {len(self)} tokens")
-        return dataclasses.replace(
-            self,
-            input_ids=self.input_ids[keep],
-            passage_index=self.passage_index[keep],
-            char_spans=self.char_spans[keep],
-            segment=self.segment[keep],
-            positions=self.positions[keep],
-        )
-
-    def kept_text(self, passage: int) -> str:
-        """The characters of passage ``passage`` covered by kept tokens, in order, gaps marked by ' … '."""
-        rows = (self.passage_index == passage).nonzero().flatten().tolist()
-        text = self.passages[passage].text
-        pieces: list[str] = []
-        last_end = None
-        for row in rows:
-            start, end = self.char_spans[row].tolist()
-            if start < 0:
-                continue
-            if last_end is not None and start > last_end and pieces:
-                pieces.append(" … " if text[last_end:start].strip() else text[last_end:start])
-            if last_end is None or end > last_end:
-                pieces.append(text[max(start, last_end or 0):end])
-                last_end = end
-        return "".join(pieces)
-
-    def passages_kept(self) -> list[int]:
-        """Indices of passages that still have at least one token in the prompt."""
-        idx = self.passage_index[self.passage_index >= 0]
-        return sorted(set(idx.tolist()))
-
-
 @dataclass
 class StageStats:
     """What one stage did and what it cost."""
@@ -129,6 +57,9 @@ class Stats:
     """Per-stage records plus the totals a user asks for first."""
 
     stages: list[StageStats] = field(default_factory=list)
+    # Remarks a stage made about its run ("budget >= prompt length; nothing dropped"); the pipeline moves them
+    # into the last record's ``extra["notes"]`` when the answer is complete.
+    notes: list[str] = field(default_factory=list)
 
     def add(self, record: StageStats) -> StageStats:
         self.stages.append(record)
@@ -186,6 +117,85 @@ class Stats:
                 piece += f" peak={s.peak_memory_bytes / 2**20:.0f}MiB"
             parts.append(piece)
         return " | ".join(parts) + f" | ttft={self.ttft_seconds:.2f}s total={self.total_seconds:.2f}s"
+
+
+# Segment codes of prompt tokens.
+TEMPLATE, CONTEXT, QUESTION = 0, 1, 2
+
+
+@dataclass
+class Prompt:
+    """Token ids of a chat prompt with per-token provenance.
+
+    For token ``i``: ``passage_index[i]`` is the passage it came from (-1 for template, instruction and
+    question tokens), ``char_spans[i]`` its character span inside that passage's text ((-1, -1) when
+    it has none), ``segment[i]`` one of TEMPLATE / CONTEXT / QUESTION, and ``positions[i]`` its position
+    in the original, uncompressed prompt. Token stages return ``prompt.select(kept)``; provenance follows.
+    """
+
+    input_ids: torch.Tensor
+    passage_index: torch.Tensor
+    char_spans: torch.Tensor
+    segment: torch.Tensor
+    positions: torch.Tensor
+    passages: list[Passage]
+    question: str
+    text: str = ""
+    # How the prompt was framed (``prompting.build_prompt``'s arguments), so a second model can be given the
+    # same frame around other passages (RAPID's drafter). None: ctxopt's default instruction.
+    instruction: str | None = None
+    system: str | None = None
+    answer_prefix: str = ""
+    # What building this prompt cost so far (retrieval, passage stages, the template, token stages): the
+    # generator goes on writing into the same ledger, so an answer's Stats cover the whole run.
+    stats: Stats = field(default_factory=Stats, repr=False, compare=False)
+    # A draft model's greedy answer to this prompt, in the prompt's token ids, when a stage produced one
+    # (SpecPC with a lookahead); a later stage may reuse it instead of drafting again (SpecKV in SpecKV-PC).
+    draft_answer: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def original_length(self) -> int:
+        return int(self.positions.max().item()) + 1 if len(self) else 0
+
+    def select(self, keep: torch.Tensor | list[int]) -> "Prompt":
+        """The prompt restricted to the given token indices, kept in ascending order."""
+        keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+        keep = torch.unique(keep, sorted=True)
+        if len(keep) and (keep[0] < 0 or keep[-1] >= len(self)):
+            raise IndexError(f"token index out of range for a prompt of {len(self)} tokens")
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids[keep],
+            passage_index=self.passage_index[keep],
+            char_spans=self.char_spans[keep],
+            segment=self.segment[keep],
+            positions=self.positions[keep],
+        )
+
+    def kept_text(self, passage: int) -> str:
+        """The characters of passage ``passage`` covered by kept tokens, in order, gaps marked by ' … '."""
+        rows = (self.passage_index == passage).nonzero().flatten().tolist()
+        text = self.passages[passage].text
+        pieces: list[str] = []
+        last_end = None
+        for row in rows:
+            start, end = self.char_spans[row].tolist()
+            if start < 0:
+                continue
+            if last_end is not None and start > last_end and pieces:
+                pieces.append(" … " if text[last_end:start].strip() else text[last_end:start])
+            if last_end is None or end > last_end:
+                pieces.append(text[max(start, last_end or 0):end])
+                last_end = end
+        return "".join(pieces)
+
+    def passages_kept(self) -> list[int]:
+        """Indices of passages that still have at least one token in the prompt."""
+        idx = self.passage_index[self.passage_index >= 0]
+        return sorted(set(idx.tolist()))
 
 
 @dataclass

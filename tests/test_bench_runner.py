@@ -93,16 +93,16 @@ def test_done_configurations_are_skipped_unless_overwrite(ran, tiny_lm, monkeypa
 
 
 def test_shared_prefill_gives_the_same_rows_with_one_prefill_per_sample(tiny_lm, tmp_path, monkeypatch):
-    import ctxopt.pipeline as pipeline
+    import ctxopt.stages as stages  # the token prefill (TokenPrefill) runs decoding.prefill from there
 
     prefills = []
-    real_prefill = pipeline.prefill
+    real_prefill = stages.prefill
 
     def counting_prefill(model, input_ids, **kwargs):
         prefills.append(input_ids.shape[-1])
         return real_prefill(model, input_ids, **kwargs)
 
-    monkeypatch.setattr(pipeline, "prefill", counting_prefill)
+    monkeypatch.setattr(stages, "prefill", counting_prefill)
     runs = {}
     for share in (False, True):
         prefills.clear()
@@ -150,7 +150,8 @@ def test_shared_selection_passes_give_the_same_rows_with_one_pass_per_sample(tin
 
 def test_a_reused_selection_pass_is_charged_to_the_stage(tiny_lm):
     from ctxopt.compressors.gemfilter import GemFilter
-    from ctxopt.pipeline import Pipeline, PrefillMemo
+    from ctxopt.bench.memo import PrefillMemo
+    from ctxopt.pipeline import Pipeline
 
     memo, context = PrefillMemo(), " ".join(f"word{i}" for i in range(120))
     records = []
@@ -176,7 +177,7 @@ def test_prefill_memo_shares_only_equal_captures(tiny_lm):
     from ctxopt.compressors.snapkv import snapkv_scores
     from ctxopt.decoding import prefill
     from ctxopt.measure import measure
-    from ctxopt.pipeline import PrefillMemo, capture_signature
+    from ctxopt.bench.memo import PrefillMemo, capture_signature
 
     def request(**keywords):
         return AttentionCapture(window=8, reducer=partial(snapkv_scores, **keywords))

@@ -9,14 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Phi3Config, Qwen2Config
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from ctxopt.compressors.gemfilter import (
-    GemFilter,
-    answer_spans,
-    default_layer,
-    early_layer_scores,
-    needle_recall,
-    search_layer,
-)
+from ctxopt.bench.layers import answer_spans, needle_recall, search_layer
+from ctxopt.compressors.gemfilter import GemFilter, default_layer, early_layer_scores
 from ctxopt.compressors.selection import average_pool
 from ctxopt.decoding import GenerationConfig, decode, prefill
 from ctxopt.errors import InputError

@@ -1,6 +1,7 @@
 """The method registry: each method's options are exactly what its factory takes; a misspelt option, an option
 no method of a run takes, or a draft for a method without one is an error, never silently dropped."""
 import argparse
+import dataclasses
 import importlib
 import inspect
 
@@ -19,10 +20,18 @@ from ctxopt.stages import Truncate
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_registered_options_are_the_factory_parameters(name):
     spec = METHODS[name]
-    module, _, attribute = spec.factory.partition(":")
-    parameters = list(inspect.signature(getattr(importlib.import_module(module), attribute)).parameters)
-    assert parameters[0] == "budget"
-    assert set(parameters[1:]) == set(spec.options), f"{name}: spec options and factory parameters differ"
+    if spec.target is None:
+        assert spec.options == () and not spec.takes_budget
+        return
+    module, _, attribute = spec.target.partition(":")
+    target = getattr(importlib.import_module(module), attribute)
+    parameters = list(inspect.signature(target).parameters)
+    if dataclasses.is_dataclass(target):  # fields for Python callers only are not options
+        fields = [f.name for f in dataclasses.fields(target) if f.init and f.metadata.get("option") is not False]
+        parameters = [p for p in parameters if p in fields]
+    assert ("budget" in parameters) == spec.takes_budget, f"{name}: takes a budget but its stage has none"
+    parameters.remove("budget") if "budget" in parameters else None
+    assert set(parameters) == set(spec.options), f"{name}: spec options and factory parameters differ"
 
 
 def test_an_option_the_method_does_not_take_is_an_error():
@@ -48,7 +57,7 @@ def test_bench_passes_each_method_its_options_and_rejects_an_option_none_takes()
     with pytest.raises(InputError, match="No method of truncate, snapkv takes the option 'layer'"):
         check_options(["truncate", "snapkv"], options)
     draft = object()
-    assert _method_options("rapid", {}, draft) == {"drafter": draft}
+    assert _method_options("rapid", {}, draft) == {"draft": draft}  # one option name for every draft
     assert _method_options("speckv", {}, draft) == {"draft": draft}
 
 
@@ -64,7 +73,7 @@ def test_cli_draft_goes_by_the_name_the_method_takes_it_by():
     def args(method, draft="qwen2.5-coder-0.5b"):
         return argparse.Namespace(method=method, draft=draft, option=["gamma=4"] if method == "rapid" else [])
 
-    assert cli_method_options(args("rapid")) == {"gamma": 4, "drafter": "qwen2.5-coder-0.5b"}
+    assert cli_method_options(args("rapid")) == {"gamma": 4, "draft": "qwen2.5-coder-0.5b"}
     assert cli_method_options(args("specpc")) == {"draft": "qwen2.5-coder-0.5b"}
     with pytest.raises(InputError, match="'truncate' takes no draft"):
         cli_method_options(args("truncate"))

@@ -124,3 +124,51 @@ def test_bad_stage_and_generation_options(tiny_lm):
         Pipeline(tiny_lm, stages=[object()])
     with pytest.raises(InputError, match="max_new_tokens"):
         Pipeline(tiny_lm).ask("Colour?", context=DOC, max_new_tokens=0)
+
+
+def test_compress_then_generate_is_ask(tiny_lm):
+    pipe = Pipeline(tiny_lm, stages=[Truncate(120)], max_new_tokens=6)
+    prompt = pipe.compress("What colour is box 3?", context=DOC)
+    assert len(prompt) == 120 and [r.stage for r in prompt.stats.stages] == ["prompt", "truncate"]
+    answer = pipe.generate(prompt)
+    assert answer.token_ids == pipe.ask("What colour is box 3?", context=DOC).token_ids
+    assert [r.stage for r in answer.stats.stages] == ["prompt", "truncate", "prefill", "decode"]
+    assert answer.prompt is prompt and answer.stats is prompt.stats  # one ledger from retrieval to the last token
+
+
+def test_ask_many_truncates_an_over_long_context_like_ask(tiny_tokenizer):
+    from conftest import make_tiny_lm
+
+    lm = make_tiny_lm(tiny_tokenizer)
+    lm.model.config.max_position_embeddings = 256
+    pipe = Pipeline(lm, max_new_tokens=8, truncate=True)
+    questions = ["What colour is box 3?", "Which box is the last one?"]
+    batch = pipe.ask_many(questions, context=DOC * 3)
+    single = [pipe.ask(q, context=DOC * 3) for q in questions]
+    assert all(len(a.prompt) == 256 - 8 for a in batch)  # was prefilled past the model's positions before
+    assert [a.token_ids for a in batch] == [a.token_ids for a in single]
+    assert batch[0].stats.get("prefill_shared").tokens_in > 100  # the template and the context's kept head
+    assert any("truncated" in n for n in batch[0].stats.stages[-1].extra["notes"])
+
+
+def test_ask_many_shares_the_prefix_through_token_stages(tiny_lm):
+    pipe = Pipeline(tiny_lm, stages=[Truncate(200)], max_new_tokens=6)
+    questions = ["What colour is box 3?", "What colour is box 40?"]
+    batch = pipe.ask_many(questions, context=DOC)
+    single = [pipe.ask(q, context=DOC) for q in questions]
+    assert [a.token_ids for a in batch] == [a.token_ids for a in single]
+    assert [a.prompt.input_ids.tolist() for a in batch] == [a.prompt.input_ids.tolist() for a in single]
+    shared = batch[0].stats.get("prefill_shared")
+    assert shared.tokens_in > 50 and shared is batch[1].stats.get("prefill_shared")
+    assert [r.stage for r in batch[0].stats.stages] == ["prompt", "truncate", "prefill_shared", "prefill", "decode"]
+
+
+def test_ask_many_with_a_cache_stage_answers_each_question_alone(tiny_lm):
+    from ctxopt.compressors.snapkv import SnapKV
+
+    pipe = Pipeline(tiny_lm, stages=[SnapKV(budget=96, window=8)], max_new_tokens=6)
+    questions = ["What colour is box 3?", "What colour is box 40?"]
+    batch = pipe.ask_many(questions, context=DOC)
+    single = [pipe.ask(q, context=DOC) for q in questions]
+    assert [a.token_ids for a in batch] == [a.token_ids for a in single]
+    assert all(a.stats.get("prefill_shared") is None and a.stats.get("snapkv").tokens_out == 96 for a in batch)

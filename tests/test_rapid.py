@@ -237,7 +237,7 @@ def test_sampled_rapid_eta0_follows_the_target_distribution(tiny_tokenizer):
 
 # -- pipeline wiring --------------------------------------------------------------------------------------
 def test_through_the_pipeline_with_a_retrieval_prompt(tiny_lm, near_drafter):
-    stage = RAPID(drafter=near_drafter, gamma=4, eta=0, chunk_tokens=32, rag_tokens=120, threshold=None)
+    stage = RAPID(draft=near_drafter, gamma=4, eta=0, chunk_tokens=32, rag_tokens=120, threshold=None)
     pipe = Pipeline(tiny_lm, stages=[stage], max_new_tokens=12, embedder=HashEmbedder())
     streamed: list[str] = []
     answer = pipe.ask("What colour is box 3?", context=DOC, on_text=streamed.append)
@@ -267,7 +267,7 @@ def test_the_drafter_reads_the_targets_prompt_frame(tiny_lm):
 
 def test_registry_builds_rapid_with_the_budget_as_drafter_context(tiny_lm):
     (stage,) = build_stages("rapid", 100, gamma=3, eta=0.0, chunk_tokens=32)
-    assert isinstance(stage, RAPID) and (stage.rag_tokens, stage.gamma, stage.eta, stage.drafter) == (100, 3, 0.0, None)
+    assert isinstance(stage, RAPID) and (stage.rag_tokens, stage.gamma, stage.eta, stage.draft) == (100, 3, 0.0, None)
     assert build_stages("rapid")[0].rag_tokens == 4096
     with pytest.raises(InputError, match="token count"):
         build_stages("rapid", 0.5)
@@ -282,4 +282,4 @@ def test_a_drafter_with_another_vocabulary_is_refused(tiny_lm):
     tokenizer.add_tokens(["<brand-new-token>"])
     other = LoadedModel(tiny_lm.model, tokenizer, "other-vocab", tiny_lm.device, tiny_lm.dtype)
     with pytest.raises(InputError, match="share one tokenizer"):
-        RAPID(drafter=other).resolve_drafter(tiny_lm)
+        RAPID(draft=other).resolve_drafter(tiny_lm)

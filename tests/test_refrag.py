@@ -105,7 +105,7 @@ def test_compressed_prefill_uses_consecutive_positions(prompt, tiny_lm, adapter)
     chunks = split_context(prompt, K)
     shortened = len(prompt) - sum(c.end - c.start - 1 for c in chunks)
     assert state.next_position == shortened == state.cache.get_seq_length()
-    assert run.memo["stage_extra"]["chunks"] == len(chunks) and run.memo["stage_extra"]["expanded"] == 0
+    assert run.figures["chunks"] == len(chunks) and run.figures["expanded"] == 0
     # the same inputs fed by hand at positions 0..n-1 give the same logits
     tokens = tiny_lm.model.get_input_embeddings()(prompt.input_ids)
     embeds = adapter.embed_chunks([c.text for c in chunks]).detach()
@@ -129,7 +129,7 @@ def test_chunk_cache_round_trip(tmp_path, prompt, tiny_lm, tiny_tokenizer, adapt
     assert loaded.fingerprint == adapter.fingerprint() and len(loaded) == len(cache)
     run = make_run(tiny_lm)
     cached = REFRAG(adapter=adapter, cache=loaded).prefill(prompt, run)
-    assert run.memo["stage_extra"]["cached_chunks"] == run.memo["stage_extra"]["chunks"]
+    assert run.figures["cached_chunks"] == run.figures["chunks"]
     fresh = REFRAG(adapter=adapter).prefill(prompt, make_run(tiny_lm))
     torch.testing.assert_close(cached.logits, fresh.logits, rtol=1e-5, atol=1e-5)
     other = tiny_adapter(tiny_tokenizer, tiny_lm, pooling="cls")
@@ -143,7 +143,7 @@ def test_heuristic_expands_the_rarest_chunks(prompt, tiny_lm, adapter):
     run = make_run(tiny_lm)
     REFRAG(adapter=adapter, expand=0.25).prefill(prompt, run)
     count = expansion_count(0.25, len(chunks))
-    assert run.memo["stage_extra"]["expanded"] == count >= 1
+    assert run.figures["expanded"] == count >= 1
     chosen = REFRAG(adapter=adapter, expand=0.25).choose(prompt, chunks, torch.zeros(len(chunks), 4))
     assert chosen == set(scores.topk(count).indices.tolist())
 
@@ -156,7 +156,7 @@ def test_policy_picks_p_times_l_distinct_chunks(prompt, tiny_lm, adapter):
     assert choose_chunks(logits, 5, sample=False)[0] == logits.topk(5).indices.tolist()
     run = make_run(tiny_lm)
     REFRAG(adapter=adapter, expand=0.5, policy="learned").prefill(prompt, run)
-    assert run.memo["stage_extra"]["expanded"] == expansion_count(0.5, run.memo["stage_extra"]["chunks"])
+    assert run.figures["expanded"] == expansion_count(0.5, run.figures["chunks"])
     without_policy = Adapter(adapter.config, adapter.encoder, adapter.projector)
     with pytest.raises(InputError):
         REFRAG(adapter=without_policy, expand=0.5, policy="learned").prefill(prompt, make_run(tiny_lm))

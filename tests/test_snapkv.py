@@ -132,7 +132,7 @@ def snapkv_state(lm, ids: torch.Tensor, stage: SnapKV):
     with capture_attention(lm.model, request):
         state = prefill(lm.model, ids)
     original = clone_cache(state.cache)
-    return stage.compress(state, prompt, run), original, request
+    return stage.compress(state, prompt, run, request), original, request
 
 
 @pytest.mark.parametrize("pooling, kernel", [("max", 5), ("avg", 5), ("max", 1)])

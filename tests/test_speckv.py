@@ -37,7 +37,7 @@ def speckv_state(lm, ids, stage, run=None):
     with capture_attention(lm.model, request):
         state = prefill(lm.model, ids)
     original = clone_cache(state.cache)
-    return stage.compress(state, prompt, run), original, request, run
+    return stage.compress(state, prompt, run, request), original, request, run
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,10 @@ def test_draft_answer_scores_and_selection_match_eager_attention(tiny_lm, draft_
     ids = random_ids(N, seed=21)
     stage = SpecKV(draft=draft_lm, budget=BUDGET, window=WINDOW, kernel=kernel, lookahead=LOOKAHEAD)
     state, original, request, run = speckv_state(tiny_lm, ids, stage)
-    draft = run.memo["draft_answer_ids"]
+    draft = run.draft_answer
     expected = draft_lm.model.generate(ids[None], max_new_tokens=LOOKAHEAD, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert draft.tolist() == expected[0, N:].tolist()  # the draft answered the same prompt, greedily
-    assert run.memo["speckv"]["draft_tokens"] == LOOKAHEAD and not run.memo["speckv"]["draft_reused"]
+    assert run.figures["draft_tokens"] == LOOKAHEAD and not run.figures["draft_reused"]
 
     kv, prefix = tiny_lm.model.config.num_key_value_heads, N - WINDOW
     kept = kept_positions(original, state.cache)
@@ -74,7 +74,7 @@ def test_decoding_from_the_pruned_cache_equals_a_per_head_masked_forward(tiny_lm
     model, ids, steps = tiny_lm.model, random_ids(N, seed=22), 8
     state, original, _, run = speckv_state(tiny_lm, ids, SpecKV(budget=BUDGET, window=WINDOW, lookahead=LOOKAHEAD))
     full = decode(model, tiny_lm.tokenizer, prefill(model, ids), GenerationConfig(max_new_tokens=LOOKAHEAD))
-    assert run.memo["draft_answer_ids"].tolist() == full.token_ids  # draft=None: the target's own greedy answer
+    assert run.draft_answer.tolist() == full.token_ids  # draft=None: the target's own greedy answer
     kept = kept_positions(original, state.cache)
     assert any(not torch.equal(k[0], k[1]) for k in kept)  # heads really keep different positions
     reference, logits = masked_reference(model, ids, kept, cut=N - 1, steps=steps)
@@ -111,10 +111,10 @@ def test_pipeline_records_the_kv_bytes_kept(tiny_lm):
 def test_a_draft_answer_in_the_memo_is_reused(tiny_lm):
     ids, given = random_ids(N, seed=23), random_ids(7, seed=24)
     run = make_run(tiny_lm)
-    run.memo["draft_answer_ids"] = given
+    run.draft_answer = given
     stage = SpecKV(draft="no-such-model", budget=BUDGET, window=WINDOW, lookahead=5)  # loading it would fail
     state, *_ = speckv_state(tiny_lm, ids, stage, run)
-    assert run.memo["speckv"]["draft_reused"] and run.memo["speckv"]["draft_tokens"] == 5
+    assert run.figures["draft_reused"] and run.figures["draft_tokens"] == 5
     assert state.cache.get_seq_length() == BUDGET - 1
 
 

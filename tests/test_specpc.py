@@ -159,7 +159,7 @@ def test_lookahead_stores_the_drafts_greedy_answer_and_scores_its_queries(tiny_l
     SpecPC(budget=30, window=8, first_layer=1, kernel=3, lookahead=3).select(prompt, run)
     greedy = decode(tiny_lm.model, tiny_lm.tokenizer, prefill(tiny_lm.model, prompt.input_ids),
                     GenerationConfig(max_new_tokens=3))
-    assert run.memo["draft_answer_ids"].tolist() == greedy.token_ids and len(greedy.token_ids) == 3
+    assert run.draft_answer.tolist() == greedy.token_ids and len(greedy.token_ids) == 3
 
     n = len(prompt)
     scores, answer = draft_scores(tiny_lm, prompt.input_ids, 8, 1, lookahead=3)
@@ -173,10 +173,10 @@ def test_an_existing_draft_answer_is_reused_not_decoded_again(tiny_lm):
     prompt = Pipeline(tiny_lm).build_prompt(QUESTION, as_passages(CONTEXT))
     given = torch.tensor([2000, 3000, 4000, 5000])
     run = make_run(tiny_lm)
-    run.memo["draft_answer_ids"] = given
+    run.draft_answer = given
     kept = SpecPC(budget=30, window=8, first_layer=1, kernel=3, lookahead=3).select(prompt, run)
-    assert run.memo["draft_answer_ids"] is given
-    assert run.memo["stage_extra"]["lookahead_reused"] and run.memo["stage_extra"]["lookahead_tokens"] == 3
+    assert run.draft_answer is given
+    assert run.figures["lookahead_reused"] and run.figures["lookahead_tokens"] == 3
     n = len(prompt)
     attentions = eager_attentions(tiny_lm, torch.cat([prompt.input_ids, given[:2]]))
     order = selection_order(expected_scores(attentions, n, 8, 1, fed=2), 3, 8)
@@ -252,7 +252,7 @@ def test_cross_tokenizer_draft_maps_its_kept_tokens_onto_target_characters(tiny_
         chosen |= covering
         taken.append(unit)
     assert kept == sorted(chosen) and budget - 4 <= len(kept) <= budget
-    assert run.memo["stage_extra"]["draft_kept_tokens"] == len(taken)
+    assert run.figures["draft_kept_tokens"] == len(taken)
 
     draft_chars = {c for u in taken for c in range(*draft[u])}
     target_chars = {c for j in kept for c in range(*target[j])}
@@ -261,7 +261,7 @@ def test_cross_tokenizer_draft_maps_its_kept_tokens_onto_target_characters(tiny_
     assert set(range(len(draft) - window, len(draft))) <= set(taken)  # the draft's window comes first
 
     words = tiny_lm.tokenizer.decode(answer, skip_special_tokens=True)
-    assert run.memo["draft_answer_ids"].tolist() == bpe_lm.tokenizer(words, add_special_tokens=False)["input_ids"]
+    assert run.draft_answer.tolist() == bpe_lm.tokenizer(words, add_special_tokens=False)["input_ids"]
 
 
 def test_cross_tokenizer_reads_only_the_text_of_an_already_cut_prompt(bpe_lm):

@@ -20,7 +20,6 @@ How a sample becomes a ``Pipeline.ask`` call (``ask_inputs``):
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -37,12 +36,13 @@ import transformers
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..methods import METHODS, build_stages, draft_option, options_for
+from ..methods import DRAFT, METHODS, build_stages, options_for
 from ..models import LoadedModel, load_model
-from ..pipeline import Context, Pipeline, PrefillMemo, as_passages
+from ..pipeline import Context, Pipeline, as_passages
 from ..prompting import DEFAULT_INSTRUCTION
 from ..types import Answer, Stats
 from .datasets import Sample, load_task, ruler_tasks
+from .memo import PrefillMemo
 from .metrics import score
 from .report import (
     BASELINE, METRICS, baseline_rows, budget_label, config_dir, task_dir, write_config,
@@ -66,12 +66,12 @@ def check_methods(methods: Iterable[str]) -> None:
         spec = METHODS.get(method)
         if spec is None:
             raise InputError(f"Unknown method {method!r}; registered methods: {', '.join(sorted(METHODS))}.")
-        module, _, attribute = spec.factory.partition(":")
         try:
-            getattr(importlib.import_module(module), attribute)
+            for part in spec.parts or (method,):
+                METHODS[part].load()
         except Exception as error:  # an import can fail in any way (missing dependency, syntax error, ...)
             raise InputError(
-                f"Method {method!r} cannot be loaded: its factory {spec.factory} failed "
+                f"Method {method!r} cannot be loaded: importing {METHODS[part].target} failed "
                 f"({type(error).__name__}: {error})."
             ) from error
 
@@ -122,8 +122,7 @@ def measurements(answer: Answer, pipe: Pipeline, e2e_seconds: float) -> dict[str
     stats: Stats = answer.stats
     decode = stats.decode_record()
     at = stats.stages.index(decode)
-    prefill_name = pipe.stages["input"][0].name if pipe.stages["input"] else "prefill"
-    prefill_record = stats.get(prefill_name)
+    prefill_record = stats.get(pipe.generator.input_stage.name)
     peaks = [r.peak_memory_bytes for r in stats.stages if r.peak_memory_bytes is not None]
     return {
         "ttft_s": stats.ttft_seconds,
@@ -188,14 +187,13 @@ def machine_info(lm: LoadedModel) -> dict[str, Any]:
 
 
 def _method_options(method: str, options: dict[str, Any], draft: LoadedModel | None) -> dict[str, Any]:
-    """The user's options this method takes, plus the draft under the name it takes one by (if it does)."""
+    """The user's options this method takes, plus the draft if it takes one."""
     spec = METHODS[method]
-    name = draft_option(spec)
-    return {**options_for(spec, options), **({name: draft} if draft is not None and name else {})}
+    return {**options_for(spec, options), **({DRAFT: draft} if draft is not None and spec.takes_draft else {})}
 
 
 def _uses_draft(methods: Iterable[str]) -> bool:
-    return any(draft_option(METHODS[m]) for m in methods)
+    return any(METHODS[m].takes_draft for m in methods)
 
 
 def check_options(methods: Iterable[str], options: dict[str, Any]) -> None:

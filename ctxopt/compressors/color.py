@@ -25,7 +25,6 @@ import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -182,6 +181,8 @@ class CoLoR(PassageStage):
     _model: LoadedModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.adapter is False:  # ``--option adapter=false``: the untrained prompt
+            self.adapter = None
         if self.fallback not in FALLBACKS:
             raise InputError(f"color: fallback must be one of {FALLBACKS}; got {self.fallback!r}.")
         if self.max_new_tokens < 1:
@@ -234,11 +235,3 @@ class CoLoR(PassageStage):
         if not out:
             raise InputError("color: every summary was unusable and fallback='drop' left no passage.")
         return out
-
-
-def color_stages(budget=None, compressor: str | LoadedModel = DEFAULT_COMPRESSOR, max_new_tokens: int = 128,
-                 fallback: str = "original", adapter: Any = "auto", batch_size: int = 8) -> list[CoLoR]:
-    """Registry factory: ``color`` (the budget is unused: the compressor decides each summary's length).
-    ``adapter=false`` (CLI ``--option adapter=false``) runs the untrained prompt."""
-    return [CoLoR(compressor=compressor, max_new_tokens=max_new_tokens, fallback=fallback, adapter=adapter or None,
-                  batch_size=batch_size)]

@@ -13,12 +13,12 @@ Paper: "Discovering the Gems in Early Layers" (arXiv 2409.17422) [P]; code: Sale
 Selection layer: [C]'s per-model choice (13 of 32 for Llama-3.1-8B-Instruct, 19 of 40 for Mistral-Nemo-12B,
 19 of 32 for Phi-3.5-mini), matched by config shape since model names are unreliable; any other model gets
 round(0.4 * layers), the analogue of Llama-3.1-8B's 13/32: 12 of 30 for SmolLM2-135M, 11 of 28 for
-Qwen2.5-Coder-1.5B. ``search_layer`` measures accuracy per layer on a few samples (decoding at each);
-``needle_recall`` screens every layer from one forward per sample. On Qwen2.5-Coder-1.5B the screen (6
+Qwen2.5-Coder-1.5B. The layer search lives in the benchmark harness (``ctxopt.bench.layers``: ``search_layer``
+measures accuracy per layer, ``needle_recall`` screens every layer from one forward per sample). On Qwen2.5-Coder-1.5B the screen (6
 RULER-4K needle samples) puts the retrieval layers deeper: at layers 15-18, 20 and 21 the needle is kept at
 budget 256, at layer 11 only at 1024-2048. At 8K the screen moves to layer 16 and up, and there layer 16
 answers both needles at budgets 512 and 1024 where layers 11 and 15 answer none, at 0.69x of full's TTFT
-instead of 0.48x (benchmarks/RESULTS.md); the default stays at the 40% rule, ``layer=16`` is the accurate
+instead of 0.48x (benchmarks/JOURNAL.md); the default stays at the 40% rule, ``layer=16`` is the accurate
 choice for that model.
 
 Deviations from [C]: scores are computed in float32 (the code keeps the model's half precision), and ties in
@@ -29,9 +29,9 @@ budget, and the best context tokens fill the rest.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,8 +39,8 @@ from ..attention import AttentionCapture, capture_attention
 from ..decoding import forward
 from ..errors import InputError
 from ..stages import Run, Stage, TokenStage, tokens_to_keep
-from ..types import CONTEXT, Prompt
-from .selection import average_pool, fill_budget, forced_tokens, rank_descending, report
+from ..types import Prompt
+from .selection import average_pool, fill_budget, forced_tokens, rank_descending
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -126,85 +126,8 @@ class GemFilter(TokenStage):
         )
         began = time.perf_counter()
         kept = keep_positions(scores, self.kernel, keep, forced)
-        report(
-            run, selection_seconds=scoring_seconds + time.perf_counter() - began, selection_layer=layer,
+        run.report(
+            selection_seconds=scoring_seconds + time.perf_counter() - began, selection_layer=layer,
             forced_tokens=len(forced), selection_reused=reused,
         )
         return prompt.select(kept)
-
-
-def gemfilter_stages(
-    budget: int | float, layer: int | None = None, kernel: int = 5, keep_question: bool = False,
-) -> list[Stage]:
-    """Registry factory: ``gemfilter`` at ``budget``."""
-    return [GemFilter(budget=budget, layer=layer, kernel=kernel, keep_question=keep_question)]
-
-
-def search_layer(
-    lm: "LoadedModel",
-    samples: Sequence[Any],
-    layers: Iterable[int] | None = None,
-    budget: int | float = 1024,
-    max_new_tokens: int = 16,
-    **pipeline_options: Any,
-) -> dict[int, float]:
-    """Accuracy of GemFilter at each candidate selection layer (default: every layer) on ``samples``.
-
-    A sample has ``.question``, ``.context`` and ``.answers``; it counts as answered when the answer contains
-    every gold string, case-insensitively (RULER's string_match_all, ``ctxopt.bench.metrics``). Extra keyword
-    arguments go to the Pipeline (``instruction=...``, ``system=...``).
-    """
-    from ..bench.metrics import ruler_string_match_all
-    from ..pipeline import Pipeline
-
-    accuracy: dict[int, float] = {}
-    for layer in range(lm.num_layers) if layers is None else layers:
-        pipe = Pipeline(lm, stages=[GemFilter(budget, layer=layer)], max_new_tokens=max_new_tokens, **pipeline_options)
-        hits = [ruler_string_match_all(pipe.ask(s.question, context=s.context).text, s.answers) for s in samples]
-        accuracy[layer] = sum(hits) / max(len(hits), 1)
-    return accuracy
-
-
-def answer_spans(prompt: Prompt, tokenizer, answers: Sequence[str]) -> list[list[torch.Tensor]]:
-    """For each answer string, the context token indices of each of its occurrences in ``prompt.text``
-    (the tokens whose characters overlap it; occurrences touching template or question tokens are left out)."""
-    from .specpc import overlapping, text_tiles
-
-    text, tiles = text_tiles(prompt, tokenizer)
-    spans = []
-    for answer in answers:
-        found, start = [], text.find(answer)
-        while answer and start >= 0:
-            lo, hi = overlapping(torch.tensor([[start, start + len(answer)]]), tiles)[0].tolist()
-            if hi > lo and bool((prompt.segment[lo:hi] == CONTEXT).all()):
-                found.append(torch.arange(lo, hi))
-            start = text.find(answer, start + 1)
-        spans.append(found)
-    return spans
-
-
-def needle_recall(
-    lm: "LoadedModel",
-    prompts: Sequence[Prompt],
-    answers: Sequence[Sequence[str]],
-    budgets: Sequence[int],
-    layers: Iterable[int] | None = None,
-    kernel: int = 5,
-) -> dict[int, dict[int, float]]:
-    """A cheap screen for ``search_layer``: {budget: {layer: recall}}, where recall is the fraction of gold
-    answers of which GemFilter at that budget and layer (default: every layer) keeps every token of at least
-    one occurrence in the context (an answer without an occurrence counts as lost). One full forward per
-    prompt serves all layers and budgets, and nothing is decoded, so it ranks the layers of a model too slow
-    to decode at each of them."""
-    layers = list(range(lm.num_layers)) if layers is None else list(layers)
-    hits: dict[int, dict[int, list[bool]]] = {budget: {layer: [] for layer in layers} for budget in budgets}
-    for prompt, gold in zip(prompts, answers, strict=True):
-        spans = answer_spans(prompt, lm.tokenizer, gold)
-        scores = last_query_scores(lm.model, prompt.input_ids, layers)
-        for budget in budgets:
-            for layer in layers:
-                kept = torch.zeros(len(prompt), dtype=torch.bool)
-                kept[keep_positions(scores[layer], kernel, budget)] = True
-                hits[budget][layer] += [any(bool(kept[span].all()) for span in found) for found in spans]
-    return {budget: {layer: sum(h) / max(len(h), 1) for layer, h in by_layer.items()}
-            for budget, by_layer in hits.items()}

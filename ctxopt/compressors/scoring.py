@@ -38,9 +38,6 @@ def pool1d(scores: torch.Tensor, kernel: int, pooling: Pooling = "max") -> torch
     return pool(flat, kernel_size=kernel, stride=1, padding=kernel // 2).reshape(scores.shape)
 
 
-DRAFT_ANSWER_KEY = "draft_answer_ids"  # run.memo: the draft's greedy answer, written by SpecPC, reused by SpecKV
-
-
 def check_lookahead(stage: str, lookahead: int | None) -> None:
     """A draft lookahead is a token count >= 0, or None (up to the run's max_new_tokens)."""
     if lookahead is not None and (isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0):

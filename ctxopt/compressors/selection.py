@@ -1,19 +1,17 @@
 """Shared steps of the token stages that keep a scored subset of the prompt (GemFilter, SpecPC): smoothing
-a score vector, ranking it, growing ranked positions into neighbourhoods, filling a token budget in rank
-order, and reporting what the selection pass cost.
+a score vector, ranking it, growing ranked positions into neighbourhoods, and filling a token budget in rank
+order.
 
 Every function here is pure tensor work on 1-D score or index vectors, so each can be tested by hand.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..stages import STAGE_EXTRA_KEY, Run
 from ..types import CONTEXT, Prompt
 
 
@@ -89,8 +87,3 @@ def fill_budget(ordered: Sequence[torch.Tensor], budget: int) -> torch.Tensor:
     """The first ``budget`` distinct indices of the concatenated ``ordered`` pieces, sorted ascending."""
     picked = unique_in_order(torch.cat([piece.flatten().cpu() for piece in ordered]))
     return torch.sort(picked[:budget]).values
-
-
-def report(run: Run, **values: Any) -> None:
-    """Put this stage's cost breakdown where the Pipeline copies it into the stage's Stats record extra."""
-    run.memo.setdefault(STAGE_EXTRA_KEY, {}).update(values)

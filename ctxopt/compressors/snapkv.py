@@ -31,9 +31,6 @@ from ..stages import CacheStage, Run, Stage, tokens_to_keep
 from ..types import Prompt
 from .scoring import Pooling, check_knobs, pool1d, prefix_probs, select_per_head
 
-CAPTURE_KEY = "snapkv:capture"
-
-
 def snapkv_scores(record: WindowAttention, kernel: int, pooling: Pooling) -> torch.Tensor:
     """One layer's SnapKV scores of the prefix positions, (kv_heads, n - W): steps 1-4."""
     per_head = pool1d(prefix_probs(record).mean(dim=1), kernel, pooling)
@@ -58,22 +55,19 @@ class SnapKV(CacheStage):
         if tokens_to_keep(self.name, self.budget, len(prompt), window=self.window) is None:
             return None
         reducer = partial(snapkv_scores, kernel=self.kernel, pooling=self.pooling)
-        request = AttentionCapture(window=self.window, reducer=reducer)
-        run.memo[CAPTURE_KEY] = request
-        return request
+        return AttentionCapture(window=self.window, reducer=reducer)
 
-    def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
+    def compress(self, state: Prefill, prompt: Prompt, run: Run, capture: AttentionCapture | None) -> Prefill:
         keep = tokens_to_keep(self.name, self.budget, len(prompt), run, self.window, "cache kept whole")
         if keep is None:
             return state
-        request = run.memo.pop(CAPTURE_KEY, None)
-        if request is None:
+        if capture is None:
             raise InputError(
                 "snapkv: no attention was captured; run the prefill under attention_request() (the Pipeline does)."
             )
         n = cache_length(state.cache)
         layers = num_layers(state.cache)
-        scores = [request.records.get(layer) for layer in range(layers)]
+        scores = [capture.records.get(layer) for layer in range(layers)]
         if any(s is None or s.shape[-1] != n - self.window for s in scores):
             raise InputError(
                 f"snapkv: the capture does not cover the last {self.window} queries of all {layers} layers "
@@ -82,8 +76,3 @@ class SnapKV(CacheStage):
         window = torch.arange(n - self.window, n)
         keep_per_head(state.cache, [select_per_head(s, keep - self.window, window) for s in scores])
         return state
-
-
-def snapkv_stages(budget: int | float, window: int = 64, kernel: int = 5, pooling: Pooling = "max") -> list[Stage]:
-    """Registry factory: ``snapkv`` at ``budget`` (``pooling="avg"`` as kvpress and the SnapKV code pool)."""
-    return [SnapKV(budget=budget, window=window, kernel=kernel, pooling=pooling)]

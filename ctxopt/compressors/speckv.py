@@ -4,8 +4,8 @@ Paper: "Draft-based Approximate Inference for LLMs" (arXiv 2506.08373) [P]; code
 furiosa-ai/draft-based-approx-llm [C].
 
 1. The draft (a small model with the target's tokenizer) greedily answers the same prompt; the lookahead is
-   the whole answer, up to max_new_tokens, ending at EOS. [P][C] An answer already in
-   ``run.memo["draft_answer_ids"]`` (SpecPC's, in SpecKV-PC) is reused. [C]
+   the whole answer, up to max_new_tokens, ending at EOS. [P][C] An answer already in ``run.draft_answer``
+   (SpecPC's, in SpecKV-PC) is reused. [C]
 2. The target prefills the prompt, capturing the last ``window`` prompt queries; then the draft tokens are
    fed at positions n..n+L-1, capturing all L of their queries. Per layer: softmax(Q_win K^T / sqrt(d)),
    causal inside the window; drop the window's own columns (keys n-w..); reduce by MAX over the GQA group
@@ -32,39 +32,20 @@ import torch
 from ..attention import AttentionCapture, WindowAttention, capture_attention
 from ..cache import cache_length, crop_cache, keep_per_head, num_layers
 from ..decoding import GenerationConfig, Prefill, decode, forward, prefill
+from ..drafts import resolve_draft
 from ..errors import InputError
 from ..stages import CacheStage, Run, Stage, tokens_to_keep
 from ..types import Prompt
-from .scoring import DRAFT_ANSWER_KEY, check_knobs, check_lookahead, pool1d, prefix_probs, select_per_head
-from .selection import report
+from .scoring import check_knobs, check_lookahead, pool1d, prefix_probs, select_per_head
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
-
-CAPTURE_KEY = "speckv:capture"
-
 
 def max_scores(record: WindowAttention, prefix: int | None = None) -> torch.Tensor:
     """One layer's window attention on the prefix, max over the window's queries and each GQA group:
     (kv_heads, prefix)."""
     probs = record.group_heads(prefix_probs(record, prefix))
     return probs.amax(dim=(1, 2))
-
-
-def load_draft(draft: "LoadedModel | str | None", run: Run) -> "LoadedModel":
-    """The draft as a LoadedModel (None = the target), checked to share the target's vocabulary."""
-    if draft is None:
-        return run.lm
-    if isinstance(draft, str):
-        from ..models import load_model
-
-        draft = load_model(draft, run.lm.device, run.lm.dtype)
-    if draft.model is not run.lm.model and draft.tokenizer.get_vocab() != run.lm.tokenizer.get_vocab():
-        raise InputError(
-            f"The draft {draft.name!r} does not share the tokenizer of the target {run.lm.name!r}; its token ids "
-            "would mean other words. Pass a draft of the target's family (same vocabulary), or draft=None."
-        )
-    return draft
 
 
 @dataclass
@@ -74,8 +55,8 @@ class SpecKV(CacheStage):
     ``draft``: a LoadedModel, a registry name or path, or None for the target itself. ``lookahead``: draft
     tokens to generate (None = up to the run's max_new_tokens). The draft's cost (``draft_seconds``,
     ``draft_tokens``; ``draft_reused``: SpecPC's answer in this run; ``draft_shared``: another budget's
-    answer, ``Run.shared``) goes to ``run.memo["speckv"]`` and to this stage's Stats record extra; it is part
-    of this stage's seconds, hence of TTFT.
+    answer, ``Run.shared``) is reported to this stage's Stats record extra; it is part of this stage's
+    seconds, hence of TTFT.
     """
 
     draft: "LoadedModel | str | None" = None
@@ -93,21 +74,19 @@ class SpecKV(CacheStage):
     def attention_request(self, prompt: Prompt, run: Run) -> AttentionCapture | None:
         if tokens_to_keep(self.name, self.budget, len(prompt), window=self.window) is None:
             return None
-        request = AttentionCapture(window=self.window, reducer=max_scores)
-        run.memo[CAPTURE_KEY] = request
-        return request
+        return AttentionCapture(window=self.window, reducer=max_scores)
 
     def draft_answer(self, state: Prefill, prompt: Prompt, run: Run) -> torch.Tensor:
-        """Step 1: the draft's greedy answer to the prompt (reused from ``run.memo`` when present)."""
+        """Step 1: the draft's greedy answer to the prompt (``run.draft_answer`` when a stage already made it)."""
         lookahead = run.config.max_new_tokens if self.lookahead is None else self.lookahead
-        reused = DRAFT_ANSWER_KEY in run.memo
+        reused = run.draft_answer is not None
         seconds, shared = 0.0, False
         if reused:
-            ids = run.memo[DRAFT_ANSWER_KEY][:lookahead]
+            ids = run.draft_answer[:lookahead]
         elif lookahead == 0:
             ids = torch.zeros(0, dtype=torch.long)
         else:
-            draft = load_draft(self.draft, run)
+            draft = resolve_draft(self.draft, run.lm, self.name)
 
             def answer() -> torch.Tensor:
                 start = state.copy() if draft.model is run.lm.model else prefill(draft.model, prompt.input_ids)
@@ -116,27 +95,20 @@ class SpecKV(CacheStage):
                 return torch.tensor(result.token_ids, dtype=torch.long)
 
             ids, seconds, shared = run.shared(("speckv draft", draft.model, lookahead), prompt.input_ids, answer)
-            run.memo[DRAFT_ANSWER_KEY] = ids
-        run.memo["speckv"] = cost = {
-            "draft_seconds": seconds,
-            "draft_tokens": len(ids),
-            "draft_reused": reused,
-            "draft_shared": shared,
-        }
-        report(run, **cost)
+            run.draft_answer = ids
+        run.report(draft_seconds=seconds, draft_tokens=len(ids), draft_reused=reused, draft_shared=shared)
         return ids
 
-    def compress(self, state: Prefill, prompt: Prompt, run: Run) -> Prefill:
+    def compress(self, state: Prefill, prompt: Prompt, run: Run, capture: AttentionCapture | None) -> Prefill:
         keep = tokens_to_keep(self.name, self.budget, len(prompt), run, self.window, "cache kept whole")
         if keep is None:
             return state
-        request = run.memo.pop(CAPTURE_KEY, None)
-        if request is None or state.logits is None or state.pending_ids is not None:
+        if capture is None or state.logits is None or state.pending_ids is not None:
             raise InputError("speckv: compress() needs a plain prefill of the prompt run under attention_request() "
                              "(the Pipeline does this).")
         n, layers, w = cache_length(state.cache), num_layers(state.cache), self.window
         prefix = n - w
-        scores = [request.records.get(layer) for layer in range(layers)]
+        scores = [capture.records.get(layer) for layer in range(layers)]
         if any(s is None or s.shape[-1] != prefix for s in scores):
             raise InputError(
                 f"speckv: the capture does not cover the last {w} prompt queries of all {layers} layers "
@@ -160,19 +132,11 @@ class SpecKV(CacheStage):
         )
 
 
-def speckv_stages(
-    budget: int | float, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
-    lookahead: int | None = None,
-) -> list[Stage]:
-    """Registry factory: ``speckv`` at ``budget``."""
-    return [SpecKV(draft=draft, budget=budget, window=window, kernel=kernel, lookahead=lookahead)]
-
-
-def speckv_pc_stages(
+def speckv_pc(
     budget: int, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
     lookahead: int | None = None,
 ) -> list[Stage]:
-    """Registry factory: ``speckv-pc``, SpecPC at 2048 tokens (its other knobs at their defaults), then SpecKV
+    """The ``speckv-pc`` method: SpecPC at 2048 tokens (its other knobs at their defaults), then SpecKV
     at ``budget``; SpecPC's draft also writes the answer (``lookahead``, None = the whole answer) that SpecKV
     reuses. [C] Deviation: a budget above 2048 raises SpecPC's to the budget (at 2048 SpecKV would then keep
     the whole cache). The budget is a token count: a ratio would apply to SpecPC's output, not the context."""

@@ -20,8 +20,8 @@ furiosa-ai/draft-based-approx-llm [C] (``specpc/specpc.py``, ``specpc/specpc_uti
 Defaults [C] (paper configs): window 64, first layer 8, max pooling and reduction, neighbours = kernel,
 lookahead_tokens 1 (a prefill only; ``lookahead=0`` here). The draft defaults to the target itself.
 ``lookahead=None`` means up to the run's max_new_tokens (what SpecKV-PC uses). The draft tokens go to
-``run.memo["draft_answer_ids"]`` (target token ids) for SpecKV; when that key already exists its first L
-tokens are fed to the draft instead of decoding again.
+``run.draft_answer`` (target token ids) for SpecKV; when the run already has one, its first L tokens are fed to
+the draft instead of decoding again.
 
 Deviations from [C]: ties in the ranking go to the earlier position; a window longer than the prompt is
 clipped (the code raises); probabilities stay float32 (the code casts them to the model's dtype).
@@ -45,17 +45,17 @@ import torch
 
 from ..attention import AttentionCapture, WindowAttention, capture_attention
 from ..decoding import GenerationConfig, decode, forward, prefill
+from ..drafts import resolve_draft
 from ..errors import InputError
-from ..stages import Run, Stage, TokenStage, tokens_to_keep
+from ..stages import Run, TokenStage, tokens_to_keep
 from ..types import Prompt
-from .scoring import DRAFT_ANSWER_KEY, check_lookahead
+from .scoring import check_lookahead
 from .selection import (
     centred_max_pool,
     expand_neighbours,
     first_occurrences,
     forced_tokens,
     rank_descending,
-    report,
     unique_in_order,
 )
 
@@ -194,10 +194,6 @@ def text_tiles(prompt: Prompt, tokenizer) -> tuple[str, torch.Tensor]:
     return text, local
 
 
-def same_vocabulary(a, b) -> bool:
-    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
-
-
 @dataclass
 class SpecPC(TokenStage):
     """Keep ``budget`` tokens (int, or a ratio of the prompt) chosen by a draft model's attention."""
@@ -222,22 +218,10 @@ class SpecPC(TokenStage):
 
     def load_draft(self, run: Run) -> "LoadedModel":
         """The draft: the target when None, a registry name or path loaded on the target's device and dtype."""
-        draft = self.draft
-        if draft is None:
-            draft = run.lm
-        elif isinstance(draft, str):
-            from ..models import load_model
-
-            draft = load_model(draft, run.lm.device, run.lm.dtype)
+        draft = resolve_draft(self.draft, run.lm, self.name, cross_tokenizer=self.cross_tokenizer)
         if self.first_layer >= draft.num_layers:
             raise InputError(f"specpc: first_layer {self.first_layer} is past the last layer of the draft "
                              f"{draft.name!r} ({draft.num_layers} layers); pass a smaller first_layer.")
-        if not self.cross_tokenizer and not same_vocabulary(draft.tokenizer, run.lm.tokenizer):
-            raise InputError(
-                f"specpc: the draft {draft.name!r} does not share the tokenizer of the target {run.lm.name!r}. "
-                "Pass a draft of the target's family, or cross_tokenizer=True to map the draft's tokens onto the "
-                "target's through character offsets (ctxopt's extension)."
-            )
         return draft
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:
@@ -263,12 +247,11 @@ class SpecPC(TokenStage):
         )
         began = time.perf_counter()
         if answer is not None and given is None:
-            run.memo[DRAFT_ANSWER_KEY] = self._to_target(answer, run, draft)
+            run.draft_answer = self._to_target(answer, run, draft)
         top = None if self.cross_tokenizer else keep  # a draft token may stand for no new target token
         order = selection_order(scores, self.kernel or default_kernel(draft), self.window, top)
         kept, units = cut_to_budget(order, ranges, keep, forced)
-        report(
-            run,
+        run.report(
             selection_seconds=scoring_seconds + time.perf_counter() - began,
             selection_reused=reused,
             draft_seconds=scoring_seconds,
@@ -280,8 +263,8 @@ class SpecPC(TokenStage):
         return prompt.select(kept)
 
     def _given_answer(self, run: Run, draft: "LoadedModel") -> torch.Tensor | None:
-        """``run.memo["draft_answer_ids"]`` (target tokens) as draft tokens, or None when absent."""
-        ids = run.memo.get(DRAFT_ANSWER_KEY)
+        """``run.draft_answer`` (target tokens) as draft tokens, or None when absent."""
+        ids = run.draft_answer
         if ids is None or not self.cross_tokenizer:
             return ids
         text = run.lm.tokenizer.decode(ids, skip_special_tokens=True)
@@ -292,18 +275,3 @@ class SpecPC(TokenStage):
             return answer
         text = draft.tokenizer.decode(answer, skip_special_tokens=True)
         return torch.tensor(run.lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
-def specpc_stages(
-    budget: int | float,
-    draft: "LoadedModel | str | None" = None,
-    window: int = 64,
-    first_layer: int = 8,
-    kernel: int | None = None,
-    lookahead: int | None = 0,
-    keep_question: bool = False,
-    cross_tokenizer: bool = False,
-) -> list[Stage]:
-    """Registry factory: ``specpc`` at ``budget``."""
-    return [SpecPC(draft=draft, budget=budget, window=window, first_layer=first_layer, kernel=kernel,
-                   lookahead=lookahead, keep_question=keep_question, cross_tokenizer=cross_tokenizer)]

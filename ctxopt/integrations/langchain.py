@@ -38,15 +38,14 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from .. import __version__
-from ..decoding import GenerationConfig
 from ..errors import InputError
 from ..methods import build_stages
 from ..models import DEFAULT_GENERATOR, LoadedModel
 from ..pipeline import Pipeline
 from ..prompting import validate_question
 from ..retrievers import FaissStore
-from ..stages import Run
-from ..types import Answer, Passage, Stats
+from ..text import count_tokens
+from ..types import Answer, Passage
 
 MODEL_LOCK = threading.RLock()
 TEXT_STAGE_KINDS = ("passage", "token")
@@ -145,15 +144,8 @@ class CtxoptDocumentCompressor(BaseDocumentCompressor):
         ]
         pipe = self._pipe
         with MODEL_LOCK:
-            run = Run(
-                lm=pipe.lm, question=question, config=GenerationConfig(max_new_tokens=pipe.max_new_tokens),
-                stats=Stats(), embedder=pipe.embedder,
-            )
-            # The same passage and token stages Pipeline.ask runs, stopping before the prefill.
-            run.passages = pipe._passage_stages(question, passages, run)
-            prompt = pipe._token_stages(pipe.build_prompt(question, run.passages), run)
-            tokenizer = pipe.lm.tokenizer
-            tokens_in = [len(tokenizer(d.page_content, add_special_tokens=False)["input_ids"]) for d in documents]
+            prompt = pipe.compress(question, passages)  # what Pipeline.ask runs before the generator
+            tokens_in = [count_tokens(pipe.lm.tokenizer, d.page_content) for d in documents]
         untouched = len(prompt) == prompt.original_length
         pieces: dict[int, list[str]] = defaultdict(list)
         tokens_out: dict[int, int] = defaultdict(int)
@@ -346,8 +338,7 @@ class CtxoptChatModel(BaseChatModel):
     def _prefilled(self, answer: Answer) -> int:
         """Positions the model prefilled: the prompt's tokens, or fewer where an input stage (REFRAG) reads one
         embedding per chunk."""
-        inputs = self._pipe.stages["input"]
-        record = answer.stats.get(inputs[0].name) if inputs else None
+        record = answer.stats.get(self._pipe.generator.input_stage.name)
         return record.tokens_out if record is not None and record.tokens_out is not None else len(answer.prompt)
 
     def _usage(self, answer: Answer) -> UsageMetadata:

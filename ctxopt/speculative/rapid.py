@@ -4,7 +4,8 @@ Sources: [P] the paper; [C] its official code, John-AI-Lab/RAPID (``src/utils.py
 ``src/rag.py``, ``readme.md``); [L] Leviathan et al. 2023, the speculative sampling RAPID builds on.
 
 The target has prefilled the full long prompt (the pipeline's prefill, possibly pruned by a cache stage).
-The drafter -- the target itself by default (self-speculation), or any model with the same tokenizer --
+The drafter (option ``draft``) -- the target itself by default (self-speculation), or any model with the same
+tokenizer --
 prefills a SHORT prompt: the context's chunks most similar to the question, in document order. [P][C]
 Each model keeps its own cache and positions. One round:
 
@@ -62,9 +63,11 @@ from ..decoding import (
     prefill,
 )
 from ..errors import InputError
-from ..models import LoadedModel, load_model
+from ..drafts import resolve_draft
+from ..models import LoadedModel
 from ..prompting import reframe_prompt
 from ..stages import Decoder, Run
+from ..text import count_tokens
 from ..types import Passage, Prompt
 
 
@@ -170,12 +173,12 @@ class _Cursor:
 class RAPID(Decoder):
     """Retrieval-augmented speculative decoding as the pipeline's decoder (see the module docstring).
 
-    ``drafter``: None (self-speculation), a LoadedModel, or a name/path for ``ctxopt.models.load_model``;
-    it must share the target's tokenizer. ``rag_tokens`` bounds the drafter's context, ``chunk_tokens`` and
+    ``draft``: the drafter -- None (self-speculation), a LoadedModel, or a name/path (``ctxopt.drafts``); it
+    must share the target's tokenizer and logit width. ``rag_tokens`` bounds the drafter's context, ``chunk_tokens`` and
     ``threshold`` shape its retrieval, ``eta`` and ``alpha`` the retrieval-augmented target distribution.
     """
 
-    drafter: LoadedModel | str | None = None
+    draft: LoadedModel | str | None = None
     gamma: int = 10
     eta: float = 10.0
     chunk_tokens: int = 128
@@ -191,22 +194,12 @@ class RAPID(Decoder):
             raise InputError(f"rapid: eta must be >= 0 and alpha in (0, 1]; got eta={self.eta}, alpha={self.alpha}.")
 
     def resolve_drafter(self, target: LoadedModel) -> LoadedModel:
-        """The drafter model, checked to share the target's vocabulary."""
-        if self.drafter is None:
-            return target
-        drafter = self.drafter if isinstance(self.drafter, LoadedModel) else load_model(self.drafter, target.device, target.dtype)
-        widths = [lm.model.config.get_text_config(decoder=True).vocab_size for lm in (target, drafter)]
-        if drafter.tokenizer.get_vocab() != target.tokenizer.get_vocab() or widths[0] != widths[1]:
-            raise InputError(
-                f"rapid: the drafter {drafter.name} and the target {target.name} must share one tokenizer and "
-                f"vocabulary (logit widths {widths[1]} vs {widths[0]}). Pass drafter=None for self-speculation, "
-                "or a drafter from the target's model family."
-            )
-        return drafter
+        """The drafter model, checked to share the target's vocabulary and logit width."""
+        return resolve_draft(self.draft, target, self.name, compare_logits=True)
 
     def draft_passages(self, question: str, passages: list[Passage], tokenizer, run: Run) -> list[Passage]:
         """The drafter's context: chunks most similar to the question, up to ``rag_tokens``, in document order."""
-        total = sum(len(tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in passages)
+        total = count_tokens(tokenizer, passages)
         if total <= self.rag_tokens:
             run.note(f"rapid: context of {total} tokens fits rag_tokens={self.rag_tokens}; the drafter gets it whole")
             return passages
@@ -221,7 +214,7 @@ class RAPID(Decoder):
         """The drafter's prompt (the target's frame around the retrieved chunks) and its prefilled state, with the
         seconds spent on retrieval and on that prefill."""
         began = time.perf_counter()
-        passages = self.draft_passages(prompt.question, run.passages, run.lm.tokenizer, run)
+        passages = self.draft_passages(prompt.question, prompt.passages, run.lm.tokenizer, run)
         retrieved = time.perf_counter()
         draft_prompt = reframe_prompt(drafter.tokenizer, prompt, passages)
         draft_state = prefill(drafter.model, draft_prompt.input_ids)
@@ -317,14 +310,15 @@ class RAPID(Decoder):
 
 def rapid(
     budget: int | None = None,
-    drafter: LoadedModel | str | None = None,
+    draft: LoadedModel | str | None = None,
     gamma: int = 10,
     eta: float = 10.0,
     chunk_tokens: int = 128,
     threshold: float | None = 0.1,
-) -> list[RAPID]:
-    """Registry factory: ``budget`` (tokens) is the drafter's context size, ``rag_tokens``."""
+    alpha: float = 0.1,
+) -> RAPID:
+    """The ``rapid`` method: ``budget`` (tokens) is the drafter's context size, ``rag_tokens``."""
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
         raise InputError("rapid takes its budget (the drafter's context) as a token count.")
-    return [RAPID(drafter=drafter, gamma=gamma, eta=eta, chunk_tokens=chunk_tokens, threshold=threshold,
-                  **({} if budget is None else {"rag_tokens": budget}))]
+    return RAPID(draft=draft, gamma=gamma, eta=eta, chunk_tokens=chunk_tokens, threshold=threshold, alpha=alpha,
+                 **({} if budget is None else {"rag_tokens": budget}))

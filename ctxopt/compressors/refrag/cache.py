@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ...errors import IndexLoadError
 from ...types import Passage
 from .layout import chunk_offsets
-from .model import Adapter
+from .model import DEFAULT_ADAPTER, Adapter, load_adapter
 
 CACHE_FILE = "refrag-chunks.safetensors"
 FORMAT = "ctxopt-refrag-chunks"
@@ -112,8 +112,6 @@ def decoder_tokenizer(name: str):
 
 def save_index_cache(passages: Iterable[Passage], index_folder: str | Path, adapter_folder: str | Path | None = None) -> Path:
     """``ctxopt index --refrag``: precompute every passage's chunk embeddings into the index folder."""
-    from .stage import DEFAULT_ADAPTER, load_adapter
-
     adapter = load_adapter(adapter_folder or DEFAULT_ADAPTER)
     tokenizer = decoder_tokenizer(adapter.config.decoder)
     return ChunkCache.build(passages, adapter, tokenizer, progress=True).save(Path(index_folder) / CACHE_FILE)

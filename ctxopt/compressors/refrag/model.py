@@ -287,3 +287,15 @@ class Adapter:
             if module is not None:
                 module.eval()
         return adapter
+
+
+DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "adapters" / "refrag-smollm2-minilm-k16"
+_LOADED: dict[str, Adapter] = {}
+
+
+def load_adapter(folder: str | Path = DEFAULT_ADAPTER) -> Adapter:
+    """An adapter folder, loaded once per process (LoRA merged, eval mode)."""
+    key = str(Path(folder).resolve())
+    if key not in _LOADED:
+        _LOADED[key] = Adapter.load(folder)
+    return _LOADED[key]

@@ -21,29 +21,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ...decoding import Prefill, prefill
 from ...errors import InputError
-from ...stages import STAGE_EXTRA_KEY, InputStage, Run, Stage
+from ...stages import InputStage, Run
 from ...types import Prompt
 from .cache import ChunkCache
 from .layout import assemble, expansion_count, split_context, surprisal_scores
-from .model import Adapter, AdapterConfig, ChunkEncoder, Projector, choose_chunks
+from .model import DEFAULT_ADAPTER, Adapter, AdapterConfig, ChunkEncoder, Projector, choose_chunks, load_adapter
 
-DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "adapters" / "refrag-smollm2-minilm-k16"
 POLICIES = ("heuristic", "learned", "random", None)
-_LOADED: dict[str, Adapter] = {}
-
-
-def load_adapter(folder: str | Path = DEFAULT_ADAPTER) -> Adapter:
-    """An adapter folder, loaded once per process (LoRA merged, eval mode)."""
-    key = str(Path(folder).resolve())
-    if key not in _LOADED:
-        _LOADED[key] = Adapter.load(folder)
-    return _LOADED[key]
 
 
 @dataclass
@@ -57,8 +46,8 @@ class REFRAG(InputStage):
     """
 
     adapter: str | Path | Adapter | None = None
-    encoder: ChunkEncoder | None = None
-    projector: Projector | None = None
+    encoder: ChunkEncoder | None = field(default=None, metadata={"option": False})
+    projector: Projector | None = field(default=None, metadata={"option": False})
     chunk_tokens: int | None = None
     expand: float = 0.0
     policy: str | None = "heuristic"
@@ -149,18 +138,8 @@ class REFRAG(InputStage):
             token_embeds = model.get_input_embeddings()(prompt.input_ids.to(model.device))
             inputs, _ = assemble(token_embeds, chunks, embeds.to(token_embeds.device), expanded)
         state = prefill(model, inputs_embeds=inputs)
-        run.memo[STAGE_EXTRA_KEY] = {
-            "chunks": len(chunks), "expanded": len(expanded), "cached_chunks": cached,
-            "encode_seconds": encode_seconds, "decoder_positions": int(inputs.shape[0]),
-            "prefill_seconds": state.seconds,
-        }
+        run.report(
+            chunks=len(chunks), expanded=len(expanded), cached_chunks=cached, encode_seconds=encode_seconds,
+            decoder_positions=int(inputs.shape[0]), prefill_seconds=state.seconds,
+        )
         return state
-
-
-def refrag_stages(
-    budget: Any = None, adapter: str | None = None, chunk_tokens: int | None = None, expand: float = 0.0,
-    policy: str | None = "heuristic", cache: str | None = None,
-) -> list[Stage]:
-    """Registry factory: ``refrag``. The compression is set by ``chunk_tokens`` and ``expand``, not a budget;
-    ``--option policy=null`` turns expansion off."""
-    return [REFRAG(adapter=adapter, chunk_tokens=chunk_tokens, expand=float(expand), policy=policy, cache=cache)]

@@ -1,0 +1,61 @@
+"""Draft models: the one place a stage's ``draft`` option becomes a loaded model checked against its target.
+
+SpecPC, SpecKV and RAPID take a second, smaller model by the option ``draft``: None (the target drafts for
+itself), a LoadedModel, or a registry name or path (loaded on the target's device and dtype, once per process
+by ``load_model``'s cache). The vocabulary rule is the same for all: the draft's token ids must mean the
+target's tokens (equal token-to-id maps), unless the stage maps text across tokenizers itself (SpecPC's
+``cross_tokenizer``). A stage that compares the two models' logits token by token (RAPID) also needs equal
+logit widths.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map the same tokens to the same ids."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
+def logit_width(lm: "LoadedModel") -> int:
+    return lm.model.config.get_text_config(decoder=True).vocab_size
+
+
+def resolve_draft(
+    draft: "LoadedModel | str | None",
+    target: "LoadedModel",
+    stage: str,
+    *,
+    cross_tokenizer: bool = False,
+    compare_logits: bool = False,
+) -> "LoadedModel":
+    """The draft as a LoadedModel (None = the target itself), refused with a one-line error when it cannot
+    draft for ``target`` in ``stage``."""
+    if draft is None:
+        return target
+    if isinstance(draft, str):
+        from .models import load_model
+
+        draft = load_model(draft, target.device, target.dtype)
+    if draft is target or cross_tokenizer:
+        return draft
+    if not same_vocabulary(draft.tokenizer, target.tokenizer):
+        hint = " or cross_tokenizer=True to map the draft's tokens onto the target's by character offsets" \
+            if stage == "specpc" else ""
+        raise InputError(
+            f"{stage}: the draft {draft.name!r} does not share the tokenizer of the target {target.name!r} (a draft "
+            f"must share one tokenizer and vocabulary with it: its token ids would mean other words). Pass a draft of the target's family (same vocabulary), draft=None "
+            f"for the target itself{hint}."
+        )
+    if compare_logits and logit_width(draft) != logit_width(target):
+        raise InputError(
+            f"{stage}: the draft {draft.name!r} and the target {target.name!r} must share one vocabulary (logit "
+            f"widths {logit_width(draft)} vs {logit_width(target)}). Pass draft=None for self-speculation, or a "
+            "draft from the target's model family."
+        )
+    return draft

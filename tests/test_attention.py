@@ -7,6 +7,7 @@ import transformers.integrations.sdpa_attention as transformers_sdpa
 
 from ctxopt.attention import (
     GROUPED_SDPA, AttentionCapture, capture_attention, is_lower_right_causal, lower_right_causal_attention,
+    use_grouped_sdpa,
 )
 from ctxopt.decoding import forward, prefill
 
@@ -57,6 +58,28 @@ def test_stop_after_runs_only_the_first_layers(tiny_lm):
             hook.remove()
     assert calls == [0]  # layer 0 finished; layer 1 stopped inside its attention; layers 2-3 never ran
     assert list(request.records) == [1] and request.records[1].shape == (20,)
+
+
+def test_capture_on_a_model_already_running_grouped_sdpa_switches_nothing(tiny_lm):
+    """A model from load_model runs GROUPED_SDPA already: the capture records the same window as on a model that is
+    switched for the block, leaves the implementation alone, and ignores another model forwarded inside the block."""
+    ids = torch.randint(1000, 30000, (40,), generator=torch.Generator().manual_seed(4))
+    switched = AttentionCapture(window=8)
+    with capture_attention(tiny_lm.model, switched):
+        forward(tiny_lm.model, ids, positions=torch.arange(40))
+    native = copy.deepcopy(tiny_lm.model)
+    use_grouped_sdpa(native)
+    other = copy.deepcopy(native)
+    layers_seen = []
+    direct = AttentionCapture(window=8, reducer=lambda record: layers_seen.append(record.layer) or record)
+    with capture_attention(native, direct):
+        assert native.config._attn_implementation == GROUPED_SDPA
+        forward(native, ids, positions=torch.arange(40))
+        forward(other, ids, positions=torch.arange(40))
+    assert native.config._attn_implementation == GROUPED_SDPA
+    assert layers_seen == list(range(native.config.num_hidden_layers))
+    for layer, record in switched.records.items():
+        torch.testing.assert_close(direct.records[layer].raw, record.raw)
 
 
 def test_grouped_sdpa_matches_eager_on_a_masked_cached_forward_without_copying_heads(tiny_lm, monkeypatch):

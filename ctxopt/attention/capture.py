@@ -1,102 +1,27 @@
 """Attention capture: the scores of the last W queries against all keys, per layer and head, post-RoPE,
 exactly as the model computes them, without ever forming an n x n matrix.
 
-A named attention function is registered in transformers' AttentionInterface. It computes the window's
-scores (W x n per head) from the query and key tensors it is handed, gives them to the request's reducer,
-and then runs ordinary SDPA. Memory stays O(W * n) per layer. GemFilter, SpecPC, SpecKV and SnapKV all
-read attention through this one hook.
+ctxopt's attention implementation (``kernels.GROUPED_SDPA``) shows each layer's query and key to the current
+context's observer before it runs. A capture request is such an observer: it computes the window's scores
+(W x n per head) from those tensors, gives them to the request's reducer, and the layer then runs its usual
+(grouped) SDPA. Memory stays O(W * n) per layer. GemFilter, SpecPC, SpecKV and SnapKV all read attention
+through this one hook.
 
-It also holds ``GROUPED_SDPA``, the attention implementation ``ctxopt.models.load_model`` gives every model:
-transformers' SDPA, except for a masked forward of several new tokens against a cache of a grouped-query
-model, which SDPA groups itself (CPU), or runs as lower-right causal flash attention (CUDA, half precision).
+A model loaded by ``ctxopt.models.load_model`` already runs GROUPED_SDPA, so capturing changes nothing about
+it. Any other model (one built by hand, one switched to eager or to transformers' own SDPA) is switched to
+GROUPED_SDPA for the block, under a process-wide lock, and switched back after.
 """
 from __future__ import annotations
 
-import contextvars
 import threading
-import weakref
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-CAPTURE_IMPLEMENTATION = "ctxopt_capture"
-GROUPED_SDPA = "ctxopt_sdpa"
-
-
-def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, changed for a MASKED forward of a grouped-query model.
-
-    transformers passes ``enable_gqa`` to SDPA only when there is no mask (a mask sends CUDA's grouped
-    kernel to the math fallback) and otherwise copies every key and value head once per query head. A forward
-    of several new tokens against a cache always has a mask -- RAPID's verification of gamma drafts, a
-    chunked prefill -- so that copy of the whole cache, per layer per forward, is paid every time
-    (Qwen2.5-Coder-1.5B, 6 query heads per KV head, 8K cache, 2 CPU threads: a 5-token forward 3.47 s with
-    the copy, 2.38 s without; benchmarks/RESULTS.md). CPU SDPA groups masked queries natively, so there it is
-    asked to. On CUDA in half precision, a mask that is plain lower-right causal (new tokens after a cache, no
-    padding, no sliding window) becomes :func:`lower_right_causal_attention`. Everything else is
-    transformers' path.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "sinks", "s_aux"))
-    if attention_mask is None or groups == 1 or special:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if query.device.type == "cpu":
-        output = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask[..., : key.shape[-2]], dropout_p=dropout, scale=scaling,
-            enable_gqa=True,
-        )
-        return output.transpose(1, 2).contiguous(), None
-    if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 \
-            and is_lower_right_causal(attention_mask, key.shape[-2]):
-        return lower_right_causal_attention(query, key, value, scaling), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-def lower_right_causal_attention(query, key, value, scaling=None) -> torch.Tensor:
-    """Attention of q new tokens that follow a cache: query i sees keys 0 .. n - q + i. Given to SDPA as torch's
-    lower-right ``CausalBias`` with its own GQA grouping, so CUDA runs flash attention with no mask and no copy
-    of the cache (transformers copies every key and value head per query head when a mask is present: on an
-    H200 with an 8B-shaped model and a 128K cache an 11-token forward cost 0.30 s, a 1-token one 0.065 s).
-    Returns (batch, q, heads, head_dim) like transformers' attention functions."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    bias = causal_lower_right(query.shape[-2], key.shape[-2])
-    output = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=bias, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-    )
-    return output.transpose(1, 2).contiguous()
-
-
-_CHECKED_MASK = threading.local()  # the last mask checked (a weak reference), its key count and the answer
-
-
-def is_lower_right_causal(mask: torch.Tensor, keys: int) -> bool:
-    """Whether a boolean batch-1 mask lets each of its q queries see exactly the keys up to its own slot, the last
-    q of ``keys``: all of the cache before them, and causally among themselves -- the mask transformers builds
-    for new tokens after a cache without padding or a sliding window. One reduction, remembered for the mask
-    object itself, which transformers hands to every layer of one forward."""
-    last = getattr(_CHECKED_MASK, "last", None)
-    if last is not None and last[0]() is mask and last[1] == keys:
-        return last[2]
-    queries = mask.shape[-2]
-    answer = False
-    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == 1 and 1 < queries < keys \
-            and mask.shape[-1] >= keys:
-        prefix = keys - queries
-        own = torch.ones(queries, queries, dtype=torch.bool, device=mask.device).tril()
-        answer = bool(mask[..., :prefix].all() & (mask[..., prefix:keys] == own).all())
-    _CHECKED_MASK.last = (weakref.ref(mask), keys, answer)
-    return answer
-
-
-AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+from .kernels import GROUPED_SDPA, QueryKeyObserver, observe_queries_and_keys
 
 
 @dataclass
@@ -158,9 +83,6 @@ class AttentionCapture:
         return self.layers is None or layer in set(self.layers)
 
 
-_ACTIVE: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar("ctxopt_capture", default=None)
-
-
 def _window_scores(module, query: torch.Tensor, key: torch.Tensor, window: int) -> torch.Tensor:
     """(heads, W, n) raw q·k for the last ``window`` queries of batch item 0, GQA keys repeated."""
     q = query[0, :, -window:].float()
@@ -171,23 +93,32 @@ def _window_scores(module, query: torch.Tensor, key: torch.Tensor, window: int) 
     return q @ k.transpose(-1, -2)
 
 
-def _capturing_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """SDPA, plus the window's scores for the active capture request (if any wants this layer)."""
-    request = _ACTIVE.get()
-    layer = getattr(module, "layer_idx", None)
-    if request is not None and layer is not None and request.wants(layer):
+def _recorder(request: AttentionCapture, configs: list) -> QueryKeyObserver:
+    """The observer that records ``request``'s window for the layers of the captured model only.
+
+    A layer belongs to the captured model when its attention module reads its implementation from one of
+    ``configs`` (the module's ``config``), so another model forwarded inside the block records nothing.
+    """
+
+    def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
+        layer = getattr(module, "layer_idx", None)
+        if layer is None or not request.wants(layer):
+            return
+        module_config = getattr(module, "config", None)
+        if not any(module_config is config for config in configs):
+            return
         window = min(request.window, query.shape[2])
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        record = WindowAttention(layer, _window_scores(module, query, key, window), scale, key.shape[1])
-        request.records[layer] = request.reducer(record) if request.reducer else record
+        found = WindowAttention(layer, _window_scores(module, query, key, window), scale, key.shape[1])
+        request.records[layer] = request.reducer(found) if request.reducer else found
         if request.stop_after is not None and layer >= request.stop_after:
             raise StopForward
-    return grouped_sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    return record
 
 
-AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capturing_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
-
+# Held by a capture for the whole block while it has a model switched to GROUPED_SDPA, so that no other thread
+# decides, from the switched implementation, that the model runs GROUPED_SDPA of its own.
 _SWITCH_LOCK = threading.RLock()
 
 
@@ -201,30 +132,33 @@ def _configs(model) -> list:
 
 
 @contextmanager
-def capture_attention(model, request: AttentionCapture):
-    """Within the block, forwards of ``model`` record window attention into ``request``.
-
-    The model runs (grouped) SDPA throughout; only the registered wrapper is swapped in, and swapped back after.
-    A StopForward raised by the wrapper is swallowed here: the block's forward simply ends early.
-    """
+def _switched_to_grouped_sdpa(configs: list):
+    """The configs' attention implementation set to GROUPED_SDPA for the block, under the lock, restored after."""
     with _SWITCH_LOCK:
-        configs = _configs(model)
-        previous = [c._attn_implementation for c in configs]
-        token = _ACTIVE.set(request)
+        previous = [config._attn_implementation for config in configs]
         for config in configs:
-            config._attn_implementation = CAPTURE_IMPLEMENTATION
+            config._attn_implementation = GROUPED_SDPA
         try:
-            yield request
-        except StopForward:
-            pass
+            yield
         finally:
             for config, old in zip(configs, previous):
                 config._attn_implementation = old
-            _ACTIVE.reset(token)
 
 
-def use_grouped_sdpa(model) -> None:
-    """Give ``model`` the GROUPED_SDPA attention implementation if it runs transformers' SDPA now."""
-    for config in _configs(model):
-        if config._attn_implementation == "sdpa":
-            config._attn_implementation = GROUPED_SDPA
+@contextmanager
+def capture_attention(model, request: AttentionCapture):
+    """Within the block, forwards of ``model`` record window attention into ``request``.
+
+    The model runs (grouped) SDPA throughout. A model that runs GROUPED_SDPA already (every model
+    ``load_model`` returns) is left as it is; any other is switched to it for the block and switched back after.
+    A StopForward raised by the recorder is swallowed here: the block's forward simply ends early.
+    """
+    configs = _configs(model)
+    with _SWITCH_LOCK:  # waits while another thread has a model switched
+        native = all(config._attn_implementation == GROUPED_SDPA for config in configs)
+    switch = nullcontext() if native else _switched_to_grouped_sdpa(configs)
+    try:
+        with switch, observe_queries_and_keys(_recorder(request, configs)):
+            yield request
+    except StopForward:
+        pass

@@ -67,14 +67,16 @@ def _gguf_string(gguf_path: Path, key: str) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
-def gguf_model(gguf_path: Path, dtype: torch.dtype, advice: str, progress: bool) -> transformers.PreTrainedModel:
+def gguf_model(
+    gguf_path: Path, dtype: torch.dtype, advice: str, progress: bool, attn_implementation: str = "sdpa"
+) -> transformers.PreTrainedModel:
     """The dense model a GGUF file holds, dequantised to ``dtype``, with no quantizer left attached.
 
     ``GgufConfig(dequantize=True)``: recent transformers (5.24 here) keeps the weights packed in GGUF
     blocks whenever the ``kernels`` package offers a matmul kernel for them; such a model cannot be saved
     or cast. Older versions have no ``GgufConfig`` and always dequantise.
     """
-    options: dict[str, Any] = {"gguf_file": gguf_path.name, "dtype": dtype, "attn_implementation": "sdpa"}
+    options: dict[str, Any] = {"gguf_file": gguf_path.name, "dtype": dtype, "attn_implementation": attn_implementation}
     if hasattr(transformers, "GgufConfig"):
         options["quantization_config"] = transformers.GgufConfig(dequantize=True)
     try:

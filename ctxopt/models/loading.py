@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import transformers
 
-from ..attention import use_grouped_sdpa
+from ..attention import GROUPED_SDPA
 from ..errors import ModelLoadError
 from .convert import (
     as_list,
@@ -96,7 +96,6 @@ def load_model(
             model.to(resolved_device)
             model.eval()
             model.requires_grad_(False)
-            use_grouped_sdpa(model)
             name = registry_entry(str(name_or_path)).name if kind == "registry" else str(name_or_path)
             _LOADED[key] = LoadedModel(model, tokenizer, name, resolved_device, resolved_dtype)
         return _LOADED[key]
@@ -132,16 +131,22 @@ def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, str]:
 def _load(
     kind: str, source: str, dtype: torch.dtype, progress: bool
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    """Model and tokenizer from a resolved source, on CPU in ``dtype``."""
+    """Model and tokenizer from a resolved source, on CPU in ``dtype``, running ``GROUPED_SDPA``.
+
+    The attention implementation is chosen here, by ``from_pretrained``: GROUPED_SDPA is transformers' SDPA
+    (and is checked as such: a model that cannot run SDPA fails to load, as it would when asked for "sdpa").
+    """
     if kind == "gguf":
         path = Path(source)
         advice = "Pass an intact GGUF file (a truncated download is the usual cause)."
         check_magic(path, advice)
-        return gguf_model(path, dtype, advice, progress), gguf_tokenizer(path, advice)
+        return gguf_model(path, dtype, advice, progress, GROUPED_SDPA), gguf_tokenizer(path, advice)
     try:
         with transformers_progress(progress):
             tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation=GROUPED_SDPA
+            )
     except Exception as err:
         if kind == "hub":
             raise ModelLoadError(

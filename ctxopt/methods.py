@@ -27,12 +27,13 @@ DRAFT = "draft"  # the one option name a draft-based method takes its second mod
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``target`` is "module:attribute": a Stage class (built as ``Class(budget=..., **options)``) or a function
-    ``(budget, **options) -> list[Stage]`` for a composition. ``needs_budget``: the method cannot run without one.
+    """``target`` is "module:attribute" (imported when first used) or the object itself: a Stage class (built as
+    ``Class(budget=..., **options)``) or a function ``(budget, **options) -> Stage | list[Stage]`` for a
+    composition. ``needs_budget``: the method cannot run without one.
     ``takes_budget``: it uses one when given (RAPID's drafter context) and otherwise runs at its own default.
     ``parts``: the registered methods a composed method ("color+specpc") runs in turn."""
 
-    target: str | None
+    target: str | Callable[..., Stage | list[Stage]] | None
     summary: str
     needs_budget: bool = True
     takes_budget: bool = True
@@ -40,8 +41,8 @@ class MethodSpec:
 
     def load(self) -> Callable[..., Stage | list[Stage]] | None:
         """The stage class or composition function (imported now), or None for a method with no stages."""
-        if self.target is None:
-            return None
+        if self.target is None or not isinstance(self.target, str):
+            return self.target
         module, _, attribute = self.target.partition(":")
         return getattr(importlib.import_module(module), attribute)
 

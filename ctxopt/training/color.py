@@ -49,7 +49,6 @@ Deviations, all deliberate (a CPU-scale recipe):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import shlex
@@ -60,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InputError
+from ..text import count_tokens, stable_hash
 
 CANDIDATES_FILE = "candidates.jsonl"
 TRAIN_FILE = "train.jsonl"
@@ -121,13 +121,9 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
 # Preference data
 
 
-def _hash(text: str) -> int:
-    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
-
-
 def is_heldout(question_id: str, share: float) -> bool:
     """A fixed share of questions (by a hash of the id) goes to the held-out file."""
-    return _hash(f"ctxopt-color:{question_id}") % 1000 < share * 1000
+    return stable_hash(f"ctxopt-color:{question_id}") % 1000 < share * 1000
 
 
 @dataclass
@@ -147,9 +143,9 @@ class JudgeCase:
 
 def training_cases(questions: int, seed: int, distractors: int) -> list[JudgeCase]:
     """Supporting paragraphs of HotpotQA train-side questions, none of them in an eval-side question."""
-    from ..bench.datasets import _hotpotqa_raw, hotpotqa_split, load_hotpotqa
+    from ..bench.datasets import hotpotqa_raw, hotpotqa_split, load_hotpotqa
 
-    evaluated = {"".join(s) for d in _hotpotqa_raw() if hotpotqa_split(d["_id"]) == "eval" for _, s in d["context"]}
+    evaluated = {"".join(s) for d in hotpotqa_raw() if hotpotqa_split(d["_id"]) == "eval" for _, s in d["context"]}
     cases = []
     for sample in load_hotpotqa(questions, seed=seed, split="train"):
         qid = sample.metadata["question_id"]
@@ -313,7 +309,7 @@ def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list
             for i, summary in zip(greedy, stage.summaries([cases[i].passage for i in greedy], lm)):
                 out[i].append((f"summary:{name}", summary))
         if drawn:
-            torch.manual_seed(_hash(json.dumps([seed, name, [(cases[i].key, j) for i, j in drawn]])))
+            torch.manual_seed(stable_hash(json.dumps([seed, name, [(cases[i].key, j) for i, j in drawn]])))
             texts = summarise(lm, [cases[i].passage for i, _ in drawn], max_new_tokens, batch_size,
                               temperature=temperature)
             for (i, j), text in zip(drawn, texts):
@@ -383,7 +379,7 @@ def build_preference_data(args) -> dict[str, Any]:
                 record = {"key": case.key, "question_id": case.question_id, "question": case.question,
                           "passage": case.passage, "original_success": case.key in kept, "candidates": [
                               {"source": source, "text": text,
-                               "tokens": len(target.tokenizer(text, add_special_tokens=False)["input_ids"]),
+                               "tokens": count_tokens(target.tokenizer, text),
                                "success": known if known is not None else success(case, text)}
                               for source, text, known in kept.get(case.key, [])]}
                 stream.write(json.dumps(record, ensure_ascii=False) + "\n")

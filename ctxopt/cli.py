@@ -8,22 +8,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .checks import parse_budget  # also the public name scripts import: ctxopt.cli.parse_budget
 from .errors import CtxoptError, InputError
 
 DEMO_FOLDER = "data/demo"
-
-
-def parse_budget(text: str | None) -> int | float | None:
-    """'512' -> 512 tokens; '0.25' -> a ratio of the context."""
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise InputError(f"--budget must be a token count (512) or a ratio (0.25); got {text!r}.") from None
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -41,16 +29,15 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _method_options(args) -> dict:
-    """--option items, plus --draft under the name the method takes its draft by."""
-    from .methods import METHODS, draft_option, parse_options
+    """--option items, plus --draft as the method's ``draft`` option."""
+    from .methods import DRAFT, METHODS, parse_options
 
     options = parse_options(args.option)
     if args.draft:
         spec = METHODS.get(args.method)
-        name = draft_option(spec) if spec is not None else None
-        if spec is not None and name is None:
+        if spec is not None and not spec.takes_draft:
             raise InputError(f"--draft: method {args.method!r} takes no draft model.")
-        options[name or "draft"] = args.draft
+        options[DRAFT] = args.draft
     return options
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import clone_cache, new_cache
+from .checks import require_int
 from .errors import InputError
 
 
@@ -126,8 +127,7 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        self.max_new_tokens = require_int(self.max_new_tokens, "max_new_tokens", minimum=1)
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checks import parse_budget
 from ..errors import InputError
 
 
@@ -74,7 +75,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from ..cli import parse_budget
     from ..methods import parse_options
     from .runner import run_benchmark
 

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from ..checks import require_int
 from ..errors import InputError
 from ..types import Passage
 from .corpus import iter_corpus
@@ -100,10 +101,8 @@ def _chunk_documents(documents: Iterator[Any], tokenizer: Any, chunk_tokens: int
 
 def _check_sizes(chunk_tokens: int, overlap: int) -> None:
     """Reject chunk sizes that cannot make progress."""
-    if chunk_tokens <= 0:
-        raise InputError(f"chunk_tokens must be a positive token count, got {chunk_tokens}")
-    if overlap < 0:
-        raise InputError(f"overlap must be 0 or more tokens, got {overlap}")
+    require_int(chunk_tokens, "chunk_tokens", minimum=1)
+    require_int(overlap, "overlap", minimum=0)
     if overlap >= chunk_tokens:
         raise InputError(
             f"overlap ({overlap}) must be smaller than chunk_tokens ({chunk_tokens}); "

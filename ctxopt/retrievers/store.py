@@ -14,7 +14,6 @@ the swap, in a backup folder that :meth:`FaissStore.load` restores).
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import shutil
 import threading
@@ -29,6 +28,7 @@ import faiss
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..checks import require_int
 from ..errors import CorpusError, IndexLoadError, InputError
 from ..fileutil import sha256_file
 from ..types import Passage
@@ -102,14 +102,14 @@ class FaissStore:
 
     def search(self, query: str, k: int = 4) -> list[Passage]:
         """The ``k`` passages most similar to ``query``, best first, as copies with ``score`` set."""
-        _check_k(k)
+        k = require_int(k, "k", minimum=1)
         vector = self.embedder.embed([query])
         with self._lock:
             if self.index is None or not self.passages:
                 return []
             if isinstance(self.index, faiss.IndexHNSW):
                 self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
-            scores, ids = self.index.search(vector, min(int(k), len(self.passages)))
+            scores, ids = self.index.search(vector, min(k, len(self.passages)))
             return [self.passages[i].replace(score=float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
 
     def retrieve(self, question: str, k: int = 4) -> list[Passage]:
@@ -268,12 +268,6 @@ def build_index(
     if out_folder is not None:
         store.save(out_folder)
     return store
-
-
-def _check_k(k: int) -> None:
-    """Reject a k that asks for no passages."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise InputError(f"k must be a whole number of passages >= 1, got {k!r}")
 
 
 def _passage_record(passage: Passage) -> dict[str, Any]:

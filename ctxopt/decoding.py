@@ -177,17 +177,99 @@ class DecodeResult:
 
 
 class StopChecker:
-    """Tracks decoded text, streams new text to a callback, and reports EOS / stop strings."""
+    """Tracks decoded text, streams new text to a callback, and reports EOS / stop strings.
 
-    def __init__(self, tokenizer, eos_ids: Sequence[int], stop_strings: Sequence[str], on_text: Callable[[str], None] | None):
+    ``text`` is always ``tokenizer.decode(ids, skip_special_tokens=True)`` (cut before a stop string), but it
+    is built incrementally, so an answer costs time linear in its length: each token decodes only a short
+    window of recent ids, ``ids[window:]``, and the text it adds is what that decode has beyond the decode of
+    ``ids[window:read]``, the ids already read. Decoding from a few ids back, not from the new token alone,
+    keeps what a token's text depends on its left neighbour for (SentencePiece's leading space, which a
+    decode drops at the start of the ids it is given; byte-level tokens that only together make a UTF-8
+    character). Text is settled, and the window moves up to the ids read, only when the new decode is longer
+    and does not end in an incomplete character (U+FFFD). When a new id changes text already settled (a
+    byte-fallback decoder turns a whole run of byte tokens into U+FFFD once one of them is invalid), the
+    window decode no longer starts with the decode of its first ids: the last settled pieces are taken back,
+    the window reaching back twice as far each time, until it does.
+    """
+
+    def __init__(
+        self, tokenizer, eos_ids: Sequence[int], stop_strings: Sequence[str], on_text: Callable[[str], None] | None
+    ):
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.stop_strings = [s for s in stop_strings if s]
         self.on_text = on_text
         self.ids: list[int] = []
-        self.text = ""
         self.streamed = 0
         self.reason = "max_new_tokens"
+        self._settled: list[str] = []  # text no later id has changed so far, one piece per settling
+        self._reads: list[int] = []  # after each piece, how many ids made the text up to it
+        self._settled_length = 0
+        self._tail = ""  # the text after the settled pieces
+        self._window = self._read = 0  # ids[window:] are decoded for each new id; ids[:read] make the settled text
+        self._window_text = ""  # decode(ids[window:read])
+        self._joined: str | None = ""
+        self._hold = sum(len(stop) - 1 for stop in self.stop_strings)  # the most stop-string prefixes hold back
+
+    @property
+    def text(self) -> str:
+        """The answer's text so far: the decode of ``ids``, cut before the first stop string found (joined from
+        its pieces when read, so read it once at the end rather than after every token)."""
+        if self._joined is None:
+            self._joined = "".join(self._settled) + self._tail
+        return self._joined
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _suffix(self, start: int) -> str:
+        """``text[start:]``, reading only the settled pieces it needs."""
+        if start >= self._settled_length:
+            return self._tail[start - self._settled_length:]
+        pieces, length = [self._tail], self._settled_length
+        for piece in reversed(self._settled):
+            pieces.append(piece)
+            length -= len(piece)
+            if length <= start:
+                break
+        return "".join(reversed(pieces))[start - length:]
+
+    def _rewindow(self) -> None:
+        """Point the window at the settling before the last one, or further back while the ids between it and
+        the last settling decode to nothing on their own (a decoder that strips the leading space of what it
+        is given turns a lone space into ""): the window decode can only show a change in text it holds."""
+        reads = self._reads
+        self._read = reads[-1] if reads else 0
+        before = len(reads) - 2
+        while True:
+            self._window = reads[before] if before >= 0 else 0
+            self._window_text = self._decode(self.ids[self._window:self._read])
+            if self._window_text or before < 0:
+                return
+            before -= 1
+
+    def _read_token(self) -> int:
+        """Update the text for the newest id; return the index from which the text may have changed."""
+        self._joined = None
+        back = 1
+        while True:
+            decoded = self._decode(self.ids[self._window:])
+            if decoded.startswith(self._window_text):
+                break
+            for _ in range(min(back, len(self._reads))):  # never reached with no settled piece: "" starts all
+                self._settled_length -= len(self._settled.pop())
+                self._reads.pop()
+            back *= 2
+            self._rewindow()
+        self._tail = decoded[len(self._window_text):]
+        changed_from = self._settled_length
+        if self._tail and not decoded.endswith("\ufffd"):
+            self._settled.append(self._tail)
+            self._settled_length += len(self._tail)
+            self._reads.append(len(self.ids))
+            self._tail = ""
+            self._rewindow()
+        return changed_from
 
     def push(self, token: int) -> bool:
         """Record one token; True when decoding must stop."""
@@ -195,32 +277,45 @@ class StopChecker:
             self.reason = "eos"
             return True
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        changed_from = self._read_token()
         for stop in self.stop_strings:
-            cut = self.text.find(stop)
-            if cut >= 0:
-                self.text = self.text[:cut]
+            # The text before ``changed_from`` was searched already: only a match reaching past it is new.
+            start = max(0, changed_from - len(stop) + 1)
+            found = self._suffix(start).find(stop)
+            if found >= 0:
+                self._cut(start + found)
                 self.reason = "stop_string"
                 self._stream(final=True)
                 return True
         self._stream(final=False)
         return False
 
+    def _cut(self, length: int) -> None:
+        """Keep only ``text[:length]`` (the answer ends here: no more ids are read)."""
+        head = self.text[:length]
+        self._settled, self._reads, self._settled_length = [head], [len(self.ids)], length
+        self._tail, self._joined = "", head
+
     def _stream(self, final: bool) -> None:
         if self.on_text is None:
             return
-        # Hold back a possibly incomplete UTF-8 character and any prefix of a stop string.
-        safe = len(self.text)
+        length = self._settled_length + len(self._tail)
+        safe = length
         if not final:
-            if self.text.endswith("\ufffd"):
-                safe -= 1
+            # Hold back a possibly incomplete character: every U+FFFD at the end (a byte-fallback tokenizer
+            # gives one per byte of it). Settled text never ends in one, so they are all in the tail.
+            safe -= len(self._tail) - len(self._tail.rstrip("\ufffd"))
+        base = max(0, min(self.streamed, safe - self._hold))
+        recent = self._suffix(base)  # text[base:]: what is not streamed yet and all that may be held back
+        if not final:
+            # Hold back any prefix of a stop string.
             for stop in self.stop_strings:
                 for k in range(min(len(stop) - 1, safe), 0, -1):
-                    if self.text[:safe].endswith(stop[:k]):
+                    if recent[:safe - base].endswith(stop[:k]):
                         safe -= k
                         break
         if safe > self.streamed:
-            self.on_text(self.text[self.streamed:safe])
+            self.on_text(recent[self.streamed - base:safe - base])
             self.streamed = safe
 
     def finish(self) -> None:

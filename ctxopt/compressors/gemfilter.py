@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attention import AttentionCapture, capture_attention
+from ..checks import require_int
 from ..decoding import forward
-from ..errors import InputError
 from ..stages import Run, Stage, TokenStage, tokens_to_keep
 from ..types import Prompt
 from .selection import average_pool, fill_budget, forced_tokens, rank_descending
@@ -105,14 +105,11 @@ class GemFilter(TokenStage):
     name = "gemfilter"
 
     def __post_init__(self) -> None:
-        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise InputError(f"gemfilter: kernel must be an odd positive int (centred mean); got {self.kernel!r}.")
+        require_int(self.kernel, "gemfilter: kernel (a centred mean)", minimum=1, odd=True)
 
     def resolve_layer(self, lm: "LoadedModel") -> int:
         layer = default_layer(lm.config) if self.layer is None else self.layer
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < lm.num_layers:
-            raise InputError(f"gemfilter: layer must be an int in 0..{lm.num_layers - 1} for {lm.name}; got {layer!r}.")
-        return layer
+        return require_int(layer, f"gemfilter: layer (of {lm.name}'s {lm.num_layers})", 0, lm.num_layers - 1)
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:
         keep = tokens_to_keep(self.name, self.budget, len(prompt), run)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import WindowAttention
+from ..checks import require_int
 from ..errors import InputError
 
 Pooling = Literal["max", "avg"]
@@ -47,10 +48,8 @@ def check_lookahead(stage: str, lookahead: int | None) -> None:
 
 def check_knobs(stage: str, window: int, kernel: int, pooling: Pooling = "max") -> None:
     """Reject a window or kernel the scoring cannot use, saying what to pass instead."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise InputError(f"{stage}: window must be a positive int (queries in the observation window); got {window!r}.")
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise InputError(f"{stage}: kernel must be an odd positive int (centred pooling); got {kernel!r}.")
+    require_int(window, f"{stage}: window (queries in the observation window)", minimum=1)
+    require_int(kernel, f"{stage}: kernel (centred pooling)", minimum=1, odd=True)
     if pooling not in ("max", "avg"):
         raise InputError(f"{stage}: pooling must be 'max' or 'avg'; got {pooling!r}.")
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attention import AttentionCapture, WindowAttention, capture_attention
+from ..checks import require_int
 from ..decoding import GenerationConfig, decode, forward, prefill
 from ..drafts import resolve_draft
 from ..errors import InputError
@@ -209,11 +210,10 @@ class SpecPC(TokenStage):
     name = "specpc"
 
     def __post_init__(self) -> None:
-        for knob in ("window", "first_layer") + (("kernel",) if self.kernel is not None else ()):
-            value = getattr(self, knob)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if knob == "first_layer" else 1):
-                raise InputError(f"specpc: {knob} must be a {'non-negative' if knob == 'first_layer' else 'positive'} "
-                                 f"int; got {value!r}.")
+        require_int(self.window, "specpc: window", minimum=1)
+        require_int(self.first_layer, "specpc: first_layer", minimum=0)
+        if self.kernel is not None:
+            require_int(self.kernel, "specpc: kernel", minimum=1)
         check_lookahead(self.name, self.lookahead)
 
     def load_draft(self, run: Run) -> "LoadedModel":

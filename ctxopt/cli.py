@@ -108,7 +108,8 @@ def _print_answer(answer, as_json: bool, streamed: bool) -> None:
     if as_json:
         print(json.dumps({
             "answer": answer.text,
-            "sources": [{"source": p.source, "span": list(p.span), "score": p.score, "id": p.id} for p in answer.sources],
+            "sources": [{"source": p.source, "span": list(p.span), "score": p.score, "id": p.id}
+                        for p in answer.sources],
             "stats": answer.stats.to_dict(),
         }, indent=2))
         return
@@ -125,7 +126,8 @@ def cmd_index(args) -> int:
     from .retrievers import build_index
 
     began = time.perf_counter()
-    store = build_index(args.folder, args.out, embedder=args.embedder, chunk_tokens=args.chunk_tokens, overlap=args.overlap)
+    store = build_index(args.folder, args.out, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
+                        overlap=args.overlap)
     print(f"indexed {len(store)} passages from {args.folder} into {args.out} in {time.perf_counter() - began:.1f}s")
     if args.refrag:
         from .compressors.refrag.cache import save_index_cache
@@ -176,7 +178,8 @@ def cmd_demo(args) -> int:
         store = build_index(folder, progress=False)
     args.k, args.max_new_tokens = 2, 32
     pipe = _pipeline(args, store)
-    print(f"ctxopt demo: {len(store)} passages from the bundled Eldermoor corpus; model {args.model}; method {args.method}")
+    print(f"ctxopt demo: {len(store)} passages from the bundled Eldermoor corpus; model {args.model}; "
+          f"method {args.method}")
     correct = 0
     for item in demo_questions():
         answer = pipe.ask(item["question"])

@@ -13,7 +13,12 @@ import torch
 
 from ctxopt.compressors import color as color_module
 from ctxopt.compressors.color import (
-    CoLoR, SummaryCache, generate_text, packaged_adapter, summary_prompt, with_adapter,
+    CoLoR,
+    SummaryCache,
+    generate_text,
+    packaged_adapter,
+    summary_prompt,
+    with_adapter,
 )
 from ctxopt.compressors.extractive import Extractive, extract
 from ctxopt.errors import InputError
@@ -49,12 +54,15 @@ def stage(tiny_lm, **knobs) -> CoLoR:
 
 
 def test_empty_or_longer_summary_falls_back_to_the_original(tiny_lm, monkeypatch):
-    monkeypatch.setattr(color_module, "generate_text", scripted({"harbour": "", "lighthouse": PASSAGES[1].text + " More."}))
+    monkeypatch.setattr(color_module, "generate_text",
+                        scripted({"harbour": "", "lighthouse": PASSAGES[1].text + " More."}))
     out = stage(tiny_lm).compress("q", PASSAGES)
     assert [p.text for p in out] == [p.text for p in PASSAGES]
     monkeypatch.setattr(color_module, "generate_text", scripted({"harbour": "Vault code 4471.", "lighthouse": ""}))
-    assert [p.text for p in stage(tiny_lm, cache=False).compress("q", PASSAGES)] == ["Vault code 4471.", PASSAGES[1].text]
-    assert [p.text for p in stage(tiny_lm, cache=False, fallback="drop").compress("q", PASSAGES)] == ["Vault code 4471."]
+    assert ([p.text for p in stage(tiny_lm, cache=False).compress("q", PASSAGES)]
+            == ["Vault code 4471.", PASSAGES[1].text])
+    assert ([p.text for p in stage(tiny_lm, cache=False, fallback="drop").compress("q", PASSAGES)]
+            == ["Vault code 4471."])
     with pytest.raises(InputError):
         stage(tiny_lm, fallback="nope")
 
@@ -65,7 +73,8 @@ def test_summaries_keep_source_span_id_and_metadata(tiny_lm, monkeypatch):
     out = stage(tiny_lm).compress("q", PASSAGES)
     for before, after in zip(PASSAGES, out):
         assert after.text != before.text
-        assert (after.source, after.span, after.id, after.metadata) == (before.source, before.span, before.id, before.metadata)
+        assert ((after.source, after.span, after.id, after.metadata)
+                == (before.source, before.span, before.id, before.metadata))
 
 
 def test_cache_hit_avoids_the_model(tiny_lm, monkeypatch):
@@ -135,7 +144,8 @@ def test_extractive_keeps_the_most_similar_sentences_within_budget(tiny_lm):
         def embedder():
             return embedder
 
-    out = Extractive(budget=0.4).compress("What is the vault code?", [Passage(text, source="s", metadata={"k": 1})], FakeRun)
+    out = Extractive(budget=0.4).compress("What is the vault code?", [Passage(text, source="s", metadata={"k": 1})],
+                                          FakeRun)
     assert out[0].text == "The vault code is 4471." and out[0].metadata == {"k": 1} and out[0].source == "s"
 
 
@@ -204,8 +214,10 @@ def test_retrieval_judge_names_an_id_and_evidence_judge_checks_spans(tiny_lm):
     assert training.pick_id(tiny_lm, case.question, texts) in (0, 1, 2)
     assert training.RetrievalJudge(tiny_lm)(case, "SHORT") == (training.pick_id(tiny_lm, "Who?", texts) == 1)
     judge = training.EvidenceJudge()
-    span_case = JudgeCase("k", "q", "code?", ["4471"], "The code of Eldermoor is 4471.", [], 0, ["Eldermoor", "Nowhere"])
-    assert judge(span_case, "eldermoor code 4471") and not judge(span_case, "code 4471") and not judge(span_case, "a code")
+    span_case = JudgeCase("k", "q", "code?", ["4471"], "The code of Eldermoor is 4471.", [], 0,
+                          ["Eldermoor", "Nowhere"])
+    assert (judge(span_case, "eldermoor code 4471") and not judge(span_case, "code 4471")
+            and not judge(span_case, "a code"))
 
 
 def test_answer_judge_reads_the_candidate_with_the_other_hops_and_thresholds_f1(tiny_lm):
@@ -396,7 +408,10 @@ def test_color_eval_counts_evidence_kept_per_supporting_passage():
     other = Passage("Bread is baked at dawn.", metadata={"title": "Bakery", "supporting": False})
     sample = SimpleNamespace(id="s", question="What is the vault code?", answers=["4471"],
                              passages=[museum, lighthouse, other])
-    shortened = lambda text: [Passage(text, metadata=museum.metadata), lighthouse, other]
+
+    def shortened(text):
+        return [Passage(text, metadata=museum.metadata), lighthouse, other]
+
     # Only the museum passage holds evidence (the answer and the bridge title "Lighthouse").
     assert color_eval.evidence_kept(sample, sample.passages) == [True]
     assert color_eval.evidence_kept(sample, shortened("Code 4471, known to the lighthouse keeper.")) == [True]

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from ctxopt.cache import kv_bytes, keep_per_head
+from ctxopt.cache import keep_per_head, kv_bytes
 from ctxopt.decoding import GenerationConfig, StopChecker, decode, forward, prefill
 
 
@@ -49,7 +49,8 @@ def _masked_reference(model, prompt: torch.Tensor, kept: torch.Tensor, steps: in
         allowed[n - 1:, :n] &= ~dropped
         mask = torch.zeros(total, total).masked_fill(~allowed, torch.finfo(torch.float32).min)
         with torch.no_grad():
-            logits = model(input_ids=seq.unsqueeze(0), attention_mask=mask[None, None], position_ids=torch.arange(total)[None]).logits
+            logits = model(input_ids=seq.unsqueeze(0), attention_mask=mask[None, None],
+                           position_ids=torch.arange(total)[None]).logits
         first_logits = logits[0, n - 1] if first_logits is None else first_logits
         generated.append(int(logits[0, -1].argmax()))
     return generated, first_logits
@@ -89,9 +90,11 @@ def test_wrong_position_changes_the_answer(tiny_lm):
     reference, reference_logits = _masked_reference(model, prompt, KEPT, steps=12)
     wrong_position = len(KEPT) - 1
     with torch.no_grad():
-        wrong = forward(model, prompt[-1:], positions=torch.tensor([wrong_position]), cache=_pruned_state(model, prompt, 0).cache)
+        wrong = forward(model, prompt[-1:], positions=torch.tensor([wrong_position]),
+                        cache=_pruned_state(model, prompt, 0).cache)
     assert (wrong.logits[0, -1] - reference_logits).abs().max() > 1e-2
-    decoded = decode(model, tiny_lm.tokenizer, _pruned_state(model, prompt, wrong_position), GenerationConfig(max_new_tokens=12))
+    decoded = decode(model, tiny_lm.tokenizer, _pruned_state(model, prompt, wrong_position),
+                     GenerationConfig(max_new_tokens=12))
     assert decoded.token_ids != reference
 
 

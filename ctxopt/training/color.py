@@ -520,8 +520,8 @@ def collate_pairs(rows: list[dict[str, list[int]]], pad: int) -> dict[str, Any]:
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     lab = torch.full((len(seqs), width), -100, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, :len(s)], lab[i, :len(l)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(l), 1
+    for i, (s, target) in enumerate(zip(seqs, labels)):
+        ids[i, :len(s)], lab[i, :len(target)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(target), 1
     return {"input_ids": ids, "labels": lab, "attention_mask": mask}
 
 

@@ -67,7 +67,8 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=16)
     parser.add_argument("--pooling", choices=("cls", "mean"), default="cls", help="chunk vector: first token or mean")
     parser.add_argument("--max-chunks", type=int, default=32, help="top of the curriculum (chunks per sample)")
-    parser.add_argument("--continuation", type=int, default=64, help="tokens scored after the context (cpt, mixed, policy)")
+    parser.add_argument("--continuation", type=int, default=64,
+                        help="tokens scored after the context (cpt, mixed, policy)")
     parser.add_argument("--batch-tokens", type=int, default=1024, help="decoder positions per batch (sets batch size)")
     parser.add_argument("--expand", type=float, default=0.25, help="policy stage: fraction p of chunks expanded")
     parser.add_argument("--group", type=int, default=4, help="policy stage: GRPO samples per context")
@@ -380,7 +381,8 @@ def train_stage(
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if args.resume and checkpoints else None)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    record = {"stage": stage, "steps": steps, "lr": args.lr or STAGE_LR[stage], "seconds": round(time.perf_counter() - began, 1),
+    record = {"stage": stage, "steps": steps, "lr": args.lr or STAGE_LR[stage],
+              "seconds": round(time.perf_counter() - began, 1),
               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
               "lead_ids": lead_ids, "command": command}
     adapter.config.training.setdefault("stages", []).append(record)

@@ -305,7 +305,7 @@ def test_each_token_decodes_a_bounded_window(any_tokenizer):
             self.sizes.append(len(ids))
             return self.inner.decode(ids, **kwargs)
 
-    for text, widest in (((ENGLISH + " ") * 40, 4), (" ".join(MULTILINGUAL) * 12, 32)):
+    for text, widest in (((ENGLISH + " ") * 40, 4), (" ".join(MULTILINGUAL) * 12, 64)):
         ids = any_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         assert len(ids) > 500
         counting = Counting(any_tokenizer)
@@ -314,9 +314,9 @@ def test_each_token_decodes_a_bounded_window(any_tokenizer):
             checker.push(token)
         checker.finish()
         assert checker.text == any_tokenizer.decode(ids, skip_special_tokens=True)
-        # a full decode per token would decode len(ids) / 2 ids per token on average
+        # a full decode per token would decode len(ids) / 2 ids per token on average (over 250 here)
         assert max(counting.sizes) <= widest  # the multilingual text: a run of byte tokens is re-read whole
-        assert sum(counting.sizes) <= 6 * len(ids)
+        assert sum(counting.sizes) <= 12 * len(ids)
 
 
 @pytest.mark.real_model

@@ -23,3 +23,7 @@ class InputError(CtxoptError, ValueError):
 
 class ContextTooLongError(InputError):
     """The prompt is longer than the model's maximum positions."""
+
+
+class EngineError(CtxoptError):
+    """A serving engine could not be reached, refused a request or failed while answering it."""

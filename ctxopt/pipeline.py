@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from .decoding import DecodeResult, GenerationConfig
 from .errors import ContextTooLongError, InputError
-from .generators import LocalGenerator
+from .generators import EngineGenerator, LocalGenerator
 from .measure import measure
 from .prompting import DEFAULT_INSTRUCTION, build_prompt, validate_question
 from .stages import KINDS, Run, SharedWork, Stage, TokenPrefill, Truncate
@@ -31,7 +31,9 @@ def as_passages(context: Context) -> list[Passage]:
         return []
     if isinstance(context, (str, Passage)):
         context = [context]
-    passages = [c if isinstance(c, Passage) else Passage(text=str(c), source=f"context[{i}]") for i, c in enumerate(context)]
+    passages = [
+        c if isinstance(c, Passage) else Passage(text=str(c), source=f"context[{i}]") for i, c in enumerate(context)
+    ]
     if not any(p.text.strip() for p in passages):
         raise InputError("The context is empty: pass non-empty text, or omit it to use the retriever.")
     return passages
@@ -50,8 +52,28 @@ def order_stages(stages: Sequence[Stage]) -> dict[str, list[Stage]]:
     return grouped
 
 
+ENGINE_METHODS = "rag, truncate, extractive, color, specpc, gemfilter, refrag and their compositions"
+
+
+def check_engine_stages(stages: dict[str, list[Stage]]) -> None:
+    """Refuse stages a serving engine cannot run: cache stages and decoders need the KV cache in hand, and an
+    input stage must be able to hand the engine embeddings."""
+    local_only = stages["cache"] + stages["decoder"]
+    local_only += [s for s in stages["input"] if not hasattr(s, "inputs_embeds")]
+    if local_only:
+        names = ", ".join(f"{s.name} ({s.kind} stage)" for s in local_only)
+        raise InputError(
+            f"{names} cannot run on a serving engine, which keeps its own KV cache; these methods do: "
+            f"{ENGINE_METHODS}. Run {local_only[0].name} without engine= (ctxopt's own generator)."
+        )
+
+
 class Pipeline:
     """Answer questions over retrieved passages (RAG mode) or a given long text (long-document mode).
+
+    ``engine``: the base URL of an OpenAI-compatible server serving the same model (``http://127.0.0.1:8000/v1``);
+    the passage and token stages run here and the engine answers from the kept token ids (``EngineGenerator``).
+    Without it, ctxopt's own generator runs (``LocalGenerator``), which every method can use.
 
     >>> pipe = Pipeline("smollm2-135m", stages=[Truncate(1024)])          # doctest: +SKIP
     >>> pipe.ask("Who wrote it?", context=open("book.txt").read()).text  # doctest: +SKIP
@@ -72,6 +94,9 @@ class Pipeline:
         embedder=None,
         prefill_chunk: int | None = None,
         prefill_memo: SharedWork | None = None,
+        engine: str | None = None,
+        engine_model: str | None = None,
+        engine_api_key: str | None = None,
     ):
         if k < 1:
             raise InputError(f"k (passages to retrieve) must be >= 1; got {k}.")
@@ -88,8 +113,15 @@ class Pipeline:
         self.prefill_chunk = prefill_chunk or int(os.environ.get("CTXOPT_PREFILL_CHUNK", "0")) or None
         self._embedder = embedder
         self.prefill_memo = prefill_memo
-        input_stages = self.stages["input"] or [TokenPrefill(self.prefill_chunk)]
-        self.generator = LocalGenerator(input_stages[0], self.stages["cache"], next(iter(self.stages["decoder"]), None))
+        self.engine = engine
+        if engine is not None:
+            check_engine_stages(self.stages)
+            input_stage = next(iter(self.stages["input"]), None)
+            self.generator = EngineGenerator(engine, engine_model, api_key=engine_api_key, input_stage=input_stage)
+        else:
+            input_stages = self.stages["input"] or [TokenPrefill(self.prefill_chunk)]
+            decoder = next(iter(self.stages["decoder"]), None)
+            self.generator = LocalGenerator(input_stages[0], self.stages["cache"], decoder)
 
     @property
     def lm(self):
@@ -233,4 +265,6 @@ class Pipeline:
         notes, run.stats.notes = run.stats.notes, []
         for note in notes:
             run.stats.stages[-1].extra.setdefault("notes", []).append(note)
-        return Answer(text=result.text.strip(), sources=sources, stats=run.stats, token_ids=result.token_ids, prompt=prompt)
+        return Answer(
+            text=result.text.strip(), sources=sources, stats=run.stats, token_ids=result.token_ids, prompt=prompt
+        )

@@ -12,6 +12,7 @@ from typing import Protocol
 from ..decoding import DecodeResult
 from ..stages import Run
 from ..types import Prompt
+from .engine import EngineGenerator
 from .local import LocalGenerator
 
 
@@ -23,4 +24,4 @@ class Generator(Protocol):
     def generate_many(self, prompts: Sequence[Prompt], runs: Sequence[Run]) -> list[DecodeResult]: ...
 
 
-__all__ = ["Generator", "LocalGenerator"]
+__all__ = ["EngineGenerator", "Generator", "LocalGenerator"]

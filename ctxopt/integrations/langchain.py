@@ -8,9 +8,10 @@
   model: the last human message is the question, every earlier message is context.
 
 Every model forward made through these components runs under one process-wide lock (``MODEL_LOCK``): the
-models and stages are not safe for concurrent forwards (attention capture switches the model's attention
-implementation, stages cache drafts), so concurrent calls are answered one at a time, each exactly as if
-it ran alone.
+models and stages are not safe for concurrent forwards (stages cache drafts and adapters, the decode loop
+owns one cache), so concurrent calls are answered one at a time, each exactly as if it ran alone. With
+``engine=`` only ctxopt's own passes (the compression) take the lock: generation goes to the serving engine,
+which answers concurrent calls concurrently.
 """
 from __future__ import annotations
 
@@ -101,9 +102,10 @@ class CtxoptDocumentCompressor(BaseDocumentCompressor):
 
     ``method`` is any registered method whose stages are passage stages (``rag``: the best chunks by embedder
     similarity; ``color``: each document rewritten by the CoLoR compressor; ``extractive``: each document's
-    sentences most similar to the query) or token stages (``truncate``, ``gemfilter``, ``specpc``); ``budget`` (tokens of ``model``, or a
-    ratio) means what it means for the method in a Pipeline: the context kept by ``rag``, the whole prompt
-    (instruction and query included) kept by a token stage; ``options`` go to the method (``layer=``, ``draft=``).
+    sentences most similar to the query) or token stages (``truncate``, ``gemfilter``, ``specpc``); ``budget``
+    (tokens of ``model``, or a ratio) means what it means for the method in a Pipeline: the context kept by
+    ``rag``, the whole prompt (instruction and query included) kept by a token stage; ``options`` go to the
+    method (``layer=``, ``draft=``).
     Token stages score the ctxopt prompt built from the query and all documents, and each document keeps the
     text of its kept tokens (gaps marked " … "); a document with nothing kept is dropped. Returned Documents
     keep their metadata and id, and add ``ctxopt_method``, ``ctxopt_budget``, ``ctxopt_tokens_in`` and
@@ -257,9 +259,12 @@ class CtxoptChatModel(BaseChatModel):
     context, one passage per text block; with none, ``retriever`` (any LangChain retriever) supplies the
     context, one passage per Document. ``method``/``budget``/``options`` pick the compression (any
     registered method, see ``ctxopt methods``). ``stop`` and the invoke keywords ``max_new_tokens``,
-    ``temperature``, ``top_p`` and ``seed`` reach the decoder.
+    ``temperature``, ``top_p`` and ``seed`` reach the decoder. ``engine`` (a base URL such as
+    ``http://127.0.0.1:8000/v1``) sends the compressed prompt to an OpenAI-compatible server serving ``model``
+    (``engine_model``: its served name, when it serves several).
 
-    The reply carries ``usage_metadata`` (input tokens = positions prefilled after compression; a REFRAG chunk embedding is one) and
+    The reply carries ``usage_metadata`` (input tokens = positions prefilled after compression; a REFRAG chunk
+    embedding is one) and
     ``response_metadata``: ``tokens_saved`` (prompt tokens without compression minus tokens prefilled),
     ``prompt_tokens_original``, ``prompt_tokens_prefilled`` and ``ctxopt`` (method, budget, per-stage stats,
     their summary, TTFT and the sources kept).
@@ -275,6 +280,8 @@ class CtxoptChatModel(BaseChatModel):
     max_new_tokens: int = Field(default=64, ge=1)
     truncate: bool = False
     embedder: Any = None
+    engine: str | None = None
+    engine_model: str | None = None
     _pipe: Pipeline = PrivateAttr()
 
     @model_validator(mode="after")
@@ -285,6 +292,8 @@ class CtxoptChatModel(BaseChatModel):
             max_new_tokens=self.max_new_tokens,
             truncate=self.truncate,
             embedder=self.embedder,
+            engine=self.engine,
+            engine_model=self.engine_model,
         )
         self._add_version("ctxopt", __version__)
         return self
@@ -326,9 +335,14 @@ class CtxoptChatModel(BaseChatModel):
         question, passages = split_messages(messages)
         passages = self._context(question, passages)
         pipe = self._pipe
+        generation = {**generation, "stop_strings": tuple(stop or ())}
         with MODEL_LOCK:
             original = len(pipe.build_prompt(question, passages))
-            answer = pipe.ask(question, context=passages, on_text=on_text, stop_strings=tuple(stop or ()), **generation)
+            prompt = pipe.compress(question, passages, **generation)
+            if pipe.engine is None:
+                answer = pipe.generate(prompt, on_text, **generation)
+        if pipe.engine is not None:  # the engine batches concurrent calls: no lock around generation
+            answer = pipe.generate(prompt, on_text, **generation)
         return AIMessage(
             content=answer.text,
             usage_metadata=self._usage(answer),
@@ -338,7 +352,8 @@ class CtxoptChatModel(BaseChatModel):
     def _prefilled(self, answer: Answer) -> int:
         """Positions the model prefilled: the prompt's tokens, or fewer where an input stage (REFRAG) reads one
         embedding per chunk."""
-        record = answer.stats.get(self._pipe.generator.input_stage.name)
+        stage = self._pipe.generator.input_stage
+        record = answer.stats.get(stage.name) if stage is not None else None
         return record.tokens_out if record is not None and record.tokens_out is not None else len(answer.prompt)
 
     def _usage(self, answer: Answer) -> UsageMetadata:

@@ -119,7 +119,9 @@ class REFRAG(InputStage):
             picks, _ = choose_chunks(policy(embeds.unsqueeze(0))[0], count, sample=False)
         return set(picks)
 
-    def prefill(self, prompt: Prompt, run: Run) -> Prefill:
+    def inputs_embeds(self, prompt: Prompt, run: Run) -> torch.Tensor:
+        """Steps 1-4 before the prefill: the decoder's input embeddings, (positions, width), for ``prompt``.
+        A serving engine that takes prompt embeddings (vLLM's ``--enable-prompt-embeds``) prefills these."""
         model = run.lm.model
         adapter = self.loaded_adapter()
         width = model.get_input_embeddings().embedding_dim
@@ -137,9 +139,13 @@ class REFRAG(InputStage):
         with torch.inference_mode():
             token_embeds = model.get_input_embeddings()(prompt.input_ids.to(model.device))
             inputs, _ = assemble(token_embeds, chunks, embeds.to(token_embeds.device), expanded)
-        state = prefill(model, inputs_embeds=inputs)
         run.report(
             chunks=len(chunks), expanded=len(expanded), cached_chunks=cached, encode_seconds=encode_seconds,
-            decoder_positions=int(inputs.shape[0]), prefill_seconds=state.seconds,
+            decoder_positions=int(inputs.shape[0]),
         )
+        return inputs
+
+    def prefill(self, prompt: Prompt, run: Run) -> Prefill:
+        state = prefill(run.lm.model, inputs_embeds=self.inputs_embeds(prompt, run))
+        run.report(prefill_seconds=state.seconds)
         return state

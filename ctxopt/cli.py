@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--truncate", action="store_true", help="truncate a context longer than the model's positions")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--json", action="store_true", help="print answer, sources and stats as JSON")
+    add_engine_options(ask)
     _add_model_options(ask)
     _add_method_options(ask)
 
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default=None, metavar="URL",
+                        help="answer through an OpenAI-compatible server serving --model "
+                             "(e.g. http://127.0.0.1:8000/v1); ctxopt compresses, the engine generates")
+    parser.add_argument("--engine-model", default=None, metavar="NAME",
+                        help="the engine's name for the model (default: the one model it serves)")
+
+
 def _pipeline(args, retriever=None):
     from .methods import build_stages
     from .pipeline import Pipeline
@@ -101,6 +110,8 @@ def _pipeline(args, retriever=None):
         truncate=getattr(args, "truncate", False),
         device=args.device,
         dtype=args.dtype,
+        engine=getattr(args, "engine", None),
+        engine_model=getattr(args, "engine_model", None),
     )
 
 

@@ -57,6 +57,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
                        help="method option, passed to each method that takes it, e.g. --option layer=12 (repeatable; "
                             "`ctxopt methods` lists the options)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument("--engine", default=None, metavar="URL",
+                       help="generate through an OpenAI-compatible server serving --model; its own full-context "
+                            "run is the `full` row every ratio is taken against")
+    bench.add_argument("--engine-model", default=None, metavar="NAME",
+                       help="the engine's name for the model (default: the one model it serves)")
     bench.set_defaults(handler=cmd_bench)
 
     sub = bench.add_subparsers(dest="bench_command", metavar="{report,dump-samples}")
@@ -86,7 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         [parse_budget(b) for b in _list(args.budget)], args.out,
         model=args.model, draft=args.draft, samples=args.samples, repeats=args.repeats, seed=args.seed,
         max_new_tokens=args.max_new_tokens, include_full=not args.no_full, overwrite=args.overwrite,
-        share_prefill=args.share_prefill,
+        share_prefill=args.share_prefill, engine=args.engine, engine_model=args.engine_model,
         options=parse_options(args.option), device=args.device, dtype=args.dtype, progress=not args.no_progress,
         command=shlex.join(["ctxopt", *sys.argv[1:]]),
     )

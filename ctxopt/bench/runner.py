@@ -38,14 +38,20 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..methods import DRAFT, METHODS, build_stages, options_for
 from ..models import LoadedModel, load_model
-from ..pipeline import Context, Pipeline, as_passages
+from ..pipeline import Context, Pipeline, as_passages, check_engine_stages, order_stages
 from ..prompting import DEFAULT_INSTRUCTION
 from ..types import Answer, Stats
 from .datasets import Sample, load_task, ruler_tasks
 from .memo import PrefillMemo
 from .metrics import score
 from .report import (
-    BASELINE, METRICS, baseline_rows, budget_label, config_dir, task_dir, write_config,
+    BASELINE,
+    METRICS,
+    baseline_rows,
+    budget_label,
+    config_dir,
+    task_dir,
+    write_config,
 )
 
 HOTPOTQA_NEW_TOKENS = 32  # RULER's tokens_to_generate for its qa tasks
@@ -76,7 +82,9 @@ def check_methods(methods: Iterable[str]) -> None:
             ) from error
 
 
-def plan(methods: Sequence[str], budgets: Sequence[int | float], include_full: bool = True) -> list[tuple[str, int | float | None]]:
+def plan(
+    methods: Sequence[str], budgets: Sequence[int | float], include_full: bool = True,
+) -> list[tuple[str, int | float | None]]:
     """The (method, budget) configurations in run order: the baseline first, then each method at each budget.
 
     A method that takes no budget (full, refrag, color) runs once; one whose budget is optional (rapid) runs at
@@ -122,7 +130,10 @@ def measurements(answer: Answer, pipe: Pipeline, e2e_seconds: float) -> dict[str
     stats: Stats = answer.stats
     decode = stats.decode_record()
     at = stats.stages.index(decode)
-    prefill_record = stats.get(pipe.generator.input_stage.name)
+    input_stage = pipe.generator.input_stage  # None for an engine that reads token ids
+    prefill_record = stats.get(input_stage.name) if input_stage is not None else None
+    if prefill_record is None and pipe.engine is not None:
+        prefill_record = decode  # the engine prefills inside its request: tokens_in is what it prefilled
     peaks = [r.peak_memory_bytes for r in stats.stages if r.peak_memory_bytes is not None]
     return {
         "ttft_s": stats.ttft_seconds,
@@ -139,7 +150,7 @@ def measurements(answer: Answer, pipe: Pipeline, e2e_seconds: float) -> dict[str
 
 def run_sample(
     lm: LoadedModel, stages: list, sample: Sample, repeats: int = 1, max_new_tokens: int | None = None, seed: int = 0,
-    prefill_memo: PrefillMemo | None = None,
+    prefill_memo: PrefillMemo | None = None, engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One CSV row: the first run's prediction and scores, the medians of ``repeats`` runs' measurements.
 
@@ -147,7 +158,7 @@ def run_sample(
     ``prefill_memo``, the prefill is shared with the other configurations that answer this sample.
     """
     question, context, answer_prefix, instruction = ask_inputs(sample)
-    pipe = Pipeline(lm, stages=stages, instruction=instruction, prefill_memo=prefill_memo)
+    pipe = Pipeline(lm, stages=stages, instruction=instruction, prefill_memo=prefill_memo, **(engine or {}))
     row: dict[str, Any] = {"sample_id": sample.id, "question": sample.question, "answers": sample.answers}
     try:
         row["tokens_in"] = len(pipe.build_prompt(question, as_passages(context), answer_prefix))
@@ -208,6 +219,7 @@ def check_options(methods: Iterable[str], options: dict[str, Any]) -> None:
 def run_configs(
     lm: LoadedModel, stage_lists: Sequence[list], names: Sequence[str], loaded: Sequence[Sample], where: str, *,
     repeats: int, max_new_tokens: int | None, seed: int, share_prefill: bool, progress: bool,
+    engine: dict[str, Any] | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Every configuration's rows on the same samples, one list per entry of ``stage_lists``.
 
@@ -217,7 +229,7 @@ def run_configs(
     """
     if not share_prefill:
         return [
-            [run_sample(lm, stages, sample, repeats, max_new_tokens, seed)
+            [run_sample(lm, stages, sample, repeats, max_new_tokens, seed, engine=engine)
              for sample in tqdm(loaded, desc=f"{where} {name}", unit="sample", disable=not progress)]
             for stages, name in zip(stage_lists, names)
         ]
@@ -228,7 +240,7 @@ def run_configs(
     for sample in tqdm(loaded, desc=desc, unit="sample", disable=not progress):
         memo.clear()
         for i in order:
-            rows[i].append(run_sample(lm, stage_lists[i], sample, repeats, max_new_tokens, seed, memo))
+            rows[i].append(run_sample(lm, stage_lists[i], sample, repeats, max_new_tokens, seed, memo, engine))
     return rows
 
 
@@ -248,6 +260,8 @@ def run_benchmark(
     include_full: bool = True,
     overwrite: bool = False,
     share_prefill: bool = False,
+    engine: str | None = None,
+    engine_model: str | None = None,
     options: dict[str, Any] | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -266,6 +280,10 @@ def run_benchmark(
     (``Run.shared``: GemFilter's early layers, SpecPC's draft prefill, SpecKV's draft answer) runs once for
     all budgets; each still reports those passes' measured time in its TTFT. The results of a task x length
     are then written when all its samples are done.
+
+    ``engine``: generation goes to that OpenAI-compatible server (``Pipeline(engine=...)``), the `full` row
+    included, so every ratio is against the engine's own full-context run; methods that need the KV cache in
+    hand are refused before anything runs.
     """
     check_tasks(tasks)
     check_methods(methods)
@@ -274,12 +292,18 @@ def run_benchmark(
     if samples < 1 or repeats < 1:
         raise InputError(f"--samples and --repeats must be >= 1; got {samples} and {repeats}.")
     configs = plan(methods, budgets, include_full)
+    if engine is not None:  # refuse what an engine cannot run before loading anything
+        for method, budget in configs:
+            check_engine_stages(order_stages(build_stages(method, budget, **_method_options(method, options, None))))
     command = command or shlex.join(sys.argv)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
     draft_lm = None
     if draft is not None and _uses_draft(m for m, _ in configs):
         draft_lm = draft if isinstance(draft, LoadedModel) else load_model(draft, lm.device, lm.dtype)
     machine = machine_info(lm)
+    engine_options = None if engine is None else {"engine": engine, "engine_model": engine_model}
+    if engine is not None:
+        machine["engine"] = engine
     results = []
     for task in tasks:
         for length in lengths:
@@ -299,6 +323,7 @@ def run_benchmark(
             names = [folder.name for _, _, folder in todo]
             all_rows = run_configs(lm, stage_lists, names, loaded, task_dir("", task, length), repeats=repeats,
                                    max_new_tokens=max_new_tokens, seed=seed, share_prefill=share_prefill,
+                                   engine=engine_options,
                                    progress=progress)
             for (method, budget, folder), rows in zip(todo, all_rows):  # plan order: the baseline is written first
                 for row in rows:
@@ -308,7 +333,8 @@ def run_benchmark(
                     "task": task, "length": length, "method": method, "budget": budget, "config": folder.name,
                     "model": lm.name, "draft": draft_lm.name if draft_lm and _uses_draft([method]) else None,
                     "options": dict(options), "samples_requested": samples, "repeats": repeats, "seed": seed,
-                    "max_new_tokens": max_new_tokens, "share_prefill": share_prefill, "command": command,
+                    "max_new_tokens": max_new_tokens, "share_prefill": share_prefill, "engine": engine,
+                    "command": command,
                     "machine": machine, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 }
                 baseline = rows if method == BASELINE else baseline_rows(out, task, length)

@@ -91,7 +91,8 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
     print("\n| length | mode | peak RSS increase MiB | seconds | eager n x n, all layers, MiB |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['length']} | {r['mode']} | {r['peak_increase_mib']} | {r['seconds']} | {r['eager_nxn_mib_all_layers']} |")
+        print(f"| {r['length']} | {r['mode']} | {r['peak_increase_mib']} | {r['seconds']} "
+              f"| {r['eager_nxn_mib_all_layers']} |")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Where a chunked prefill's time goes: each chunk's seconds, and a torch.profiler table of the last chunk.
 
-    python benchmarks/chunked_prefill_profile.py            # H200: Llama-3.1-8B shapes (random, bf16), 128K in 8K chunks
-    python benchmarks/chunked_prefill_profile.py --smoke    # tiny shapes on the CPU: checks the script runs
+    python benchmarks/chunked_prefill_profile.py         # H200: Llama-3.1-8B shapes (random, bf16), 128K in 8K chunks
+    python benchmarks/chunked_prefill_profile.py --smoke # tiny shapes on the CPU: checks the script runs
 
 The same context is prefilled once in one piece and once in chunks (ctxopt's ``prefill(chunk_size=...)`` path:
 one forward per chunk on a growing cache); the last chunk's profile goes to ``$OUT/last_chunk_profile.txt``.

@@ -50,7 +50,10 @@ def main() -> None:
         shared = [q for q in rows if q in reference]
         if len(shared) != len(rows) or len(shared) != len(reference):
             parser.error(f"{label} and {args.reference} cover different questions")
-        mean = lambda key: statistics.mean(rows[q][key] for q in shared)
+
+        def mean(key: str) -> float:
+            return statistics.mean(rows[q][key] for q in shared)
+
         ratio = sum(rows[q]["tokens_in"] for q in shared) / sum(rows[q]["tokens_out"] for q in shared)
         cell = "-"
         if label != args.reference:

@@ -33,8 +33,8 @@ def main() -> None:
     from tqdm import tqdm
 
     from ctxopt.bench.datasets import load_task
-    from ctxopt.bench.runner import ask_inputs
     from ctxopt.bench.layers import needle_recall
+    from ctxopt.bench.runner import ask_inputs
     from ctxopt.compressors.gemfilter import default_layer
     from ctxopt.models import load_model
     from ctxopt.pipeline import Pipeline, as_passages

@@ -313,8 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Steps: build the tokenizer, target and draft; warm every method up on a short prompt; for each context and method, time it (full
-    first, so ratios and the time estimate exist) unless the time budget says skip; save; print the table."""
+    """Steps: build the tokenizer, target and draft; warm every method up on a short prompt; for each context
+    and method, time it (full first, so ratios and the time estimate exist) unless the time budget says skip;
+    save; print the table."""
     args = parse_args(argv)
     began = time.perf_counter()
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))

@@ -186,7 +186,8 @@ def command_ids(rows: list[dict]) -> dict[str, str]:
     return ids
 
 
-HEADER = ("| task | model | budget | n | acc (full) | compression | TTFT/full | KV/full | decode | device | run | note |\n"
+HEADER = ("| task | model | budget | n | acc (full) | compression | TTFT/full | KV/full | decode | device | run "
+          "| note |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 

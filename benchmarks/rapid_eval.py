@@ -52,8 +52,8 @@ from ctxopt.stages import Run
 from ctxopt.types import Stats
 
 COLUMNS = ("task", "sample_id", "row", "score", "tokens", "decode_s", "stage_s", "prefill_s", "prompt_tokens",
-           "draft_prompt_tokens", "retrieval_s", "draft_prefill_s", "acceptance", "tokens_per_forward", "same_as_target",
-           "prediction")
+           "draft_prompt_tokens", "retrieval_s", "draft_prefill_s", "acceptance", "tokens_per_forward",
+           "same_as_target", "prediction")
 
 
 def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_new_tokens, costs_to=None):
@@ -103,7 +103,8 @@ def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_ne
 def summarise(rows: list[dict]) -> str:
     """One line per task x row name: mean score, median tok/s and paired speedups over the target row."""
     target = {(r["task"], r["sample_id"]): r for r in rows if r["row"] == "target"}
-    lines = ["| task | row | n | score | decode tok/s | decode speedup | stage speedup | accept | tok/fwd | same as target |",
+    lines = ["| task | row | n | score | decode tok/s | decode speedup | stage speedup | accept | tok/fwd "
+             "| same as target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -156,7 +157,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)
-    drafters = {name: lm if name == "self" else load_model(name, lm.device, lm.dtype) for name in args.drafters.split(",")}
+    drafters = {name: lm if name == "self" else load_model(name, lm.device, lm.dtype)
+                for name in args.drafters.split(",")}
     for drafter in drafters.values():
         RAPID(draft=drafter).resolve_drafter(lm)  # refuse a drafter with another vocabulary before any work
     embedder = load_embedder()
@@ -165,7 +167,8 @@ def main() -> None:
         writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for task in args.tasks.split(","):
-            for sample in tqdm(load_task(task, args.length, lm.tokenizer, args.samples, args.seed), desc=task, unit="sample"):
+            samples = load_task(task, args.length, lm.tokenizer, args.samples, args.seed)
+            for sample in tqdm(samples, desc=task, unit="sample"):
                 costs_to = out / "forward_costs.md" if args.forward_costs and not rows else None
                 for row in sample_rows(lm, drafters, embedder, sample, args.etas, args.gammas, args.rag_tokens,
                                        args.max_new_tokens, costs_to):

@@ -29,8 +29,14 @@ from ctxopt.decoding import GenerationConfig, prefill
 from ctxopt.models import load_model
 from ctxopt.prompting import build_prompt
 from ctxopt.stages import Run
-from ctxopt.training.refrag import (Window, compressed_inputs, continuation_nll, load_documents, prompt_start_ids,
-                                    tokenize_documents)
+from ctxopt.training.refrag import (
+    Window,
+    compressed_inputs,
+    continuation_nll,
+    load_documents,
+    prompt_start_ids,
+    tokenize_documents,
+)
 from ctxopt.types import Passage, Stats
 
 
@@ -75,8 +81,11 @@ def cmd_logppl(args) -> dict:
             targets = torch.tensor(ids[args.context :]).unsqueeze(0)
             results["full"].append(nll_after_lead(ids, targets))
             cont = ids[args.context :]
-            results["none"].append(nll_after_lead(cont, targets) if lead else  # the first token predicts the second
-                                   float(continuation_nll(decoder, embed(torch.tensor(cont)).unsqueeze(0), targets[:, 1:])))
+            if lead:
+                results["none"].append(nll_after_lead(cont, targets))
+            else:  # the first token predicts the second
+                embedded = embed(torch.tensor(cont)).unsqueeze(0)
+                results["none"].append(float(continuation_nll(decoder, embedded, targets[:, 1:])))
             for k, adapter in adapters.items():
                 window = compressed_window(ids, text, offsets, args.context, k)
                 for expand in args.expand:

@@ -49,8 +49,8 @@ def resolve_draft(
             if stage == "specpc" else ""
         raise InputError(
             f"{stage}: the draft {draft.name!r} does not share the tokenizer of the target {target.name!r} (a draft "
-            f"must share one tokenizer and vocabulary with it: its token ids would mean other words). Pass a draft of the target's family (same vocabulary), draft=None "
-            f"for the target itself{hint}."
+            f"must share one tokenizer and vocabulary with it: its token ids would mean other words). Pass a draft of "
+            f"the target's family (same vocabulary), draft=None for the target itself{hint}."
         )
     if compare_logits and logit_width(draft) != logit_width(target):
         raise InputError(

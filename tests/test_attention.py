@@ -2,11 +2,14 @@
 import copy
 
 import torch
-
 import transformers.integrations.sdpa_attention as transformers_sdpa
 
 from ctxopt.attention import (
-    GROUPED_SDPA, AttentionCapture, capture_attention, is_lower_right_causal, lower_right_causal_attention,
+    GROUPED_SDPA,
+    AttentionCapture,
+    capture_attention,
+    is_lower_right_causal,
+    lower_right_causal_attention,
     use_grouped_sdpa,
 )
 from ctxopt.decoding import forward, prefill

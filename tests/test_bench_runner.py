@@ -125,12 +125,16 @@ def test_shared_selection_passes_give_the_same_rows_with_one_pass_per_sample(tin
     import ctxopt.compressors.specpc as specpc
 
     passes = []
-    for module, name in ((gemfilter, "early_layer_scores"), (specpc, "draft_scores"), (speckv, "decode")):
-        def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
-            passes.append(_name)
-            return _real(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, counted)
+    def counting(real, name):
+        def counted(*args, **kwargs):
+            passes.append(name)
+            return real(*args, **kwargs)
+
+        return counted
+
+    for module, name in ((gemfilter, "early_layer_scores"), (specpc, "draft_scores"), (speckv, "decode")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name), name))
     runs = {}
     for share in (False, True):
         passes.clear()
@@ -149,8 +153,8 @@ def test_shared_selection_passes_give_the_same_rows_with_one_pass_per_sample(tin
 
 
 def test_a_reused_selection_pass_is_charged_to_the_stage(tiny_lm):
-    from ctxopt.compressors.gemfilter import GemFilter
     from ctxopt.bench.memo import PrefillMemo
+    from ctxopt.compressors.gemfilter import GemFilter
     from ctxopt.pipeline import Pipeline
 
     memo, context = PrefillMemo(), " ".join(f"word{i}" for i in range(120))
@@ -174,10 +178,10 @@ def test_prefill_memo_shares_only_equal_captures(tiny_lm):
     import torch
 
     from ctxopt.attention import AttentionCapture
+    from ctxopt.bench.memo import PrefillMemo, capture_signature
     from ctxopt.compressors.snapkv import snapkv_scores
     from ctxopt.decoding import prefill
     from ctxopt.measure import measure
-    from ctxopt.bench.memo import PrefillMemo, capture_signature
 
     def request(**keywords):
         return AttentionCapture(window=8, reducer=partial(snapkv_scores, **keywords))

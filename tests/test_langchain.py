@@ -11,6 +11,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_tests.integration_tests import RetrieversIntegrationTests
 
+from ctxopt.compressors.gemfilter import GemFilter
 from ctxopt.integrations.langchain import (
     GAP,
     CtxoptChatModel,
@@ -19,7 +20,6 @@ from ctxopt.integrations.langchain import (
     CtxoptRetriever,
     split_messages,
 )
-from ctxopt.compressors.gemfilter import GemFilter
 from ctxopt.pipeline import Pipeline
 from ctxopt.retrievers import FaissStore, load_embedder
 from ctxopt.types import Passage

@@ -37,7 +37,8 @@ def _tokens() -> list[str]:
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's row order for q/k projections (transformers' GGUF loader undoes it)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    pairs = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(weight.shape)
 
 
 def _write_gguf(model: transformers.LlamaForCausalLM, path: Path) -> None:
@@ -131,7 +132,8 @@ def test_gguf_tokenizer_chat_template_and_eos(tiny):
     assert lm.tokenizer.chat_template == CHAT_TEMPLATE
     assert convert._gguf_string(path, "tokenizer.chat_template") == CHAT_TEMPLATE
     assert tokens.index("<|im_end|>") in lm.eos_token_ids
-    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                              tokenize=False)
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
@@ -313,8 +315,8 @@ def test_smollm2_registry_answers_through_chat_template():
     im_end = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in lm.eos_token_ids
     ids = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt",
-        return_dict=True,
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
     )["input_ids"]
     with torch.no_grad():
         out = lm.model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=lm.eos_token_ids)

@@ -81,14 +81,16 @@ def test_target_prefill_with_pending_ids(tiny_lm, near_drafter):
     state.logits, state.pending_ids = None, ids[-1:]
     result = RAPID(gamma=4, eta=0).speculate(tiny_lm, state, near_drafter, prefill(near_drafter.model, ids), config)
     assert result.token_ids == reference.token_ids
-    _assert_cache_equal(state.cache, prefill(tiny_lm.model, torch.cat([ids, torch.tensor(result.token_ids[:-1])])).cache)
+    fresh = prefill(tiny_lm.model, torch.cat([ids, torch.tensor(result.token_ids[:-1])]))
+    _assert_cache_equal(state.cache, fresh.cache)
 
 
 def test_self_speculation_accepts_everything(tiny_lm):
     ids = _ids(50)
     config = GenerationConfig(max_new_tokens=23)
     reference = decode(tiny_lm.model, tiny_lm.tokenizer, prefill(tiny_lm.model, ids), config)
-    result = RAPID(gamma=10, eta=0).speculate(tiny_lm, prefill(tiny_lm.model, ids), tiny_lm, prefill(tiny_lm.model, ids), config)
+    target_state, draft_state = prefill(tiny_lm.model, ids), prefill(tiny_lm.model, ids)
+    result = RAPID(gamma=10, eta=0).speculate(tiny_lm, target_state, tiny_lm, draft_state, config)
     assert result.token_ids == reference.token_ids
     # 23 tokens = 11 + 11 (drafts and bonus) + 1 (max_new_tokens cuts the last round's gamma to 0).
     assert result.extra["acceptance_rate"] == 1.0 and result.extra["target_forwards"] == 3
@@ -104,11 +106,14 @@ def test_stops_where_plain_decoding_stops(tiny_tokenizer, near_drafter):
     config = GenerationConfig(max_new_tokens=20, stop_strings=[stop])
     streamed: list[str] = []
     expected = decode(lm.model, lm.tokenizer, prefill(lm.model, ids), config)
-    result = RAPID(gamma=4, eta=0).speculate(lm, prefill(lm.model, ids), near_drafter, prefill(near_drafter.model, ids), config, streamed.append)
+    result = RAPID(gamma=4, eta=0).speculate(lm, prefill(lm.model, ids), near_drafter, prefill(near_drafter.model, ids),
+                                             config, streamed.append)
     assert (result.text, result.stopped_by) == (expected.text, "stop_string") and "".join(streamed) == result.text
     lm.model.generation_config.eos_token_id = plain.token_ids[9]
-    expected = decode(lm.model, lm.tokenizer, prefill(lm.model, ids), GenerationConfig(max_new_tokens=20), lm.eos_token_ids)
-    result = RAPID(gamma=4, eta=0).speculate(lm, prefill(lm.model, ids), near_drafter, prefill(near_drafter.model, ids), GenerationConfig(max_new_tokens=20))
+    expected = decode(lm.model, lm.tokenizer, prefill(lm.model, ids), GenerationConfig(max_new_tokens=20),
+                      lm.eos_token_ids)
+    result = RAPID(gamma=4, eta=0).speculate(lm, prefill(lm.model, ids), near_drafter, prefill(near_drafter.model, ids),
+                                             GenerationConfig(max_new_tokens=20))
     assert (result.token_ids, result.stopped_by) == (expected.token_ids, "eos") and len(result.token_ids) <= 9
 
 
@@ -126,7 +131,8 @@ def test_rollback_leaves_both_caches_as_a_fresh_prefill(tiny_lm, near_drafter, t
     draft_ids = ids[2:]  # another prompt: other cache length, other positions
     target_state, draft_state = prefill(tiny_lm.model, ids), prefill(near_drafter.model, draft_ids)
     config = GenerationConfig(max_new_tokens=20, temperature=temperature, seed=5)
-    result = RAPID(gamma=4, eta=0 if temperature == 0 else 10.0).speculate(tiny_lm, target_state, near_drafter, draft_state, config)
+    stage = RAPID(gamma=4, eta=0 if temperature == 0 else 10.0)
+    result = stage.speculate(tiny_lm, target_state, near_drafter, draft_state, config)
     out = torch.tensor(result.token_ids)
     assert len(out) == 20 and 0 < result.extra["accepted_tokens"] < result.extra["proposed_tokens"]
     # The target holds prompt + every answer token but the last (it is fed at the start of the next round).
@@ -183,7 +189,8 @@ def test_eta_pulls_the_target_toward_the_drafter_on_tokens_it_finds_likely():
     z = P.log()
     masked = Q >= 0.1 * Q.max()  # token 4 and 7 fall below the mask
     assert masked.tolist() == [True, True, True, True, False, True, True, False]
-    distance = [float((torch.softmax(augment_logits(z, P, Q, eta), -1) - Q).abs().sum()) for eta in (0.0, 1.0, 3.0, 6.0)]
+    distance = [float((torch.softmax(augment_logits(z, P, Q, eta), -1) - Q).abs().sum())
+                for eta in (0.0, 1.0, 3.0, 6.0)]
     assert distance == sorted(distance, reverse=True) and distance[-1] < distance[0]
     z_hat = augment_logits(z, P, Q, eta=3.0)
     assert torch.equal(z_hat[~masked], z[~masked])  # below the mask the logit is untouched
@@ -211,7 +218,8 @@ def test_sampled_rapid_eta0_follows_the_target_distribution(tiny_tokenizer):
     ids = torch.tensor([3, 7, 1, 12, 5])
     with torch.no_grad():
         first = torch.softmax(target.model(ids[None]).logits[0, -1], -1)
-        second = torch.softmax(target.model(torch.cat([ids.expand(16, -1), torch.arange(16)[:, None]], 1)).logits[:, -1], -1)
+        pairs = torch.cat([ids.expand(16, -1), torch.arange(16)[:, None]], 1)
+        second = torch.softmax(target.model(pairs).logits[:, -1], -1)
     exact = (first[:, None] * second).flatten().double().numpy()  # P(y1, y2)
     exact /= exact.sum()
     t_state, d_state = prefill(target.model, ids), prefill(drafter.model, ids)
@@ -262,7 +270,8 @@ def test_the_drafter_reads_the_targets_prompt_frame(tiny_lm):
     reframed = reframe_prompt(tiny_lm.tokenizer, answer.prompt, answer.prompt.passages)
     assert torch.equal(reframed.input_ids, answer.prompt.input_ids)
     shorter = reframe_prompt(tiny_lm.tokenizer, answer.prompt, [])
-    assert shorter.text.endswith("Answer:") and "Answer with one colour." in shorter.text and "Be brief." in shorter.text
+    assert (shorter.text.endswith("Answer:") and "Answer with one colour." in shorter.text
+            and "Be brief." in shorter.text)
 
 
 def test_registry_builds_rapid_with_the_budget_as_drafter_context(tiny_lm):
@@ -271,7 +280,8 @@ def test_registry_builds_rapid_with_the_budget_as_drafter_context(tiny_lm):
     assert build_stages("rapid")[0].rag_tokens == 4096
     with pytest.raises(InputError, match="token count"):
         build_stages("rapid", 0.5)
-    answer = Pipeline(tiny_lm, stages=[stage], max_new_tokens=8, embedder=HashEmbedder()).ask("Colour of box 7?", context=DOC)
+    answer = Pipeline(tiny_lm, stages=[stage], max_new_tokens=8, embedder=HashEmbedder()).ask("Colour of box 7?",
+                                                                                            context=DOC)
     plain = Pipeline(tiny_lm, max_new_tokens=8).ask("Colour of box 7?", context=DOC)
     assert answer.token_ids == plain.token_ids
     assert answer.stats.get("decode:rapid").extra["drafter"] == tiny_lm.name

@@ -11,7 +11,13 @@ from transformers import BertConfig, BertModel
 
 from ctxopt.cli import build_parser
 from ctxopt.compressors.refrag import (
-    REFRAG, Adapter, AdapterConfig, ChunkCache, ChunkEncoder, ExpansionPolicy, Projector,
+    REFRAG,
+    Adapter,
+    AdapterConfig,
+    ChunkCache,
+    ChunkEncoder,
+    ExpansionPolicy,
+    Projector,
 )
 from ctxopt.compressors.refrag.layout import assemble, expansion_count, split_context, surprisal_scores
 from ctxopt.compressors.refrag.model import choose_chunks
@@ -70,7 +76,8 @@ def test_chunks_cover_the_context_once_within_passages(prompt):
         assert 1 <= chunk.end - chunk.start <= K
         assert set(prompt.passage_index[chunk.start : chunk.end].tolist()) == {chunk.passage}
         assert chunk.text == PASSAGES[chunk.passage].text[chunk.span[0] : chunk.span[1]]
-        assert chunk.span[0] == prompt.char_spans[chunk.start, 0] and chunk.span[1] == prompt.char_spans[chunk.end - 1, 1]
+        assert (chunk.span[0] == prompt.char_spans[chunk.start, 0]
+                and chunk.span[1] == prompt.char_spans[chunk.end - 1, 1])
     assert {c.passage for c in chunks} == {0, 1}
 
 

@@ -138,7 +138,8 @@ def snapkv_state(lm, ids: torch.Tensor, stage: SnapKV):
 @pytest.mark.parametrize("pooling, kernel", [("max", 5), ("avg", 5), ("max", 1)])
 def test_scores_and_selection_match_eager_attention(tiny_lm, pooling, kernel):
     ids, window, budget = random_ids(48, seed=11), 8, 24
-    state, original, request = snapkv_state(tiny_lm, ids, SnapKV(budget=budget, window=window, kernel=kernel, pooling=pooling))
+    stage = SnapKV(budget=budget, window=window, kernel=kernel, pooling=pooling)
+    state, original, request = snapkv_state(tiny_lm, ids, stage)
     kv = tiny_lm.model.config.num_key_value_heads
     kept = kept_positions(original, state.cache)
     for layer, attn in enumerate(eager_attentions(tiny_lm.model, ids)):
@@ -164,7 +165,8 @@ def test_decoding_from_the_pruned_cache_equals_a_per_head_masked_forward(tiny_lm
     first = reference[0]
     assert int(state.logits.argmax()) == first
     with torch.no_grad():
-        right = forward(model, torch.tensor([first]), positions=torch.tensor([len(ids)]), cache=clone_cache(state.cache))
+        right = forward(model, torch.tensor([first]), positions=torch.tensor([len(ids)]),
+                        cache=clone_cache(state.cache))
         wrong = forward(model, torch.tensor([first]), positions=torch.tensor([24]), cache=clone_cache(state.cache))
     assert torch.allclose(right.logits[0, -1], logits[len(ids)], atol=1e-4)
     assert (wrong.logits[0, -1] - logits[len(ids)]).abs().max() > 1e-2

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_tiny_lm
 from test_snapkv import (
     DOC,
@@ -51,7 +50,8 @@ def test_draft_answer_scores_and_selection_match_eager_attention(tiny_lm, draft_
     stage = SpecKV(draft=draft_lm, budget=BUDGET, window=WINDOW, kernel=kernel, lookahead=LOOKAHEAD)
     state, original, request, run = speckv_state(tiny_lm, ids, stage)
     draft = run.draft_answer
-    expected = draft_lm.model.generate(ids[None], max_new_tokens=LOOKAHEAD, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = draft_lm.model.generate(ids[None], max_new_tokens=LOOKAHEAD, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0)
     assert draft.tolist() == expected[0, N:].tolist()  # the draft answered the same prompt, greedily
     assert run.figures["draft_tokens"] == LOOKAHEAD and not run.figures["draft_reused"]
 
@@ -59,13 +59,15 @@ def test_draft_answer_scores_and_selection_match_eager_attention(tiny_lm, draft_
     kept = kept_positions(original, state.cache)
     for layer, attn in enumerate(eager_attentions(tiny_lm.model, torch.cat([ids, draft]))):
         window_rows = attn[:, -(WINDOW + LOOKAHEAD):, :prefix]  # last w prompt queries + the L draft queries
-        assert torch.allclose(request.records[layer], attn[:, N - WINDOW : N, :prefix].reshape(kv, -1, prefix).amax(1), atol=1e-6)
+        assert torch.allclose(request.records[layer],
+                              attn[:, N - WINDOW : N, :prefix].reshape(kv, -1, prefix).amax(1), atol=1e-6)
         reference = pool_reference(window_rows.reshape(kv, -1, prefix).amax(1), kernel)
         assert kept[layer].shape == (kv, BUDGET - 1)
         assert (kept[layer][:, -(WINDOW - 1):] == torch.arange(prefix, N - 1)).all()
         assert_valid_top_k(kept[layer][:, : BUDGET - WINDOW], reference)
         if kernel == 1:
-            assert torch.equal(kept[layer][:, : BUDGET - WINDOW], reference.topk(BUDGET - WINDOW).indices.sort(-1).values)
+            assert torch.equal(kept[layer][:, : BUDGET - WINDOW],
+                               reference.topk(BUDGET - WINDOW).indices.sort(-1).values)
     assert state.cache.get_seq_length() == BUDGET - 1
     assert state.next_position == N - 1 and state.logits is None and state.pending_ids.tolist() == ids[-1:].tolist()
 
@@ -81,7 +83,8 @@ def test_decoding_from_the_pruned_cache_equals_a_per_head_masked_forward(tiny_lm
     last = ids[-1:]
     with torch.no_grad():
         right = forward(model, last, positions=torch.tensor([N - 1]), cache=clone_cache(state.cache))
-        wrong = forward(model, last, positions=torch.tensor([BUDGET - 1]), cache=clone_cache(state.cache))  # = cache length
+        # position BUDGET - 1 = the cache length
+        wrong = forward(model, last, positions=torch.tensor([BUDGET - 1]), cache=clone_cache(state.cache))
     assert torch.allclose(right.logits[0, -1], logits[N - 1], atol=1e-4)
     assert (wrong.logits[0, -1] - logits[N - 1]).abs().max() > 1e-2
     assert decode(model, tiny_lm.tokenizer, state, GenerationConfig(max_new_tokens=steps)).token_ids == reference
@@ -89,7 +92,8 @@ def test_decoding_from_the_pruned_cache_equals_a_per_head_masked_forward(tiny_lm
 
 def test_budget_covering_the_context_is_a_noop_and_equals_full_greedy(tiny_lm):
     full = Pipeline(tiny_lm, max_new_tokens=10).ask("What colour is box 3?", context=DOC)
-    kept = Pipeline(tiny_lm, stages=[SpecKV(budget=10_000)], max_new_tokens=10).ask("What colour is box 3?", context=DOC)
+    kept = Pipeline(tiny_lm, stages=[SpecKV(budget=10_000)], max_new_tokens=10).ask("What colour is box 3?",
+                                                                                    context=DOC)
     assert kept.token_ids == full.token_ids and len(full.token_ids) == 10
     assert any("cache kept whole" in n for n in kept.stats.stages[-1].extra["notes"])
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CHAT_TEMPLATE, make_tiny_lm
 
 from ctxopt.compressors.selection import centred_max_pool, expand_neighbours, neighbour_offsets, unique_in_order
 from ctxopt.compressors.specpc import (
@@ -27,8 +28,6 @@ from ctxopt.models import LoadedModel
 from ctxopt.pipeline import Pipeline, as_passages
 from ctxopt.stages import Run
 from ctxopt.types import Stats
-
-from conftest import CHAT_TEMPLATE, make_tiny_lm
 
 CONTEXT = [
     "The harbour office opens at nine. Ships from the north arrive on Tuesdays, and the ferry to the island "

@@ -44,9 +44,8 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
-
 from kvpress import ExpectedAttentionPress, SnapKVPress
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 PRESSES = {"snapkv": SnapKVPress, "expected-attention": ExpectedAttentionPress}
@@ -300,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 "model": model_name, "draft": None, "options": {
                     "query_aware": not args.no_query_aware, "press_prompt_tail": args.press_prompt_tail},
                 "samples_requested": len(group), "repeats": args.repeats, "seed": group[0].get("seed"),
-                "max_new_tokens": args.max_new_tokens, "command": shlex.join([sys.executable, *sys.argv]), "machine": machine,
+                "max_new_tokens": args.max_new_tokens, "command": shlex.join([sys.executable, *sys.argv]),
+                "machine": machine,
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "baseline": BASELINE,
             }

@@ -42,7 +42,8 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     groups = getattr(module, "num_key_value_groups", 1)
     special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "sinks", "s_aux"))
     if attention_mask is None or groups == 1 or special:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     if query.device.type == "cpu":
         output = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask[..., : key.shape[-2]], dropout_p=dropout, scale=scaling,

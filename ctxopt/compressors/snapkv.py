@@ -27,9 +27,10 @@ from ..attention import AttentionCapture, WindowAttention
 from ..cache import cache_length, keep_per_head, num_layers
 from ..decoding import Prefill
 from ..errors import InputError
-from ..stages import CacheStage, Run, Stage, tokens_to_keep
+from ..stages import CacheStage, Run, tokens_to_keep
 from ..types import Prompt
 from .scoring import Pooling, check_knobs, pool1d, prefix_probs, select_per_head
+
 
 def snapkv_scores(record: WindowAttention, kernel: int, pooling: Pooling) -> torch.Tensor:
     """One layer's SnapKV scores of the prefix positions, (kv_heads, n - W): steps 1-4."""

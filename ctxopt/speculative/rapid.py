@@ -36,8 +36,9 @@ Deviations, all deliberate:
 - Temperature and top-p shape both p and q before step 3 (as [C]'s logits processors do); z is then log p.
 - Drafter prompt: the target's prompt frame (question, the pipeline's instruction and system message, the
   answer prefix) rebuilt by ``reframe_prompt`` around chunks from ``select_chunks`` (ctxopt's token chunker
-  and the pipeline's embedder, where [C] uses LangChain's splitter and BGE-M3). A context that already fits ``rag_tokens`` goes to the drafter whole; if no chunk reaches the
-  similarity threshold the drafter sees the question alone ([C] also keeps nothing then).
+  and the pipeline's embedder, where [C] uses LangChain's splitter and BGE-M3). A context that already fits
+  ``rag_tokens`` goes to the drafter whole; if no chunk reaches the similarity threshold the drafter sees the
+  question alone ([C] also keeps nothing then).
 - gamma is fixed per round, a draft stops early at an end-of-sequence token, and the last round's gamma is
   cut so that no more than ``max_new_tokens`` tokens are produced.
 - With eta = 0 "lossless" is exact in arithmetic; in floating point a multi-token verification forward can
@@ -59,11 +60,18 @@ import torch
 from ..cache import cache_length, crop_cache, kv_bytes
 from ..compressors.rag import select_chunks
 from ..decoding import (
-    DecodeResult, GenerationConfig, Prefill, StopChecker, choose_token, forward, make_generator, next_token_distribution,
+    DecodeResult,
+    GenerationConfig,
+    Prefill,
+    StopChecker,
+    choose_token,
+    forward,
+    make_generator,
+    next_token_distribution,
     prefill,
 )
-from ..errors import InputError
 from ..drafts import resolve_draft
+from ..errors import InputError
 from ..models import LoadedModel
 from ..prompting import reframe_prompt
 from ..stages import Decoder, Run
@@ -113,7 +121,8 @@ def verify(
     if config.greedy:
         z_hat = z[:k]
         if eta and k:
-            z_hat = augment_logits(z_hat, torch.softmax(z_hat, -1), torch.softmax(draft_logits.float().to(z.device), -1), eta, alpha)
+            q = torch.softmax(draft_logits.float().to(z.device), -1)
+            z_hat = augment_logits(z_hat, torch.softmax(z_hat, -1), q, eta, alpha)
         choice = z_hat.argmax(-1).tolist()
         for i, x in enumerate(drafts):
             if choice[i] != x:
@@ -205,7 +214,8 @@ class RAPID(Decoder):
             return passages
         if run.embedder is None:
             raise InputError("rapid: the drafter's retrieval needs an embedder; run it through a Pipeline.")
-        kept = select_chunks(question, passages, tokenizer, run.embedder(), self.rag_tokens, self.chunk_tokens, self.threshold)
+        kept = select_chunks(question, passages, tokenizer, run.embedder(), self.rag_tokens, self.chunk_tokens,
+                             self.threshold)
         if not kept:
             run.note(f"rapid: no chunk reached similarity {self.threshold}; the drafter sees the question only")
         return kept
@@ -220,7 +230,9 @@ class RAPID(Decoder):
         draft_state = prefill(drafter.model, draft_prompt.input_ids)
         return draft_prompt, draft_state, retrieved - began, time.perf_counter() - retrieved
 
-    def decode(self, state: Prefill, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None = None) -> DecodeResult:
+    def decode(
+        self, state: Prefill, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None = None,
+    ) -> DecodeResult:
         drafter = self.resolve_drafter(run.lm)
         draft_prompt, draft_state, retrieval_seconds, prefill_seconds = self.prepare_drafter(drafter, prompt, run)
         result = self.speculate(run.lm, state, drafter, draft_state, run.config, on_text)
@@ -258,14 +270,15 @@ class RAPID(Decoder):
         with torch.inference_mode():
             while not done:
                 tick = time.perf_counter()
-                drafts, draft_logits = self._draft(draft, answer, min(self.gamma, config.max_new_tokens - len(answer) - 1), config, generator, eos)
+                gamma = min(self.gamma, config.max_new_tokens - len(answer) - 1)
+                drafts, draft_logits = self._draft(draft, answer, gamma, config, generator, eos)
                 drafter_seconds += time.perf_counter() - tick
                 target_logits = checker.logits_after(checker.prefix + answer, drafts)
-                n, token = verify(drafts, target_logits, draft_logits, config, self.eta, self.alpha, generator)
+                n, last = verify(drafts, target_logits, draft_logits, config, self.eta, self.alpha, generator)
                 proposed, accepted = proposed + len(drafts), accepted + n
                 checker.rollback(len(checker.prefix) + len(answer) + n)
                 draft.rollback(len(answer) + n)
-                for token in drafts[:n] + [token]:
+                for token in drafts[:n] + [last]:
                     answer.append(token)
                     if stopper.push(token) or len(answer) >= config.max_new_tokens:
                         done = True

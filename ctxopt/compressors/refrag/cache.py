@@ -48,7 +48,8 @@ class ChunkCache:
         cache = cls(adapter.fingerprint(), chunk_tokens)
         with torch.inference_mode():
             for passage in tqdm(list(passages), desc="refrag chunk embeddings", unit="passage", disable=not progress):
-                offsets = tokenizer(passage.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                encoded = tokenizer(passage.text, add_special_tokens=False, return_offsets_mapping=True)
+                offsets = encoded["offset_mapping"]
                 spans = [(lo, hi) for _, _, lo, hi in chunk_offsets(offsets, chunk_tokens)]
                 embeds = adapter.embed_chunks([passage.text[lo:hi] for lo, hi in spans]).float().cpu()
                 cache.entries[passage.id] = dict(zip(spans, embeds))
@@ -110,7 +111,9 @@ def decoder_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(str(registry_path(name)) if name in REGISTRY else name)
 
 
-def save_index_cache(passages: Iterable[Passage], index_folder: str | Path, adapter_folder: str | Path | None = None) -> Path:
+def save_index_cache(
+    passages: Iterable[Passage], index_folder: str | Path, adapter_folder: str | Path | None = None,
+) -> Path:
     """``ctxopt index --refrag``: precompute every passage's chunk embeddings into the index folder."""
     adapter = load_adapter(adapter_folder or DEFAULT_ADAPTER)
     tokenizer = decoder_tokenizer(adapter.config.decoder)

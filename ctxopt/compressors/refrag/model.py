@@ -234,14 +234,16 @@ class Adapter:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}, folder / PROJECTOR_FILE)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
+                  folder / PROJECTOR_FILE)
         if hasattr(self.encoder.model, "peft_config"):
             from peft import get_peft_model_state_dict
 
             lora = get_peft_model_state_dict(self.encoder.model)
             save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, folder / LORA_FILE)
         if self.policy is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.policy.state_dict().items()}, folder / POLICY_FILE)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.policy.state_dict().items()},
+                      folder / POLICY_FILE)
         weights = hashlib.sha256()
         for name in (PROJECTOR_FILE, LORA_FILE):
             if (folder / name).is_file():

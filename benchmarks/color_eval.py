@@ -36,6 +36,7 @@ from ctxopt.models import load_model
 from ctxopt.pipeline import Pipeline
 from ctxopt.retrievers.embeddings import load_embedder
 from ctxopt.stages import Run
+from ctxopt.text import count_tokens
 from ctxopt.training.color import EvidenceJudge, JudgeCase, pick_id
 from ctxopt.types import Passage, Stats
 
@@ -115,13 +116,14 @@ def main() -> None:
         compress = table[name]
         rows = []
         for sample in samples:
-            run = Run(lm=lm, question=sample.question, config=GenerationConfig(), stats=Stats(), embedder=lambda: embedder)
+            run = Run(lm=lm, question=sample.question, config=GenerationConfig(), stats=Stats(),
+                      embedder=lambda: embedder)
             began = time.perf_counter()
             passages = compress(sample.question, sample.passages, run)
             compress_seconds = time.perf_counter() - began
-            count = lambda ps: sum(len(lm.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in ps)
             kept = evidence_kept(sample, passages)
-            row = {"id": sample.id, "tokens_in": count(sample.passages), "tokens_out": count(passages),
+            row = {"id": sample.id, "tokens_in": count_tokens(lm.tokenizer, sample.passages),
+                   "tokens_out": count_tokens(lm.tokenizer, passages),
                    "compress_seconds_per_passage": compress_seconds / len(sample.passages),
                    "evidence_kept": sum(kept), "evidence_passages": len(kept)}
             if not args.no_answer:
@@ -135,7 +137,10 @@ def main() -> None:
             rows.append(row)
             print(name, row["id"], row["tokens_in"], row["tokens_out"], f"evidence {sum(kept)}/{len(kept)}",
                   round(row.get("f1", float("nan")), 3), row.get("retrieval_hit"), flush=True)
-        mean = lambda key: statistics.mean(r[key] for r in rows)
+
+        def mean(key: str) -> float:
+            return statistics.mean(r[key] for r in rows)
+
         results[name] = {
             "samples": len(rows), "ratio": sum(r["tokens_in"] for r in rows) / sum(r["tokens_out"] for r in rows),
             "evidence_kept": sum(r["evidence_kept"] for r in rows) / max(1, sum(r["evidence_passages"] for r in rows)),

@@ -26,6 +26,7 @@ from ctxopt.prompting import build_prompt
 from ctxopt.retrievers.embeddings import load_embedder
 from ctxopt.speculative.rapid import RAPID
 from ctxopt.stages import Run
+from ctxopt.text import count_tokens
 from ctxopt.types import Passage, Stats
 
 NEEDLE = "The secret code that opens the blue vault in Lisbon is 7341."
@@ -39,7 +40,7 @@ def haystack(tokenizer, tokens: int) -> str:
     used = 0
     for path in sorted(folder.glob("*.txt")):
         for paragraph in path.read_text().split("\n\n"):
-            size = len(tokenizer(paragraph, add_special_tokens=False)["input_ids"])
+            size = count_tokens(tokenizer, paragraph)
             if paragraph.strip() and used + size <= tokens:
                 paragraphs.append(paragraph.strip())
                 used += size
@@ -85,7 +86,8 @@ def main() -> None:
         result = decode(lm.model, lm.tokenizer, state.copy(), config, lm.eos_token_ids)
         reference = result.token_ids
         runs.append(dict(tokens=len(result.token_ids), decode_tps=len(result.token_ids) / result.seconds,
-                         stage_seconds=result.seconds, per_forward=len(result.token_ids) / max(1, result.forward_passes)))
+                         stage_seconds=result.seconds,
+                         per_forward=len(result.token_ids) / max(1, result.forward_passes)))
     print("target alone:", repr(lm.tokenizer.decode(reference, skip_special_tokens=True)))
     report("ctxopt target alone", runs, None)
 
@@ -98,10 +100,12 @@ def main() -> None:
             extra = result.extra
             loop = result.seconds - extra["retrieval_seconds"] - extra["draft_prefill_seconds"]
             same &= result.token_ids == reference
-            runs.append(dict(tokens=len(result.token_ids), decode_tps=len(result.token_ids) / loop, stage_seconds=result.seconds,
-                             acceptance=extra["acceptance_rate"], per_forward=extra["tokens_per_target_forward"]))
-        print(f"rapid eta={eta}: draft prompt {extra['draft_prompt_tokens']} tokens, retrieval {extra['retrieval_seconds']:.2f}s, "
-              f"draft prefill {extra['draft_prefill_seconds']:.2f}s, output {result.text!r}")
+            runs.append(dict(tokens=len(result.token_ids), decode_tps=len(result.token_ids) / loop,
+                             stage_seconds=result.seconds, acceptance=extra["acceptance_rate"],
+                             per_forward=extra["tokens_per_target_forward"]))
+        print(f"rapid eta={eta}: draft prompt {extra['draft_prompt_tokens']} tokens, "
+              f"retrieval {extra['retrieval_seconds']:.2f}s, draft prefill {extra['draft_prefill_seconds']:.2f}s, "
+              f"output {result.text!r}")
         report(f"ctxopt RAPID self, eta={eta:g}", runs, same)
 
     ids = prompt.input_ids[None].to(lm.device)

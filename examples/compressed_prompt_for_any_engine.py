@@ -26,6 +26,7 @@ from ctxopt.integrations.langchain import CtxoptDocumentCompressor
 from ctxopt.models import LoadedModel, load_model
 from ctxopt.prompting import DEFAULT_INSTRUCTION
 from ctxopt.retrievers import iter_corpus
+from ctxopt.text import count_tokens
 
 DEMO = resources.files("ctxopt") / "data" / "demo"
 
@@ -34,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", help="documents to use as context (default: the bundled demo corpus)")
     parser.add_argument("-q", "--question", default="What is the vault code of the Harbour Museum?")
-    parser.add_argument("--method", default="gemfilter", help="rag, truncate, gemfilter, specpc, extractive or color (budget: ignored by color)")
+    parser.add_argument("--method", default="gemfilter",
+                        help="rag, truncate, gemfilter, specpc, extractive or color (budget: ignored by color)")
     parser.add_argument("--budget", default="0.4", help="tokens (256) or a ratio of the prompt (0.4)")
     parser.add_argument("--endpoint", default="http://127.0.0.1:8000/v1/chat/completions")
     parser.add_argument("--remote-model", default="default", help="the model name the endpoint expects")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:
         ]
     compressor = CtxoptDocumentCompressor(model=lm, method=args.method, budget=parse_budget(args.budget))
     kept = compressor.compress_documents(documents, args.question)
-    before = sum(len(lm.tokenizer(d.page_content, add_special_tokens=False)["input_ids"]) for d in documents)
+    before = count_tokens(lm.tokenizer, [d.page_content for d in documents])
     after = sum(d.metadata["ctxopt_tokens_out"] for d in kept)
 
     body = chat_request(args.question, kept, args.remote_model, args.max_tokens)

@@ -34,6 +34,7 @@ from ..fileutil import sha256_file
 from ..models import LoadedModel, cache_dir, load_model, registry_entry
 from ..prompting import render_chat
 from ..stages import PassageStage, Run
+from ..text import count_tokens
 from ..types import Passage
 
 SUMMARY_PROMPT = "Summarize the following content. \nContent:\n{passage}\n Summary:"
@@ -82,10 +83,6 @@ def with_adapter(base: LoadedModel, adapter: str | Path) -> LoadedModel:
             name = f"{base.name}+{adapter.name}:{key[1][:12]}"
             _MERGED[key] = LoadedModel(merged, base.tokenizer, name, base.device, base.dtype)
         return _MERGED[key]
-
-
-def count_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def summarise(lm: LoadedModel, passages: list[str], max_new_tokens: int, batch_size: int = 8,

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..retrievers.chunking import chunk_text
 from ..stages import PassageStage, Run
+from ..text import count_tokens
 from ..types import Passage
 
 
@@ -37,7 +38,7 @@ def select_chunks(
     vectors = embedder.embed([c.text for c in chunks])
     query = embedder.embed([question])[0]
     scores = vectors @ query
-    sizes = [len(tokenizer(c.text, add_special_tokens=False)["input_ids"]) for c in chunks]
+    sizes = [count_tokens(tokenizer, c) for c in chunks]
     chosen, used = [], 0
     for i in np.argsort(-scores, kind="stable"):
         if threshold is not None and scores[i] < threshold:
@@ -59,7 +60,7 @@ class RAGChunks(PassageStage):
     name = "rag"
 
     def compress(self, question: str, passages: list[Passage], run: Run) -> list[Passage]:
-        total = sum(len(run.lm.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in passages)
+        total = count_tokens(run.lm.tokenizer, passages)
         if total <= self.budget:
             run.note(f"rag: budget {self.budget} >= context length {total}; nothing dropped")
             return passages

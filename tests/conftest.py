@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_server import engine_python, engine_venv, start_engine
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ctxopt.models import LoadedModel
@@ -71,3 +72,30 @@ def smollm():
 @pytest.fixture(scope="session")
 def smollm_tokenizer(smollm):
     return smollm.tokenizer
+
+
+# -- the serving engine (a real vLLM CPU server from its own venv: scripts/engine.sh, docs/engine.md) ----------
+MAX_MODEL_LEN = 8192
+
+
+@pytest.fixture(scope="session")
+def engine_model_folder() -> Path:
+    if os.environ.get("CTXOPT_SKIP_REAL_MODEL") == "1":
+        pytest.skip("CTXOPT_SKIP_REAL_MODEL=1")
+    from ctxopt.models import registry_path
+
+    return registry_path("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def engine(engine_model_folder):
+    """One vLLM server for the session, accepting token ids and prompt embeddings; stopped at the end."""
+    if engine_python() is None:
+        message = f"no serving engine in {engine_venv()}: run `bash scripts/engine.sh`"
+        if os.environ.get("CTXOPT_REQUIRE_ENGINE") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    options = {"max_model_len": MAX_MODEL_LEN, "extra_args": ["--enable-prompt-embeds"]}
+    with start_engine(engine_model_folder, **options) as server:
+        print(f"\nengine start-up: {server.started_s:.1f} s")
+        yield server

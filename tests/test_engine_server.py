@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -17,37 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_server import engine_python, engine_venv, start_engine
+from conftest import MAX_MODEL_LEN
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.real_model
 
-MAX_MODEL_LEN = 8192
 LONG_PROMPT_TOKENS = 4096
-
-
-@pytest.fixture(scope="session")
-def engine_model_folder() -> Path:
-    if os.environ.get("CTXOPT_SKIP_REAL_MODEL") == "1":
-        pytest.skip("CTXOPT_SKIP_REAL_MODEL=1")
-    from ctxopt.models import registry_path
-
-    return registry_path("smollm2-135m", progress=False)
-
-
-@pytest.fixture(scope="session")
-def engine(engine_model_folder):
-    """One vLLM server for the session, accepting token ids and prompt embeddings; stopped at the end."""
-    if engine_python() is None:
-        message = f"no serving engine in {engine_venv()}: run `bash scripts/engine.sh`"
-        if os.environ.get("CTXOPT_REQUIRE_ENGINE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    options = {"max_model_len": MAX_MODEL_LEN, "extra_args": ["--enable-prompt-embeds"]}
-    with start_engine(engine_model_folder, **options) as server:
-        print(f"\nengine start-up: {server.started_s:.1f} s")
-        yield server
 
 
 @pytest.fixture(scope="session")

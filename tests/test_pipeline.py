@@ -172,3 +172,27 @@ def test_ask_many_with_a_cache_stage_answers_each_question_alone(tiny_lm):
     single = [pipe.ask(q, context=DOC) for q in questions]
     assert [a.token_ids for a in batch] == [a.token_ids for a in single]
     assert all(a.stats.get("prefill_shared") is None and a.stats.get("snapkv").tokens_out == 96 for a in batch)
+
+
+def test_rag_takes_a_ratio_of_the_context(tiny_lm):
+    from ctxopt.methods import build_stages
+    from ctxopt.text import count_tokens
+
+    stages = build_stages("rag", 0.25, chunk_tokens=16)
+    pipe = Pipeline(tiny_lm, stages=stages, embedder=WordEmbedder(), max_new_tokens=2)
+    answer = pipe.ask("What colour is box 3?", context=DOC)
+    kept = count_tokens(tiny_lm.tokenizer, answer.prompt.passages)
+    assert 0 < kept <= round(0.25 * count_tokens(tiny_lm.tokenizer, DOC))
+    with pytest.raises(InputError, match="ratio and must be in"):
+        Pipeline(tiny_lm, stages=build_stages("rag", 1.5), embedder=WordEmbedder()).ask("Colour?", context=DOC)
+
+
+class WordEmbedder:
+    """Bag-of-words vectors over a fixed vocabulary: enough to rank chunks, no model."""
+
+    def embed(self, texts):
+        import numpy as np
+
+        vocab = ["box", "3", "colour", "blue", "sentence"]
+        rows = [[text.lower().split().count(word) for word in vocab] for text in texts]
+        return np.asarray(rows, dtype="float32") + 1e-3

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..retrievers.chunking import chunk_text
-from ..stages import PassageStage, Run
+from ..stages import PassageStage, Run, resolve_budget
 from ..text import count_tokens
 from ..types import Passage
 
@@ -52,19 +52,21 @@ def select_chunks(
 
 @dataclass
 class RAGChunks(PassageStage):
-    """Keep ``budget`` tokens of ``chunk_tokens``-token chunks, ranked by embedder similarity to the question."""
+    """Keep ``budget`` tokens of ``chunk_tokens``-token chunks, ranked by embedder similarity to the question.
+    The budget is a token count or a ratio of the context's tokens."""
 
-    budget: int = 1024
+    budget: int | float = 1024
     chunk_tokens: int = 128
     threshold: float | None = None
     name = "rag"
 
     def compress(self, question: str, passages: list[Passage], run: Run) -> list[Passage]:
         total = count_tokens(run.lm.tokenizer, passages)
-        if total <= self.budget:
+        keep = resolve_budget(self.budget, total)
+        if keep >= total:
             run.note(f"rag: budget {self.budget} >= context length {total}; nothing dropped")
             return passages
         kept = select_chunks(
-            question, passages, run.lm.tokenizer, run.embedder(), self.budget, self.chunk_tokens, self.threshold
+            question, passages, run.lm.tokenizer, run.embedder(), keep, self.chunk_tokens, self.threshold
         )
         return kept or passages[:1]

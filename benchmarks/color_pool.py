@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
+
+from ctxopt.bench.report import bootstrap_interval
 
 
 def pooled_rows(spec: str) -> tuple[str, dict[str, dict]]:
@@ -26,13 +27,6 @@ def pooled_rows(spec: str) -> tuple[str, dict[str, dict]]:
             for row in json.load(handle)["results"][method]["rows"]:
                 rows[row["id"]] = row
     return label, rows
-
-
-def bootstrap_interval(differences: list[float], draws: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``differences`` under resampling with replacement."""
-    rng = random.Random(seed)
-    means = sorted(statistics.mean(rng.choices(differences, k=len(differences))) for _ in range(draws))
-    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
 def main() -> None:

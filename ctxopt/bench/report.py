@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -113,6 +114,28 @@ def paired_ratio(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[s
     return statistics.median(ratios) if ratios else None
 
 
+def bootstrap_interval(differences: Sequence[float], draws: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of ``differences`` under resampling with replacement (seeded)."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(differences, k=len(differences))) for _ in range(draws))
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def paired_difference(
+    rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]] | None, column: str = "score"
+) -> dict[str, Any] | None:
+    """The mean per-sample difference ``row[column] - baseline_row[column]`` over the samples both ran (paired
+    by sample id; an errored row scores 0 as in ``aggregate``), with its 95% paired bootstrap interval."""
+    if not baseline:
+        return None
+    base = {r["sample_id"]: float(r.get(column) or 0.0) for r in baseline}
+    differences = [float(r.get(column) or 0.0) - base[r["sample_id"]] for r in rows if r["sample_id"] in base]
+    if not differences:
+        return None
+    low, high = bootstrap_interval(differences)
+    return {"mean": statistics.fmean(differences), "low": low, "high": high, "n": len(differences)}
+
+
 def aggregate(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
     """Aggregates of one configuration's rows.
 
@@ -130,6 +153,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str,
         "medians": {c: _median(r.get(c) for r in ok) for c in MEDIAN_COLUMNS},
         "peak_memory_bytes_max": max((r["peak_memory_bytes"] for r in ok if r.get("peak_memory_bytes")), default=None),
         "ratios_to_full": paired_ratios(rows, baseline),
+        "score_vs_full": paired_difference(rows, baseline),
     }
 
 
@@ -176,7 +200,9 @@ def load_results(folder: str | Path) -> list[dict[str, Any]]:
         if base not in baselines:  # read each baseline once, not once per configuration
             baselines[base] = read_predictions(base / PREDICTIONS) if (base / PREDICTIONS).exists() else None
         if baselines[base] is not None and (path.parent / PREDICTIONS).exists():
-            metrics["ratios_to_full"] = paired_ratios(read_predictions(path.parent / PREDICTIONS), baselines[base])
+            predictions = read_predictions(path.parent / PREDICTIONS)
+            metrics["ratios_to_full"] = paired_ratios(predictions, baselines[base])
+            metrics["score_vs_full"] = paired_difference(predictions, baselines[base])
         results.append(metrics)
 
     def key(m: Mapping[str, Any]) -> tuple:
@@ -187,11 +213,19 @@ def load_results(folder: str | Path) -> list[dict[str, Any]]:
 
 
 HEADER = ["task", "length", "method", "budget", "n", "err", "acc %", "TTFT s", "TTFT/full", "decode tok/s",
-          "peak MB", "KV MB", "prefill KV MB", "kept/in tokens"]
+          "peak MB", "KV MB", "prefill KV MB", "acc - full [95% CI]", "kept/in tokens"]
 
 
 def _number(value: Any, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _difference(paired: Mapping[str, Any] | None) -> str:
+    """"+1.2[-3.4,+5.6]": the paired score difference to full context and its interval, in points (no spaces,
+    so the plain table still splits on whitespace)."""
+    if not paired:
+        return "-"
+    return f"{100 * paired['mean']:+.1f}[{100 * paired['low']:+.1f},{100 * paired['high']:+.1f}]"
 
 
 def _mb(value: Any) -> str:
@@ -209,7 +243,7 @@ def table_rows(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
             _number(None if m["accuracy"] is None else 100 * m["accuracy"], 1),
             _number(med.get("ttft_s"), 3), _number(ratios.get("ttft_s"), 2),
             _number(med.get("decode_tokens_per_s"), 1), _mb(m.get("peak_memory_bytes_max")),
-            _mb(med.get("kv_bytes")), _mb(med.get("prefill_kv_bytes")),
+            _mb(med.get("kv_bytes")), _mb(med.get("prefill_kv_bytes")), _difference(m.get("score_vs_full")),
             "-" if kept is None or total is None else f"{kept:.0f}/{total:.0f}",
         ])
     return rows

@@ -10,6 +10,11 @@ import sys
 API_KEY_VARIABLE = "CTXOPT_API_KEY"
 ENGINE_API_KEY_VARIABLE = "CTXOPT_ENGINE_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DESCRIPTION = (
+    "Serve POST /v1/chat/completions (streamed or not), GET /v1/models, /health and /metrics; each request's "
+    "context (its documents field, else --index, else the messages before the question) is compressed with "
+    "--method and answered by ctxopt's generator or by --engine. See docs/serve.md."
+)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,10 +54,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     """Add ``ctxopt serve`` to the ctxopt command's subcommands."""
     serve = commands.add_parser(
-        "serve", help="an OpenAI-compatible gateway that compresses every request's context",
-        description="Serve POST /v1/chat/completions (streamed or not), GET /v1/models, /health and /metrics; "
-                    "each request's context (its documents field, else --index, else the messages before the "
-                    "question) is compressed with --method and answered by ctxopt's generator or by --engine.",
+        "serve", help="an OpenAI-compatible gateway that compresses every request's context", description=DESCRIPTION
     )
     add_serve_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ctxopt.server``: ``ctxopt serve`` without the rest of the ctxopt command."""
     from ..errors import CtxoptError
 
-    parser = argparse.ArgumentParser(prog="python -m ctxopt.server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ctxopt.server", description=DESCRIPTION)
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     try:

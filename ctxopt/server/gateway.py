@@ -33,7 +33,7 @@ from ..checks import require_int
 from ..errors import ContextTooLongError, CtxoptError, EngineError, InputError
 from ..methods import METHODS, build_stages
 from ..models import DEFAULT_GENERATOR, LoadedModel
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, check_engine_stages, order_stages
 from ..types import Answer, Passage, Prompt
 from .metrics import GatewayMetrics
 from .schema import ApiError, ChatRequest, bad_request, completion_id, finish_reason, now
@@ -224,7 +224,9 @@ class Gateway:
         self.workers = config.concurrency if self.engine else 1
         self.limit = self.workers + config.max_queue
         self.metrics.admit_limit.set(self.limit)
-        build_stages(config.method, config.budget, **config.options)  # an unknown method or option fails now
+        stages = build_stages(config.method, config.budget, **config.options)  # a bad method or option fails now
+        if self.engine:
+            check_engine_stages(order_stages(stages))  # and so does a method an engine cannot run
         self.lm: LoadedModel | None = None
         try:
             self._check_budget(config.budget, "budget")

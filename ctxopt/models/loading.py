@@ -1,6 +1,7 @@
 """Load a generator or draft model: from a registry short name, a local folder, a GGUF file or a hub id, onto the
 chosen device and dtype, with ctxopt's attention (``attention.GROUPED_SDPA``). Each model, device and dtype is
-loaded once per process; later loads return the same :class:`LoadedModel`."""
+loaded once per process; later loads return the same :class:`LoadedModel`. The first load sets the number of CPU
+threads (``policy.configure_threads``)."""
 from __future__ import annotations
 
 import re
@@ -21,7 +22,7 @@ from .convert import (
     gguf_tokenizer,
     transformers_progress,
 )
-from .policy import resolve_device_dtype
+from .policy import configure_threads, resolve_device_dtype
 from .registry import DEFAULT_GENERATOR, known_names, registry_entry, registry_path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -86,8 +87,12 @@ def load_model(
     ``name_or_path`` is one of: a registry short name (see ``REGISTRY``), a folder with a transformers
     model, a ``.gguf`` file, or a hub id ``org/name`` (needs network). Loading the same model on the
     same device and dtype again in this process returns the same object.
+
+    The first load in a process also sets torch's CPU thread count (``policy.configure_threads``: $CTXOPT_THREADS,
+    $OMP_NUM_THREADS, or the cores other processes leave free), printed to stderr when ``progress`` and on CPU.
     """
     resolved_device, resolved_dtype = resolve_device_dtype(device, dtype)
+    configure_threads(announce=progress and resolved_device.type == "cpu")
     with _LOADED_LOCK:
         kind, source = _resolve_source(str(name_or_path), progress)
         key = (source, str(resolved_device), resolved_dtype)

@@ -1,8 +1,16 @@
-"""The device and dtype a model is loaded on: arguments first, then $CTXOPT_DEVICE / $CTXOPT_DTYPE, then a
-measured default."""
+"""The device and dtype a model is loaded on (arguments first, then $CTXOPT_DEVICE / $CTXOPT_DTYPE, then a
+measured default), and the number of CPU threads torch uses ($CTXOPT_THREADS, $OMP_NUM_THREADS, or the free
+cores)."""
 from __future__ import annotations
 
+import logging
+import math
 import os
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -13,6 +21,7 @@ from ..errors import InputError
 #   512 tokens: float32 5.7 s, bfloat16 28.8 s;  2048 tokens: float32 25.8 s, bfloat16 134.0 s.
 # With 2 threads, 512 tokens took 25.1 s vs 70.6 s wall (loaded machine); a decode step 101 vs 131 ms. float32 wins.
 _CPU_DEFAULT_DTYPE = torch.float32
+log = logging.getLogger("ctxopt")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
@@ -55,3 +64,96 @@ def resolve_device_dtype(
             raise InputError(f"unknown dtype {dtype!r}; pass one of {sorted(_DTYPES)} or 'auto'")
         resolved_dtype = _DTYPES[key]
     return resolved_device, resolved_dtype
+
+
+# -- CPU threads ------------------------------------------------------------------------------------------------
+# On a shared machine a process that starts one torch thread per core competes with everything else running:
+# its threads wait for each other at every parallel region, and a forward pass can take ~10x longer than with
+# the cores that are actually free. So the thread count is chosen once per process, from the environment or from
+# the cores this process may use minus the 1-minute load average.
+THREADS_ENV = "CTXOPT_THREADS"
+_threads_chosen: tuple[int, str] | None = None
+_threads_lock = threading.Lock()
+
+
+def choose_threads(usable_cores: int, load: float | None, env: Mapping[str, str]) -> tuple[int | None, str]:
+    """The torch thread count to use and why, as a pure function of the machine and the environment.
+
+    ``$CTXOPT_THREADS`` wins (``0``: leave torch's own setting alone, returned as None); then
+    ``$OMP_NUM_THREADS``, which torch honours itself (a value that is not one positive number, such as an OpenMP
+    list, is left to torch: None); otherwise ``usable_cores`` minus ``load`` (the 1-minute load average of the
+    other processes, rounded), at least 1. ``load`` None (no load average on this platform) counts as idle.
+    """
+    value = (env.get(THREADS_ENV) or "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = -1
+        if threads < 0:
+            raise InputError(f"${THREADS_ENV} must be a whole number of threads (0: leave torch's setting); "
+                             f"got {value!r}.")
+        return (threads or None), f"${THREADS_ENV}={value}"
+    value = (env.get("OMP_NUM_THREADS") or "").strip()
+    if value:
+        return (int(value) if value.isdigit() and int(value) > 0 else None), f"$OMP_NUM_THREADS={value}"
+    usable = max(1, int(usable_cores))
+    busy = round(load) if load is not None and load > 0 else 0
+    threads = max(1, usable - busy)
+    return threads, f"{usable} usable cores, load {load or 0:.1f} from other processes; ${THREADS_ENV} overrides"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the platform tells it (else every core), capped
+    by a cgroup v2 CPU quota (a container started with ``--cpus N``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def own_load() -> float:
+    """This process's own part of the 1-minute load average, estimated: its CPU seconds per second of life, times
+    the weight the kernel's 60-second exponential average has given to that life so far."""
+    try:
+        import psutil
+
+        alive = max(1e-3, time.time() - psutil.Process().create_time())
+    except Exception:  # no psutil, or it cannot read this process: count no load of our own
+        return 0.0
+    times = os.times()
+    return (times.user + times.system) / alive * (1 - math.exp(-alive / 60))
+
+
+def configure_threads(announce: bool = False) -> tuple[int, str]:
+    """Set torch's CPU thread count once per process (``choose_threads`` on this machine now, this process's own
+    load left out); later calls return the first choice. The choice is logged at INFO on the ``ctxopt`` logger,
+    and printed to stderr when ``announce``. Returns (threads in use, why)."""
+    global _threads_chosen
+    with _threads_lock:
+        if _threads_chosen is None:
+            load = load_average()
+            others = None if load is None else max(0.0, load - own_load())
+            threads, why = choose_threads(usable_cores(), others, os.environ)
+            if threads is not None and threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            _threads_chosen = (torch.get_num_threads(), why)
+            log.info("%d CPU threads (%s)", *_threads_chosen)
+            if announce:
+                print(f"ctxopt: {_threads_chosen[0]} CPU threads ({why})", file=sys.stderr)
+        return _threads_chosen

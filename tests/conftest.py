@@ -13,6 +13,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ctxopt.models import LoadedModel
 
+# The tests never write into the user's cache ($CTXOPT_CACHE, ~/.cache/ctxopt): they get their own, kept between
+# runs so the packaged model is downloaded and converted once there ($CTXOPT_TEST_CACHE moves it). Set in the
+# environment, so subprocesses the tests start (CLI runs, the engine) read the same folder.
+TEST_CACHE = Path(os.environ.get("CTXOPT_TEST_CACHE") or "~/.cache/ctxopt-tests").expanduser()
+os.environ["CTXOPT_CACHE"] = str(TEST_CACHE)
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

@@ -10,6 +10,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_tests.integration_tests import RetrieversIntegrationTests
+from pydantic import BaseModel, ValidationError
 
 from ctxopt.compressors.gemfilter import GemFilter
 from ctxopt.integrations.langchain import (
@@ -18,9 +19,11 @@ from ctxopt.integrations.langchain import (
     CtxoptCompressionRetriever,
     CtxoptDocumentCompressor,
     CtxoptRetriever,
+    context_message,
     split_messages,
 )
 from ctxopt.pipeline import Pipeline
+from ctxopt.prompting import build_prompt
 from ctxopt.retrievers import FaissStore, load_embedder
 from ctxopt.types import Passage
 
@@ -43,7 +46,7 @@ def documents() -> list[Document]:
 
 
 def context_messages(question: str = QUESTION) -> list:
-    return [SystemMessage("\n".join(d.page_content for d in documents())), HumanMessage(question)]
+    return [HumanMessage("\n".join(d.page_content for d in documents())), HumanMessage(question)]
 
 
 @pytest.mark.asyncio  # for its async test; the sync ones warn about the mark, hence the filter
@@ -123,17 +126,23 @@ def test_full_compressor_returns_documents_unchanged(tiny_lm):
 
 
 def test_split_messages():
-    question, passages = split_messages([
-        SystemMessage("Shelf notes."),
+    question, passages, system = split_messages([
+        SystemMessage("Answer tersely."),
         HumanMessage(content=[{"type": "text", "text": "Doc one."}, {"type": "text", "text": "Doc two."}]),
         AIMessage("ok"),
+        SystemMessage("Shelf notes.", additional_kwargs={"ctxopt_context": True}),
+        SystemMessage("Use digits."),
         HumanMessage("Which doc?"),
     ])
     assert question == "Which doc?"
+    assert system == "Answer tersely.\n\nUse digits."  # system messages are the system prompt, not context
     assert [(p.source, p.text) for p in passages] == [
-        ("system[0]", "Shelf notes."), ("human[1].block[0]", "Doc one."), ("human[1].block[1]", "Doc two."),
-        ("ai[2]", "ok"),
+        ("human[1].block[0]", "Doc one."), ("human[1].block[1]", "Doc two."), ("ai[2]", "ok"),
+        ("system[3]", "Shelf notes."),
     ]
+    assert split_messages([context_message("Gulls nest on the pier."), HumanMessage("Q?")])[1][0].text.startswith(
+        "Gulls")
+    assert split_messages([SystemMessage("Be brief."), HumanMessage("Q?")]) == ("Q?", [], "Be brief.")
     with pytest.raises(ValueError, match="must be a human message"):
         split_messages([HumanMessage("Q?"), AIMessage("A")])
 
@@ -210,14 +219,81 @@ def test_chat_model_retriever_and_lcel_chain(tiny_lm):
     sources = [s["source"] for s in reply.response_metadata["ctxopt"]["sources"]]
     assert sources == [d.metadata["source"] for d in retriever.invoke(QUESTION)]
     assert reply.response_metadata["ctxopt"]["stats"]["stages"][-1]["stage"] == "decode:rapid"
-    with pytest.raises(ValueError, match="No context"):
-        CtxoptChatModel(model=tiny_lm).invoke(QUESTION)
+    assert reply.response_metadata["ctxopt"]["context_from"] == "retriever"
 
     model = CtxoptChatModel(model=tiny_lm, max_new_tokens=6)
-    prompt = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")])
+    prompt = ChatPromptTemplate.from_messages([("human", "{context}"), ("human", "{question}")])
     chain = prompt | model | StrOutputParser()
     answer = chain.invoke({"context": "The blue box holds 7 marbles.", "question": QUESTION})
-    assert answer == model.invoke([SystemMessage("The blue box holds 7 marbles."), HumanMessage(QUESTION)]).content
+    assert answer == model.invoke([HumanMessage("The blue box holds 7 marbles."), HumanMessage(QUESTION)]).content
+
+
+def test_chat_model_without_context_is_a_plain_chat_model(tiny_lm):
+    chat = CtxoptChatModel(model=tiny_lm, method="gemfilter", budget=48, max_new_tokens=6)
+    reply = chat.invoke(QUESTION)  # no context, no retriever: answered, not an error
+    plain = Pipeline(tiny_lm, instruction="", max_new_tokens=6)
+    expected = plain.generate(plain.build_prompt(QUESTION, []))
+    assert reply.content == expected.text != ""
+    meta = reply.response_metadata
+    assert meta["ctxopt"]["context_from"] == "none" and meta["ctxopt"]["sources"] == []
+    assert reply.usage_metadata["input_tokens"] == len(expected.prompt) == meta["prompt_tokens_original"]
+    assert meta["tokens_saved"] == 0
+    assert [s["stage"] for s in meta["ctxopt"]["stats"]["stages"]] == ["prompt", "prefill", "decode"]
+
+    system = "You are a terse assistant who answers in digits."
+    with_system = chat.invoke([SystemMessage(system), HumanMessage(QUESTION)])
+    framed = build_prompt(tiny_lm.tokenizer, QUESTION, [], instruction="", system=system)
+    assert with_system.usage_metadata["input_tokens"] == len(framed) > len(expected.prompt)
+    assert with_system.content == Pipeline(tiny_lm, instruction="", max_new_tokens=6).generate(framed).text
+    assert "".join(c.content for c in chat.stream(QUESTION)) == reply.content
+
+
+def test_chat_model_system_message_is_the_system_prompt_not_context(tiny_lm):
+    system, context = "You are a terse assistant.", "The blue box holds 7 marbles."
+    chat = CtxoptChatModel(model=tiny_lm, max_new_tokens=6)
+    reply = chat.invoke([SystemMessage(system), HumanMessage(context), HumanMessage(QUESTION)])
+    meta = reply.response_metadata
+    assert [s["source"] for s in meta["ctxopt"]["sources"]] == ["human[1]"]
+    expected = Pipeline(tiny_lm, system=system, max_new_tokens=6).ask(QUESTION, context=[Passage(context)])
+    assert meta["prompt_tokens_original"] == len(expected.prompt) and reply.content == expected.text
+    # the system prompt lasts one call: the next call without one reads the prompt without it
+    bare = chat.invoke([HumanMessage(context), HumanMessage(QUESTION)]).response_metadata
+    assert bare["prompt_tokens_original"] == len(Pipeline(tiny_lm).build_prompt(QUESTION, [Passage(context)]))
+    marked = chat.invoke([SystemMessage(context, additional_kwargs={"ctxopt_context": True}), HumanMessage(QUESTION)])
+    assert marked.response_metadata["ctxopt"]["sources"][0]["source"] == "system[0]"
+
+
+def test_chat_model_documents_keyword_is_context(tiny_lm):
+    docs = documents()[:2]
+    chat = CtxoptChatModel(model=tiny_lm, method="gemfilter", budget=40, max_new_tokens=4,
+                           retriever=CtxoptRetriever(store=store(), k=4))
+    reply = chat.invoke(QUESTION, documents=docs)  # the keyword wins over the retriever
+    meta = reply.response_metadata["ctxopt"]
+    assert meta["context_from"] == "documents"
+    assert {s["source"] for s in meta["sources"]} <= {d.metadata["source"] for d in docs}
+    assert reply.response_metadata["prompt_tokens_original"] == len(
+        Pipeline(tiny_lm).build_prompt(QUESTION, [Passage(d.page_content) for d in docs]))
+
+
+def test_unknown_arguments_and_unsupported_features_are_errors(tiny_lm):
+    with pytest.raises(ValidationError, match="budjet"):
+        CtxoptChatModel(model=tiny_lm, method="truncate", budjet=64)
+    with pytest.raises(ValidationError, match="methd"):
+        CtxoptDocumentCompressor(model=tiny_lm, methd="rag")
+    with pytest.raises(ValidationError, match="top_k"):
+        CtxoptRetriever(store=store(), top_k=2)
+    compressor = CtxoptDocumentCompressor(model=tiny_lm, method="rag", budget=40)
+    with pytest.raises(ValidationError, match="compresor"):
+        CtxoptCompressionRetriever(base_retriever=CtxoptRetriever(store=store()), compresor=compressor)
+
+    class Count(BaseModel):
+        marbles: int
+
+    chat = CtxoptChatModel(model=tiny_lm)
+    with pytest.raises(NotImplementedError, match="does not support structured output"):
+        chat.with_structured_output(Count)
+    with pytest.raises(NotImplementedError, match="does not support tool calling"):
+        chat.bind_tools([Count])
 
 
 def test_compression_retriever_wraps_any_langchain_retriever(tiny_lm):

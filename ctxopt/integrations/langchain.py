@@ -5,7 +5,12 @@
   such as ``gemfilter`` and ``specpc``) applied to Documents; metadata kept, plus what compression did.
 - ``CtxoptCompressionRetriever``: any LangChain retriever followed by a ``CtxoptDocumentCompressor``.
 - ``CtxoptChatModel``: the whole ctxopt pipeline (any method, including ``speckv`` and ``rapid``) as a chat
-  model: the last human message is the question, every earlier message is context.
+  model: the last human message is the question, system messages are the system prompt, and the context comes
+  from the other earlier messages, the ``documents=`` keyword or the chat model's retriever; with none it
+  answers as a plain chat model.
+
+Every component refuses a constructor argument it does not know (a misspelt ``budjet=`` is an error, not a
+default silently kept).
 
 Every model forward made through these components runs under one process-wide lock (``MODEL_LOCK``): the
 models and stages are not safe for concurrent forwards (stages cache drafts and adapters, the decode loop
@@ -19,7 +24,6 @@ import asyncio
 import contextvars
 import queue
 import threading
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,26 +36,26 @@ from langchain_core.callbacks import (
 )
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from .. import __version__
+from ..compress import GAP as GAP  # re-exported: the marker between the kept pieces of one document
+from ..compress import INPUT_KEY, MODEL_LOCK, compress_texts, text_stages
 from ..errors import InputError
+from ..measure import measure
 from ..methods import build_stages
 from ..models import DEFAULT_GENERATOR, LoadedModel
 from ..pipeline import Pipeline
 from ..prompting import validate_question
 from ..retrievers import FaissStore
-from ..text import count_tokens
-from ..types import Answer, Passage
+from ..types import Answer, Passage, Stats
 
-MODEL_LOCK = threading.RLock()
-TEXT_STAGE_KINDS = ("passage", "token")
-GAP = " … "  # joins the kept pieces of one document, as Prompt.kept_text does
-_DOCUMENT_KEY = "_ctxopt_document"  # the input document a passage came from; never leaves this module
+CONTEXT_MARK = "ctxopt_context"  # additional_kwargs key: this message (a system message too) is context
+STRICT = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # an unknown constructor argument is an error
 
 
 def passage_to_document(passage: Passage) -> Document:
@@ -77,6 +81,8 @@ class CtxoptRetriever(BaseRetriever):
 
     ``k`` is a field and an ``invoke`` keyword (``retriever.invoke(query, k=2)``).
     """
+
+    model_config = STRICT
 
     store: FaissStore
     k: int = Field(default=4, ge=1)
@@ -112,7 +118,7 @@ class CtxoptDocumentCompressor(BaseDocumentCompressor):
     ``ctxopt_tokens_out`` (tokens of ``model``'s tokenizer).
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = STRICT
 
     model: Any = DEFAULT_GENERATOR
     method: str = "rag"
@@ -123,14 +129,7 @@ class CtxoptDocumentCompressor(BaseDocumentCompressor):
 
     @model_validator(mode="after")
     def _build_ctxopt_compressor(self) -> "CtxoptDocumentCompressor":
-        stages = build_stages(self.method, self.budget, **self.options)
-        other = [f"{s.name} ({s.kind})" for s in stages if s.kind not in TEXT_STAGE_KINDS]
-        if other:
-            raise InputError(
-                f"Method {self.method!r} has stages that do not act on text: {', '.join(other)}. A document "
-                "compressor takes passage or token stages (rag, truncate, gemfilter, specpc); run "
-                f"{self.method!r} through CtxoptChatModel instead."
-            )
+        stages = text_stages(self.method, self.budget, self.options, "A document compressor")
         self._pipe = Pipeline(self.model, stages=stages, embedder=self.embedder)
         return self
 
@@ -139,38 +138,24 @@ class CtxoptDocumentCompressor(BaseDocumentCompressor):
     ) -> list[Document]:
         if not documents:
             return []
-        question = validate_question(query)
         passages = [
-            document_to_passage(d, i).replace(metadata={**d.metadata, _DOCUMENT_KEY: i})
-            for i, d in enumerate(documents)
+            document_to_passage(d, i).replace(metadata={**d.metadata, INPUT_KEY: i}) for i, d in enumerate(documents)
         ]
-        pipe = self._pipe
-        with MODEL_LOCK:
-            prompt = pipe.compress(question, passages)  # what Pipeline.ask runs before the generator
-            tokens_in = [count_tokens(pipe.lm.tokenizer, d.page_content) for d in documents]
-        untouched = len(prompt) == prompt.original_length
-        pieces: dict[int, list[str]] = defaultdict(list)
-        tokens_out: dict[int, int] = defaultdict(int)
-        for j, passage in enumerate(prompt.passages):
-            kept = int((prompt.passage_index == j).sum())
-            text = passage.text if untouched else prompt.kept_text(j)
-            if kept and text.strip():
-                pieces[passage.metadata[_DOCUMENT_KEY]].append(text)
-                tokens_out[passage.metadata[_DOCUMENT_KEY]] += kept
+        _, kept = compress_texts(self._pipe, query, passages)
         return [
             Document(
-                page_content=GAP.join(pieces[i]),
+                page_content=kept[i].text,
                 metadata={
                     **document.metadata,
                     "ctxopt_method": self.method,
                     "ctxopt_budget": self.budget,
-                    "ctxopt_tokens_in": tokens_in[i],
-                    "ctxopt_tokens_out": tokens_out[i],
+                    "ctxopt_tokens_in": kept[i].tokens_in,
+                    "ctxopt_tokens_out": kept[i].tokens_out,
                 },
                 id=document.id,
             )
             for i, document in enumerate(documents)
-            if i in pieces
+            if i in kept
         ]
 
 
@@ -179,6 +164,8 @@ class CtxoptCompressionRetriever(BaseRetriever):
 
     Keyword arguments of ``invoke`` (``k=...``) go to the base retriever.
     """
+
+    model_config = STRICT
 
     base_retriever: BaseRetriever
     compressor: CtxoptDocumentCompressor
@@ -213,22 +200,54 @@ def message_texts(message: BaseMessage) -> list[str]:
     return texts
 
 
-def split_messages(messages: Sequence[BaseMessage]) -> tuple[str, list[Passage]]:
-    """The question (the last message, a human one) and the context: one passage per earlier text block."""
+def context_message(text: str) -> HumanMessage:
+    """A message that ``CtxoptChatModel`` reads as context (marked with ``additional_kwargs``), whatever its
+    place among the earlier messages."""
+    return HumanMessage(text, additional_kwargs={CONTEXT_MARK: True})
+
+
+def split_messages(messages: Sequence[BaseMessage]) -> tuple[str, list[Passage], str | None]:
+    """The question, the context and the system prompt of a chat.
+
+    The last message, a human one, is the question. Of the earlier messages, a system message is the system
+    prompt (several are joined by blank lines) unless it is marked as context
+    (``additional_kwargs={"ctxopt_context": True}``, see ``context_message``); every other message (human, AI,
+    tool, and marked system messages) is context, one passage per text block.
+    """
     if not messages or not isinstance(messages[-1], HumanMessage):
         last = messages[-1].type if messages else "nothing"
         raise InputError(
             f"CtxoptChatModel answers the last message, which must be a human message holding the question; got {last}."
         )
     question = validate_question("".join(message_texts(messages[-1])))
-    passages = []
+    passages, system = [], []
     for i, message in enumerate(messages[:-1]):
         texts = message_texts(message)
+        if isinstance(message, SystemMessage) and not message.additional_kwargs.get(CONTEXT_MARK):
+            system += [text for text in texts if text.strip()]
+            continue
         for j, text in enumerate(texts):
             if text.strip():
                 source = f"{message.type}[{i}]" + (f".block[{j}]" if len(texts) > 1 else "")
                 passages.append(Passage(text=text, source=source))
-    return question, passages
+    return question, passages, "\n\n".join(system) or None
+
+
+def as_context_passages(documents: Sequence[Document | str]) -> list[Passage]:
+    """The ``documents=`` keyword of CtxoptChatModel: Documents (or strings) -> passages."""
+    if isinstance(documents, (str, Document)):
+        documents = [documents]
+    return [
+        document_to_passage(d, i) if isinstance(d, Document) else Passage(text=str(d), source=f"documents[{i}]")
+        for i, d in enumerate(documents)
+    ]
+
+
+UNSUPPORTED = (
+    "CtxoptChatModel does not support {what}: it answers a question over its context in plain text, with the "
+    "local model it hosts. Parse the text reply (an output parser), or compress the context with ctxopt "
+    "(CtxoptDocumentCompressor, ctxopt.compress_prompt) and hand it to a chat model that supports {what}."
+)
 
 
 class _StreamClosed(Exception):
@@ -255,9 +274,13 @@ class _Trimmer:
 class CtxoptChatModel(BaseChatModel):
     """A chat model that answers through the ctxopt pipeline on the model it hosts.
 
-    The last message must be a human message: the question. Every earlier message (system, human, AI) is
-    context, one passage per text block; with none, ``retriever`` (any LangChain retriever) supplies the
-    context, one passage per Document. ``method``/``budget``/``options`` pick the compression (any
+    The last message must be a human message: the question. System messages are the system prompt. The context
+    is, in order: the ``documents`` invoke keyword (Documents or strings, ``llm.invoke(question, documents=docs)``)
+    and every other earlier message (human, AI, and system messages marked
+    ``additional_kwargs={"ctxopt_context": True}``, see ``context_message``), one passage per text block; with
+    none, ``retriever`` (any LangChain retriever) supplies it, one passage per Document. With no context and no
+    retriever the model answers as a plain chat model (nothing to compress; ``tokens_saved`` 0).
+    ``method``/``budget``/``options`` pick the compression (any
     registered method, see ``ctxopt methods``). ``stop`` and the invoke keywords ``max_new_tokens``,
     ``temperature``, ``top_p`` and ``seed`` reach the decoder. ``engine`` (a base URL such as
     ``http://127.0.0.1:8000/v1``) sends the compressed prompt to an OpenAI-compatible server serving ``model``
@@ -266,11 +289,14 @@ class CtxoptChatModel(BaseChatModel):
     The reply carries ``usage_metadata`` (input tokens = positions prefilled after compression; a REFRAG chunk
     embedding is one) and
     ``response_metadata``: ``tokens_saved`` (prompt tokens without compression minus tokens prefilled),
-    ``prompt_tokens_original``, ``prompt_tokens_prefilled`` and ``ctxopt`` (method, budget, per-stage stats,
-    their summary, TTFT and the sources kept).
+    ``prompt_tokens_original``, ``prompt_tokens_prefilled`` and ``ctxopt`` (method, budget, where the context
+    came from, per-stage stats, their summary, TTFT and the sources kept).
+
+    Tool calling and structured output (``bind_tools``, ``with_structured_output``) are not supported: they
+    raise NotImplementedError saying so.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = STRICT
 
     model: Any = DEFAULT_GENERATOR
     method: str = "full"
@@ -283,6 +309,7 @@ class CtxoptChatModel(BaseChatModel):
     engine: str | None = None
     engine_model: str | None = None
     _pipe: Pipeline = PrivateAttr()
+    _plain: Pipeline | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _build_ctxopt_pipeline(self) -> "CtxoptChatModel":
@@ -311,18 +338,31 @@ class CtxoptChatModel(BaseChatModel):
             "options": {k: v.name if isinstance(v, LoadedModel) else v for k, v in self.options.items()},
         }
 
-    def _context(self, question: str, passages: list[Passage]) -> list[Passage]:
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any) -> Any:
+        raise NotImplementedError(UNSUPPORTED.format(what="tool calling (bind_tools)"))
+
+    def with_structured_output(self, schema: Any, *, include_raw: bool = False, **kwargs: Any) -> Any:
+        raise NotImplementedError(UNSUPPORTED.format(what="structured output (with_structured_output)"))
+
+    def _context(self, question: str, passages: list[Passage]) -> tuple[list[Passage], str]:
+        """The passages to answer over and where they came from ("messages", "retriever" or "none")."""
         if passages:
-            return passages
+            return passages, "messages"
         if self.retriever is None:
-            raise InputError(
-                "No context: put it in a system message or an earlier human message, or give CtxoptChatModel a "
-                "retriever=..."
-            )
+            return [], "none"
         documents = self.retriever.invoke(question)
         if not documents:
             raise InputError(f"The retriever returned no documents for {question!r}.")
-        return [document_to_passage(d, i) for i, d in enumerate(documents)]
+        return [document_to_passage(d, i) for i, d in enumerate(documents)], "retriever"
+
+    def _plain_pipeline(self) -> Pipeline:
+        """The pipeline of a chat with no context: the same model and generator, no stages, no RAG instruction."""
+        if self._plain is None:
+            self._plain = Pipeline(
+                self._pipe.lm, instruction="", max_new_tokens=self.max_new_tokens, embedder=self.embedder,
+                engine=self.engine, engine_model=self.engine_model,
+            )
+        return self._plain
 
     def _answer(
         self,
@@ -332,36 +372,52 @@ class CtxoptChatModel(BaseChatModel):
         on_text: Callable[[str], None] | None = None,
     ) -> AIMessage:
         """Run the pipeline for the messages; the reply with usage and ctxopt metadata."""
-        question, passages = split_messages(messages)
-        passages = self._context(question, passages)
-        pipe = self._pipe
-        generation = {**generation, "stop_strings": tuple(stop or ())}
+        generation = dict(generation)
+        documents = generation.pop("documents", None)
+        question, passages, system = split_messages(messages)
+        if documents:
+            passages, source = as_context_passages(documents) + passages, "documents"
+        else:
+            passages, source = self._context(question, passages)
+        generation["stop_strings"] = tuple(stop or ())
         with MODEL_LOCK:
-            original = len(pipe.build_prompt(question, passages))
-            prompt = pipe.compress(question, passages, **generation)
+            pipe = self._pipe if passages else self._plain_pipeline()
+            pipe.system = system  # this call's system prompt: every prompt of this pipeline is built under the lock
+            try:
+                if passages:
+                    original = len(pipe.build_prompt(question, passages))
+                    prompt = pipe.compress(question, passages, **generation)
+                else:
+                    with measure("prompt", pipe.lm.device) as record:
+                        prompt = pipe.build_prompt(question, [])
+                        record.tokens_out = original = len(prompt)
+                    prompt.stats = Stats(stages=[record])
+            finally:
+                pipe.system = None
             if pipe.engine is None:
                 answer = pipe.generate(prompt, on_text, **generation)
         if pipe.engine is not None:  # the engine batches concurrent calls: no lock around generation
             answer = pipe.generate(prompt, on_text, **generation)
         return AIMessage(
             content=answer.text,
-            usage_metadata=self._usage(answer),
-            response_metadata=self._metadata(answer, original),
+            usage_metadata=self._usage(pipe, answer),
+            response_metadata=self._metadata(pipe, answer, original, source),
         )
 
-    def _prefilled(self, answer: Answer) -> int:
+    @staticmethod
+    def _prefilled(pipe: Pipeline, answer: Answer) -> int:
         """Positions the model prefilled: the prompt's tokens, or fewer where an input stage (REFRAG) reads one
         embedding per chunk."""
-        stage = self._pipe.generator.input_stage
+        stage = pipe.generator.input_stage
         record = answer.stats.get(stage.name) if stage is not None else None
         return record.tokens_out if record is not None and record.tokens_out is not None else len(answer.prompt)
 
-    def _usage(self, answer: Answer) -> UsageMetadata:
-        prefilled, generated = self._prefilled(answer), len(answer.token_ids)
+    def _usage(self, pipe: Pipeline, answer: Answer) -> UsageMetadata:
+        prefilled, generated = self._prefilled(pipe, answer), len(answer.token_ids)
         return UsageMetadata(input_tokens=prefilled, output_tokens=generated, total_tokens=prefilled + generated)
 
-    def _metadata(self, answer: Answer, original: int) -> dict[str, Any]:
-        prefilled = self._prefilled(answer)
+    def _metadata(self, pipe: Pipeline, answer: Answer, original: int, source: str) -> dict[str, Any]:
+        prefilled = self._prefilled(pipe, answer)
         return {
             "model_name": self._pipe.lm.name,
             "tokens_saved": original - prefilled,
@@ -370,6 +426,7 @@ class CtxoptChatModel(BaseChatModel):
             "ctxopt": {
                 "method": self.method,
                 "budget": self.budget,
+                "context_from": source,
                 "summary": answer.stats.summary(),
                 "ttft_seconds": answer.stats.ttft_seconds,
                 "stats": answer.stats.to_dict(),

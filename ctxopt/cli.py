@@ -42,8 +42,13 @@ def _method_options(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="ctxopt", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print ctxopt's version and exit")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     help="what to do; `ctxopt COMMAND --help` lists a command's options")
 
     index = commands.add_parser("index", help="chunk, embed and index a folder of documents")
     index.add_argument("folder")
@@ -55,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also precompute REFRAG chunk embeddings into the index (the default adapter, or a folder)")
 
     ask = commands.add_parser("ask", help="answer a question over a corpus, an index or a file")
-    ask.add_argument("question")
+    ask.add_argument("question", help="the question to answer (quote it)")
     source = ask.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="folder of .txt/.md/.jsonl documents (indexed in memory)")
     source.add_argument("--index", help="index folder written by `ctxopt index`")
     source.add_argument("--file", help="one long document, given whole as context")
     ask.add_argument("-k", type=int, default=4, help="passages to retrieve")
-    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")
     ask.add_argument("--truncate", action="store_true", help="truncate a context longer than the model's positions")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--json", action="store_true", help="print answer, sources and stats as JSON")
@@ -148,9 +153,24 @@ def cmd_index(args) -> int:
     return 0
 
 
-def cmd_ask(args) -> int:
-    from .retrievers import FaissStore, build_index
+def load_index(folder: str):
+    """The index at ``folder``; its load errors also say how to (re)build it from the command line."""
+    from .errors import IndexLoadError
+    from .retrievers import FaissStore
 
+    try:
+        return FaissStore.load(folder)
+    except IndexLoadError as error:
+        raise IndexLoadError(
+            f"{error}. From the command line, `ctxopt index DOCS_FOLDER --out {folder}` (re)builds it."
+        ) from error
+
+
+def cmd_ask(args) -> int:
+    from .models.policy import configure_threads
+    from .retrievers import build_index
+
+    configure_threads(announce=True)  # before the embedder runs, not only at the generator's load
     context, retriever = None, None
     if args.file:
         path = Path(args.file)
@@ -164,7 +184,7 @@ def cmd_ask(args) -> int:
 
         context = Passage(text=context, source=str(path))
     elif args.index:
-        retriever = FaissStore.load(args.index)
+        retriever = load_index(args.index)
     else:
         retriever = build_index(args.corpus, progress=False)
     pipe = _pipeline(args, retriever)
@@ -182,9 +202,11 @@ def demo_questions() -> list[dict]:
 
 def cmd_demo(args) -> int:
     from .bench.metrics import normalize_answer
+    from .models.policy import configure_threads
     from .retrievers import build_index
 
     began = time.perf_counter()
+    configure_threads(announce=True)  # before the corpus is embedded, not only at the generator's load
     with resources.as_file(resources.files("ctxopt") / DEMO_FOLDER / "corpus") as folder:
         store = build_index(folder, progress=False)
     args.k, args.max_new_tokens = 2, 32

@@ -1,9 +1,12 @@
-"""The ctxopt command: bad input gives a clear error and exit code 2; the demo answers its questions."""
+"""The ctxopt command: bad input gives a clear error and exit code 2; every option says what it does; the demo
+answers its questions."""
+import argparse
 import json
 
 import pytest
 
-from ctxopt.cli import main, parse_budget
+from ctxopt import __version__
+from ctxopt.cli import build_parser, main, parse_budget
 
 
 def run(capsys, *argv):
@@ -33,6 +36,46 @@ def test_bad_input_exits_with_a_clear_error(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert message.lower() in err.lower()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"ctxopt {__version__}"
+
+
+# The subcommands whose parsers live in ctxopt/cli.py besides `index`; index, train and bench are checked by
+# their owners' tests.
+CHECKED_COMMANDS = ("ask", "demo", "methods")
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def test_every_option_and_positional_has_help():
+    parser = build_parser()
+    commands = subparsers(parser)
+    assert set(CHECKED_COMMANDS) <= set(commands)
+    for name, command in [("ctxopt", parser)] + [(c, commands[c]) for c in CHECKED_COMMANDS]:
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"ctxopt {name}: {'/'.join(action.option_strings) or action.dest} has no help"
+    assert {a.dest for a in commands["ask"]._actions} >= {"question", "max_new_tokens", "budget", "method"}
+
+
+def test_a_broken_index_names_the_command_that_rebuilds_it(tmp_path, capsys):
+    broken = tmp_path / "docs.index"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    for folder in (broken, tmp_path / "missing.index"):
+        code, _, err = run(capsys, "ask", "Where?", "--index", str(folder))
+        assert code == 2 and f"`ctxopt index DOCS_FOLDER --out {folder}`" in err
 
 
 def test_empty_corpus_folder(tmp_path, capsys):

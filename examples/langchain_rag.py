@@ -47,8 +47,9 @@ def format_docs(docs: list[Document]) -> str:
 
 def rag_chain(retriever: CtxoptRetriever, llm: CtxoptChatModel) -> Runnable:
     """question -> retrieved documents -> prompt -> chat model -> AIMessage."""
-    # The system message carries the context; CtxoptChatModel adds its own short-answer instruction.
-    prompt = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")])
+    # An earlier human message carries the context (a system message would be the system prompt); CtxoptChatModel
+    # adds its own short-answer instruction.
+    prompt = ChatPromptTemplate.from_messages([("human", "{context}"), ("human", "{question}")])
     return {"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm
 
 

@@ -2,6 +2,7 @@
 it saved; one runs on the real SmolLM2 and must answer the demo questions."""
 import importlib.util
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -45,6 +46,8 @@ def test_langchain_rag(tiny_lm, capsys):
     assert example("langchain_rag").main(argv, lm=tiny_lm) == 0
     out = capsys.readouterr().out
     assert "plain" in out and "ctxopt" in out and "saved " in out and "with rag (budget 40)" in out
+    saved = int(re.search(r"saved (\d+) of", out).group(1))
+    assert saved > 0  # the context reaches the compressor (a system message would be the system prompt)
 
 
 def test_long_document_qa(tiny_lm, capsys):

@@ -260,13 +260,13 @@ def test_shipped_default_on_smollm(smollm):
 
 
 def test_langchain_chat_model_reports_the_positions_refrag_saves(tiny_lm, adapter):
-    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_core.messages import HumanMessage
 
     from ctxopt.integrations.langchain import CtxoptChatModel
 
     chat = CtxoptChatModel(model=tiny_lm, method="refrag", options={"adapter": adapter}, max_new_tokens=3)
     context = " ".join(p.text for p in PASSAGES)
-    reply = chat.invoke([SystemMessage(context), HumanMessage(QUESTION)])
+    reply = chat.invoke([HumanMessage(context), HumanMessage(QUESTION)])
     meta = reply.response_metadata
     chunks = split_context(Pipeline(tiny_lm).build_prompt(QUESTION, [Passage(context)]), K)
     saved = sum(chunk.end - chunk.start - 1 for chunk in chunks)  # each chunk: its tokens -> one embedding

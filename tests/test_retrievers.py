@@ -393,3 +393,41 @@ def test_build_index_clamps_chunk_size(topic_corpus, embedder, tmp_path):
     assert sorted(p.source for p in store.passages) == sorted(TOPICS)  # each topic fits one chunk
     with pytest.raises(InputError, match="smaller overlap"), pytest.warns(UserWarning):
         build_index(topic_corpus, embedder=embedder, chunk_tokens=1000, overlap=300, progress=False)
+
+
+def test_extra_files_are_checksummed_and_version_1_folders_still_load(saved_index, embedder, tmp_path):
+    store = FaissStore.load(saved_index[0], embedder)
+    store.attachments["notes.bin"] = lambda path: path.write_bytes(b"chunk embeddings")
+    first = store.passages[0]
+    store.compressed, store.compression = {first.id: "Short."}, {"method": "test", "fingerprint": "0"}
+    store.save(tmp_path / "extra")
+    loaded = FaissStore.load(tmp_path / "extra", embedder)
+    assert loaded.attachment("notes.bin").read_bytes() == b"chunk embeddings" and loaded.compressed == store.compressed
+    served = {p.id: p for p in loaded.search(first.text, k=len(loaded))}
+    marker = served[first.id].metadata[store_module.PRECOMPRESSED]
+    assert served[first.id].text == "Short." and marker == {"method": "test", "fingerprint": "0"}
+    assert all(p.text == next(q.text for q in loaded.passages if q.id == i) for i, p in served.items() if i != first.id)
+    loaded.save(tmp_path / "copy")  # attached files travel with the index
+    assert (tmp_path / "copy" / "notes.bin").read_bytes() == b"chunk embeddings"
+
+    (tmp_path / "extra" / "notes.bin").write_bytes(b"changed")
+    with pytest.raises(IndexLoadError, match="notes.bin"):
+        FaissStore.load(tmp_path / "extra", embedder)
+    manifest_path = tmp_path / "copy" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["../outside"] = {"sha256": "0" * 64}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexLoadError, match="not a plain file name"):
+        FaissStore.load(tmp_path / "copy", embedder)
+    store.attachments = {"docstore.json": lambda path: None}
+    with pytest.raises(InputError, match="cannot attach"):
+        store.save(tmp_path / "clash")
+
+    old = tmp_path / "v1"
+    shutil.copytree(saved_index[0], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    _assert_same_results(saved_index[1], FaissStore.load(old, embedder))
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(IndexLoadError, match="format version 3"):
+        FaissStore.load(old, embedder)

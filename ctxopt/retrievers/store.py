@@ -5,7 +5,15 @@ Layout of a saved index folder:
 - ``index.faiss``: the FAISS index (``faiss.write_index``);
 - ``docstore.json``: the passages (text, source, span, metadata, id), in index order;
 - ``manifest.json``: format version, embedder name and width, passage count, index type, chunking
-  parameters, and the sha256 of the two files above, checked on load.
+  parameters, and the sha256 of every other file, checked on load;
+- optionally ``compressed.json``: each passage's pre-compressed text (``ctxopt index --compress``), served by
+  :meth:`FaissStore.search` in place of the original, which the docstore keeps; and other files the build
+  attached (``refrag-chunks.safetensors``: REFRAG chunk embeddings), listed and checksummed in the manifest.
+
+Past ``approximate.DEFAULT_THRESHOLD`` passages an index built from all its vectors at once
+(:meth:`FaissStore.from_vectors`, what ``ctxopt index`` does) is an IVF index whose recall against exact search
+was measured at build time (``manifest["approximate"]``); an index grown passage group by passage group
+(:meth:`FaissStore.add`) switches to HNSW past ``hnsw_threshold``.
 
 Saving is atomic: everything is written into a temporary folder next to the target, which is then swapped
 in. An interrupted save leaves the previous index in place (or, if it stopped between the two renames of
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -32,12 +41,20 @@ from ..checks import require_int
 from ..errors import CorpusError, IndexLoadError, InputError
 from ..fileutil import sha256_file
 from ..types import Passage
+from .approximate import DEFAULT_THRESHOLD, TARGET_RECALL, build_ivf, tune_nprobe
 from .chunking import chunk_corpus
 from .embeddings import DEFAULT_EMBEDDER, Embedder, load_embedder
 
 FORMAT = "ctxopt-faiss"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional compressed.json, attached files, IVF indexes; version 1 folders still load
+READABLE_VERSIONS = (1, 2)
 INDEX_FILE, DOCSTORE_FILE, MANIFEST_FILE = "index.faiss", "docstore.json", "manifest.json"
+COMPRESSED_FILE = "compressed.json"
+# Metadata key of a passage served pre-compressed: {"method": "color" | "extractive", "fingerprint": ...}. A
+# passage stage that would compress it again can see that it already was.
+PRECOMPRESSED = "ctxopt_precompressed"
+# Manifest keys a build may add (FaissStore.info), kept through load and save.
+INFO_KEYS = ("artefacts", "approximate", "build")
 HNSW_NEIGHBOURS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
@@ -47,7 +64,13 @@ class FaissStore:
     """Passages and their embeddings in a FAISS inner-product index (cosine similarity on unit vectors).
 
     Up to ``hnsw_threshold`` passages the index is exact (``IndexFlatIP``); past it the store switches to
-    an approximate ``IndexHNSWFlat`` graph, which stays fast on large corpora.
+    an approximate ``IndexHNSWFlat`` graph, which stays fast on large corpora. :meth:`from_vectors` builds an
+    IVF index instead past its threshold, with a measured recall.
+
+    ``compressed`` maps passage ids to pre-compressed texts (``compression`` says how they were made); while
+    ``serve_compressed`` is true, :meth:`search` returns those texts, marked in the metadata under
+    :data:`PRECOMPRESSED`. ``attachments`` are further files written into the folder on save (name -> a function
+    writing that file at the path it is given); ``info`` holds manifest fields a build records.
     """
 
     def __init__(self, embedder: Embedder, hnsw_threshold: int = 50_000) -> None:
@@ -56,6 +79,12 @@ class FaissStore:
         self.passages: list[Passage] = []
         self.index: faiss.Index | None = None
         self.chunking: dict[str, Any] | None = None
+        self.compressed: dict[str, str] = {}
+        self.compression: dict[str, Any] | None = None
+        self.serve_compressed = True
+        self.attachments: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
+        self.folder: Path | None = None
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -63,8 +92,55 @@ class FaissStore:
 
     @property
     def index_type(self) -> str:
-        """``"flat"`` (exact) or ``"hnsw"`` (approximate); ``"flat"`` while empty."""
-        return "hnsw" if isinstance(self.index, faiss.IndexHNSW) else "flat"
+        """``"flat"`` (exact), ``"hnsw"`` or ``"ivf"`` (approximate); ``"flat"`` while empty."""
+        if isinstance(self.index, faiss.IndexHNSW):
+            return "hnsw"
+        return "ivf" if isinstance(self.index, faiss.IndexIVF) else "flat"
+
+    @classmethod
+    def from_vectors(
+        cls,
+        passages: list[Passage],
+        vectors: np.ndarray,
+        embedder: Embedder,
+        approx_threshold: int = DEFAULT_THRESHOLD,
+        target_recall: float = TARGET_RECALL,
+    ) -> "FaissStore":
+        """A store of ``passages`` with their precomputed unit ``vectors`` (row i embeds passage i).
+
+        Up to ``approx_threshold`` passages the index is exact; past it, an IVF index trained on a sample, its
+        ``nprobe`` tuned until the recall@10 measured against exact search reaches ``target_recall``; the
+        measurement is kept in ``info["approximate"]`` (and the manifest). Where only a scan of every cell reaches
+        the target (vectors without neighbourhood structure), the index stays exact (``kept_exact``).
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(passages), embedder.dim):
+            raise InputError(
+                f"{len(passages)} passages need {len(passages)} vectors of width {embedder.dim}; got {vectors.shape}"
+            )
+        store = cls(embedder, hnsw_threshold=approx_threshold)
+        store.passages = list(passages)
+        if len(passages) > approx_threshold:
+            index = build_ivf(vectors)
+            report = tune_nprobe(index, vectors, target=target_recall)
+            if report["nprobe"] < report["nlist"]:
+                store.index = index
+            else:  # the target needs every cell scanned: exact search costs no more and is exact
+                report["kept_exact"] = True
+            store.info["approximate"] = report
+        if store.index is None and len(passages):
+            store.index = store._new_index(hnsw=False)
+            store.index.add(vectors)
+        return store
+
+    def vectors(self) -> np.ndarray:
+        """The indexed vectors, row i for passage i, exactly as stored (flat, HNSW and IVF-Flat keep them whole)."""
+        with self._lock:
+            if self.index is None or not self.index.ntotal:
+                return np.zeros((0, self.embedder.dim), dtype=np.float32)
+            if isinstance(self.index, faiss.IndexIVF):
+                self.index.make_direct_map()
+            return self.index.reconstruct_n(0, self.index.ntotal)
 
     @classmethod
     def build(
@@ -109,8 +185,17 @@ class FaissStore:
                 return []
             if isinstance(self.index, faiss.IndexHNSW):
                 self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+            elif isinstance(self.index, faiss.IndexIVF):
+                self.index.nprobe = int(self.info.get("approximate", {}).get("nprobe", self.index.nprobe))
             scores, ids = self.index.search(vector, min(k, len(self.passages)))
-            return [self.passages[i].replace(score=float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+            return [self._served(self.passages[i]).replace(score=float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+
+    def _served(self, passage: Passage) -> Passage:
+        """``passage`` as search returns it: its pre-compressed text, marked, when the store serves those."""
+        text = self.compressed.get(passage.id) if self.serve_compressed else None
+        if text is None:
+            return passage
+        return passage.replace(text=text, metadata={**passage.metadata, PRECOMPRESSED: dict(self.compression or {})})
 
     def retrieve(self, question: str, k: int = 4) -> list[Passage]:
         """Check the question and ``k``, then :meth:`search`."""
@@ -123,14 +208,7 @@ class FaissStore:
 
         Refuses to replace an existing folder that is not a ctxopt index (it would be deleted).
         """
-        target = Path(folder)
-        _restore_backup(target)
-        foreign = target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).exists()
-        if foreign or (target.exists() and not target.is_dir()):
-            raise InputError(
-                f"{target} exists and is not a ctxopt index folder (no {MANIFEST_FILE}); "
-                "choose a new or empty folder, saving replaces the folder's contents"
-            )
+        target = check_target(folder)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
@@ -143,11 +221,22 @@ class FaissStore:
                 shutil.rmtree(staging, ignore_errors=True)
 
     def _write(self, staging: Path) -> None:
-        """Write index.faiss, docstore.json, then manifest.json (with both checksums) into ``staging``."""
+        """Write index.faiss, docstore.json, compressed.json and the attachments, then manifest.json (with every
+        file's checksum) into ``staging``."""
         index = self.index if self.index is not None else self._new_index(hnsw=False)
         faiss.write_index(index, str(staging / INDEX_FILE))
         records = [_passage_record(p) for p in self.passages]
         _write_json(staging / DOCSTORE_FILE, {"passages": records})
+        names = [INDEX_FILE, DOCSTORE_FILE]
+        if self.compressed:
+            known = {p.id for p in self.passages}
+            texts = {key: text for key, text in self.compressed.items() if key in known}
+            _write_json(staging / COMPRESSED_FILE, {"compression": self.compression, "texts": texts})
+            names.append(COMPRESSED_FILE)
+        for name, write in sorted(self.attachments.items()):
+            _check_file_name(name)
+            write(staging / name)
+            names.append(name)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -158,17 +247,21 @@ class FaissStore:
             "index_type": self.index_type,
             "hnsw_threshold": self.hnsw_threshold,
             "chunking": self.chunking,
-            "files": {name: {"sha256": sha256_file(staging / name)} for name in (INDEX_FILE, DOCSTORE_FILE)},
+            **{key: self.info[key] for key in INFO_KEYS if key in self.info},
+            "files": {name: {"sha256": sha256_file(staging / name)} for name in names},
         }
         _write_json(staging / MANIFEST_FILE, manifest)
         _fsync_dir(staging)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], embedder: Embedder | None = None) -> "FaissStore":
+    def load(
+        cls, folder: str | os.PathLike[str], embedder: Embedder | None = None, serve_compressed: bool = True
+    ) -> "FaissStore":
         """Read a saved index: check the manifest and checksums, read the files, match the embedder.
 
         ``embedder`` defaults to the one named in the manifest. Any missing, corrupt or inconsistent file
-        raises :class:`IndexLoadError` naming it.
+        raises :class:`IndexLoadError` naming it. An index built with pre-compressed passages serves them unless
+        ``serve_compressed`` is false; files other than the core ones are kept as attachments (copied on save).
         """
         root = Path(folder)
         _restore_backup(root)
@@ -214,7 +307,21 @@ class FaissStore:
         store.index = index if index.ntotal else None
         store.passages = passages
         store.chunking = manifest.get("chunking")
+        store.info = {key: manifest[key] for key in INFO_KEYS if key in manifest}
+        store.folder = root
+        store.serve_compressed = serve_compressed
+        if COMPRESSED_FILE in manifest["files"]:
+            store.compression, store.compressed = _read_compressed(root / COMPRESSED_FILE)
+        for name in manifest["files"]:
+            if name not in (INDEX_FILE, DOCSTORE_FILE, COMPRESSED_FILE):
+                store.attachments[name] = _copier(root / name)
         return store
+
+    def attachment(self, name: str) -> Path | None:
+        """The path of an attached file (``refrag-chunks.safetensors``) in the folder this store was loaded from."""
+        if self.folder is None or name not in self.attachments:
+            return None
+        return self.folder / name
 
     def _new_index(self, hnsw: bool) -> faiss.Index:
         """An empty exact inner-product index, or an HNSW graph with the inner-product metric."""
@@ -248,18 +355,7 @@ def build_index(
     """
     if embedder is None or isinstance(embedder, str):
         embedder = load_embedder(embedder or DEFAULT_EMBEDDER)
-    limit = embedder.max_tokens - embedder.tokenizer.num_special_tokens_to_add(pair=False)
-    if 0 < limit < chunk_tokens:
-        warnings.warn(
-            f"chunk_tokens={chunk_tokens} exceeds what {embedder.name!r} can embed ({limit} tokens); using {limit}",
-            stacklevel=2,
-        )
-        if overlap >= limit:
-            raise InputError(
-                f"overlap={overlap} must be smaller than chunk_tokens, which was lowered to {limit} to fit "
-                f"{embedder.name!r}; pass a smaller overlap (e.g. {limit // 5})"
-            )
-        chunk_tokens = limit
+    chunk_tokens = fit_chunk_tokens(embedder, chunk_tokens, overlap)
     passages = chunk_corpus(corpus_folder, embedder.tokenizer, chunk_tokens, overlap)
     store = FaissStore.build(passages, embedder, progress=progress)
     if not len(store):
@@ -268,6 +364,40 @@ def build_index(
     if out_folder is not None:
         store.save(out_folder)
     return store
+
+
+def check_target(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a Path, after checking that saving an index there replaces nothing but an index.
+
+    Also puts back an index left in its backup folder by an interrupted save.
+    """
+    target = Path(folder)
+    _restore_backup(target)
+    foreign = target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).exists()
+    if foreign or (target.exists() and not target.is_dir()):
+        raise InputError(
+            f"{target} exists and is not a ctxopt index folder (no {MANIFEST_FILE}); "
+            "choose a new or empty folder, saving replaces the folder's contents"
+        )
+    return target
+
+
+def fit_chunk_tokens(embedder: Embedder, chunk_tokens: int, overlap: int) -> int:
+    """``chunk_tokens``, lowered (with a warning) to what the embedder can embed: its max tokens less the special
+    tokens it adds. Raises when ``overlap`` no longer fits under the lowered size."""
+    limit = embedder.max_tokens - embedder.tokenizer.num_special_tokens_to_add(pair=False)
+    if 0 < limit < chunk_tokens:
+        warnings.warn(
+            f"chunk_tokens={chunk_tokens} exceeds what {embedder.name!r} can embed ({limit} tokens); using {limit}",
+            stacklevel=3,
+        )
+        if overlap >= limit:
+            raise InputError(
+                f"overlap={overlap} must be smaller than chunk_tokens, which was lowered to {limit} to fit "
+                f"{embedder.name!r}; pass a smaller overlap (e.g. {limit // 5})"
+            )
+        chunk_tokens = limit
+    return chunk_tokens
 
 
 def _passage_record(passage: Passage) -> dict[str, Any]:
@@ -349,18 +479,53 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise IndexLoadError(f"{path} is not valid JSON ({exc}); the index is corrupt, rebuild it") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexLoadError(f"{path} is not a ctxopt index manifest (format is not {FORMAT!r}); rebuild the index")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise IndexLoadError(
-            f"{path} has format version {manifest.get('format_version')!r}, this ctxopt reads version "
-            f"{FORMAT_VERSION}; rebuild the index with this version"
+            f"{path} has format version {manifest.get('format_version')!r}, this ctxopt reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild the index with this version"
         )
     missing = [key for key in ("embedder", "dim", "count", "files") if key not in manifest]
     files = manifest.get("files")
-    if missing or not isinstance(files, dict) or set(files) != {INDEX_FILE, DOCSTORE_FILE}:
+    if missing or not isinstance(files, dict) or not {INDEX_FILE, DOCSTORE_FILE} <= set(files):
         raise IndexLoadError(
             f"{path} is incomplete (missing {', '.join(missing) or 'file checksums'}); the index is corrupt, rebuild it"
         )
+    for name in files:
+        if not isinstance(name, str) or not _plain_name(name) or not isinstance(files[name], dict):
+            raise IndexLoadError(f"{path} lists a file {name!r} that is not a plain file name; the index is corrupt")
     return manifest
+
+
+def _plain_name(name: str) -> bool:
+    """A file name without folders or a leading dot, so a manifest can only name files inside its own folder."""
+    return bool(name) and name not in (MANIFEST_FILE,) and "/" not in name and "\\" not in name and name[0] != "."
+
+
+def _check_file_name(name: str) -> None:
+    """Refuse an attachment name that is not a plain file name or that clashes with the store's own files."""
+    if not _plain_name(name) or name in (INDEX_FILE, DOCSTORE_FILE, COMPRESSED_FILE):
+        raise InputError(f"cannot attach a file named {name!r} to an index; use a plain, unused file name")
+
+
+def _copier(source: Path):
+    """An attachment writer that copies ``source`` (a file of the folder a store was loaded from)."""
+
+    def copy(path: Path) -> None:
+        shutil.copyfile(source, path)
+
+    return copy
+
+
+def _read_compressed(path: Path) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """Read compressed.json: how the passages were compressed, and their texts by passage id."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        texts = data["texts"]
+        if not isinstance(texts, dict) or not all(isinstance(t, str) for t in texts.values()):
+            raise TypeError("texts is not a mapping of ids to strings")
+        return data.get("compression"), texts
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise IndexLoadError(f"{path} is not a valid compressed-passage file ({exc!r}); rebuild the index") from exc
 
 
 def _read_docstore(path: Path) -> list[Passage]:

@@ -51,13 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="what to do; `ctxopt COMMAND --help` lists a command's options")
 
     index = commands.add_parser("index", help="chunk, embed and index a folder of documents")
-    index.add_argument("folder")
+    index.add_argument("folder", help="folder of .txt/.md/.jsonl documents")
     index.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
-    index.add_argument("--chunk-tokens", type=int, default=200)
-    index.add_argument("--overlap", type=int, default=40)
-    index.add_argument("--embedder", default=None)
+    index.add_argument("--chunk-tokens", type=int, default=200, help="passage length in embedder tokens (default: 200)")
+    index.add_argument("--overlap", type=int, default=40, help="tokens shared by consecutive passages (default: 40)")
+    index.add_argument("--embedder", default=None, help="sentence-transformers model (default: all-minilm-l6-v2)")
     index.add_argument("--refrag", nargs="?", const="default", metavar="ADAPTER",
                        help="also precompute REFRAG chunk embeddings into the index (the default adapter, or a folder)")
+    index.add_argument("--compress", default=None, metavar="METHOD",
+                       help="pre-compress every passage: color, color:COMPRESSOR, extractive or extractive:RATIO "
+                            "(query-free); the index serves the compressed texts")
+    index.add_argument("--compress-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="CoLoR knob for --compress color: max_new_tokens, adapter, batch_size (repeatable)")
+    index.add_argument("--add", action="store_true",
+                       help="update the index at --out: compute new and changed documents only, drop deleted ones")
+    index.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on Ray: a local cluster, or the cluster at ADDRESS (give --ray after FOLDER)")
+    index.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU of the cluster)")
+    index.add_argument("--shard-size", type=int, default=128, help="passages per unit of work (default: 128)")
+    index.add_argument("--approx-threshold", type=int, default=50_000,
+                       help="passages above which the index is approximate (IVF, recall measured; default: 50000)")
 
     ask = commands.add_parser("ask", help="answer a question over a corpus, an index or a file")
     ask.add_argument("question", help="the question to answer (quote it)")
@@ -139,17 +152,48 @@ def _print_answer(answer, as_json: bool, streamed: bool) -> None:
 
 
 def cmd_index(args) -> int:
-    from .retrievers import build_index
+    """Build, resume or update (--add) an index, in this process or on Ray (docs/indexing.md)."""
+    from .methods import parse_options
+    from .retrievers.embeddings import DEFAULT_EMBEDDER
+    from .retrievers.jobs import REFRAG_FILE, Compression, LocalExecutor, WorkerSpec, index_corpus, parts_folder
 
-    began = time.perf_counter()
-    store = build_index(args.folder, args.out, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
-                        overlap=args.overlap)
-    print(f"indexed {len(store)} passages from {args.folder} into {args.out} in {time.perf_counter() - began:.1f}s")
+    if args.compress_option and not args.compress:
+        raise InputError("--compress-option needs --compress color.")
+    if args.ray is None and args.workers not in (None, 1):
+        raise InputError("--workers needs --ray (without it the build runs in this process).")
+    options = parse_options(args.compress_option, "--compress-option")
+    compression = Compression.parse(args.compress, options) if args.compress else None
+    spec = WorkerSpec(args.embedder or DEFAULT_EMBEDDER, compression, args.refrag)
+    if args.ray is not None:
+        from .retrievers.ray_jobs import RayExecutor
+
+        executor = RayExecutor(spec, workers=args.workers, address=None if args.ray == "local" else args.ray)
+    else:
+        executor = LocalExecutor(spec)
+    try:
+        report = index_corpus(args.folder, args.out, executor=executor, chunk_tokens=args.chunk_tokens,
+                              overlap=args.overlap, add=args.add, shard_size=args.shard_size,
+                              approx_threshold=args.approx_threshold)
+    except KeyboardInterrupt:
+        if parts_folder(args.out).is_dir():
+            print(f"ctxopt: finished shards kept in {parts_folder(args.out)}; rerun the same command to resume",
+                  file=sys.stderr)
+        raise
+    finally:
+        executor.close()
+    print(f"indexed {report.passages} passages from {args.folder} into {args.out} in {report.seconds:.1f}s: "
+          f"{report.computed} computed, {report.from_parts} from an interrupted build, {report.from_index} kept, "
+          f"{report.dropped} dropped ({report.executor}, {report.workers} worker(s))")
+    if report.computed:
+        print("passages per worker-second: " + ", ".join(f"{k} {v:.1f}" for k, v in report.rates().items()))
+    approximate = report.store.info.get("approximate")
+    if approximate:
+        kept = "; exact index kept, as only a full scan reaches the target" if approximate.get("kept_exact") else ""
+        print(f"approximate index (IVF, {approximate['nlist']} cells, nprobe {approximate['nprobe']}): "
+              f"recall@{approximate['k']} {approximate['recall']:.3f} against exact search "
+              f"({approximate['queries']} passages as queries){kept}")
     if args.refrag:
-        from .compressors.refrag.cache import save_index_cache
-
-        path = save_index_cache(store.passages, args.out, None if args.refrag == "default" else args.refrag)
-        print(f"REFRAG chunk embeddings written to {path}")
+        print(f"REFRAG chunk embeddings in {Path(args.out) / REFRAG_FILE}")
     return 0
 
 

@@ -21,12 +21,14 @@ from ctxopt.compressors.color import (
     with_adapter,
 )
 from ctxopt.compressors.extractive import Extractive, extract
+from ctxopt.decoding import GenerationConfig
 from ctxopt.errors import InputError
 from ctxopt.methods import METHODS, build_stages
 from ctxopt.pipeline import Pipeline
+from ctxopt.stages import Run
 from ctxopt.training import color as training
 from ctxopt.training.color import JudgeCase, choose_pair, orpo_loss
-from ctxopt.types import Passage
+from ctxopt.types import Passage, Stats
 
 PASSAGES = [
     Passage("The harbour museum opened in 1901. Its vault code is 4471. It has a red door.", source="a.md",
@@ -417,3 +419,11 @@ def test_color_eval_counts_evidence_kept_per_supporting_passage():
     assert color_eval.evidence_kept(sample, shortened("Code 4471, known to the lighthouse keeper.")) == [True]
     assert color_eval.evidence_kept(sample, shortened("The vault code is known to the keeper.")) == [False]
     assert color_eval.evidence_kept(sample, [lighthouse, other]) == [False]  # dropped
+
+
+def test_passages_an_index_already_compressed_are_served_without_the_compressor(tiny_lm):
+    marked = Passage("Vault code 4471.", source="a.md", metadata={"ctxopt_precompressed": {"method": "color"}})
+    stage = CoLoR(compressor="no-such-model")  # loading it would fail: nothing to summarise means no load
+    run = Run(lm=tiny_lm, question="q", config=GenerationConfig(), stats=Stats())
+    assert stage.compress("q", [marked], run) == [marked]
+    assert any("already compressed by the index" in note for note in run.stats.notes)

@@ -156,6 +156,13 @@ class SummaryCache:
         os.replace(temp, self._path(text))
 
 
+def precompressed(passage: Passage) -> bool:
+    """Whether the passage's text is already CoLoR's summary (served so by an index built with
+    ``ctxopt index --compress color``, which marks it in ``metadata["ctxopt_precompressed"]``)."""
+    marker = passage.metadata.get("ctxopt_precompressed")
+    return isinstance(marker, dict) and marker.get("method") == "color"
+
+
 @dataclass
 class CoLoR(PassageStage):
     """Each passage replaced by the compressor's greedy summary of it (CoLoR inference [P]).
@@ -215,20 +222,25 @@ class CoLoR(PassageStage):
         return [found[t] for t in texts]
 
     def compress(self, question: str, passages: list[Passage], run: Run | None = None) -> list[Passage]:
-        lm = self.compressor_model(*((run.lm.device, run.lm.dtype) if run else (None, None)))
-        out: list[Passage] = []
+        todo = [i for i, p in enumerate(passages) if not precompressed(p)]  # an index may hold the summaries
+        if len(todo) < len(passages) and run is not None:
+            run.note(f"color: {len(passages) - len(todo)} of {len(passages)} passages already compressed by the index")
+        out: list[Passage | None] = list(passages)
         fell_back = 0
-        for passage, summary in zip(passages, self.summaries([p.text for p in passages], lm)):
-            shorter = count_tokens(lm.tokenizer, summary) < count_tokens(lm.tokenizer, passage.text)
-            usable = bool(summary.strip()) and shorter
-            if usable:
-                out.append(passage.replace(text=summary))
-                continue
-            fell_back += 1
-            if self.fallback == "original":
-                out.append(passage)
+        if todo:
+            lm = self.compressor_model(*((run.lm.device, run.lm.dtype) if run else (None, None)))
+            for i, summary in zip(todo, self.summaries([passages[i].text for i in todo], lm)):
+                passage = passages[i]
+                shorter = count_tokens(lm.tokenizer, summary) < count_tokens(lm.tokenizer, passage.text)
+                if summary.strip() and shorter:
+                    out[i] = passage.replace(text=summary)
+                    continue
+                fell_back += 1
+                if self.fallback == "drop":
+                    out[i] = None
+        out = [p for p in out if p is not None]
         if run is not None and fell_back:
-            run.note(f"color: {fell_back} of {len(passages)} summaries empty or not shorter; {self.fallback} used")
+            run.note(f"color: {fell_back} of {len(todo)} summaries empty or not shorter; {self.fallback} used")
         if not out:
             raise InputError("color: every summary was unusable and fallback='drop' left no passage.")
         return out

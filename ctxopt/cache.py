@@ -85,3 +85,159 @@ def keep_per_head(cache, keep: list[torch.Tensor]) -> None:
             torch.gather(keys, 2, gather).contiguous(),
             torch.gather(values, 2, gather.expand(-1, -1, -1, values.shape[-1])).contiguous(),
         )
+
+
+class SlotCache:
+    """Preallocated key/value slots for a batch of sequences that decode together, one row per sequence.
+
+    Layer ``l`` holds ``keys[l]`` / ``values[l]`` shaped (row capacity, kv_heads, slot capacity, head_dim). Row
+    ``r`` uses its first ``lengths[r]`` slots in every layer and head (every head of a row holds the same number
+    of entries, as ``keep_per_head`` leaves them, though not the same positions); the slots after them are free.
+    A forward through the model (of all rows or a run of them) writes the new tokens' keys and values into the
+    slots after each row's length (``update``, called by every attention layer) and reads back the slots up to the
+    longest row's end, which the step's mask (``step_mask``, passed to the model as its 4-D attention mask, so
+    every attention implementation honours it) limits per row to its own entries, causally among the new ones.
+    ``advance`` then moves the lengths past the written slots; rolling back rejected tokens is only a smaller
+    length (``set_length``), and freeing a row moves the last row into its place (one row's copy), so that the
+    rows in use are always ``0 .. rows - 1``.
+
+    Positions are not stored: keys keep the rotation they were written with, and the caller passes each new
+    token's position explicitly. The object stands in for a transformers ``Cache`` through the two methods the
+    models call on one (``update``, ``get_seq_length``).
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: int = 0):
+        self.keys, self.values = keys, values
+        self.lengths: list[int] = [0] * rows
+        self._write: tuple[torch.Tensor, torch.Tensor] | None = None  # (key index, value index) of the step
+        self._span = (0, 0, 0)  # the step's first row, the row after its last, and the slots it reads
+
+    # -- allocation ---------------------------------------------------------------------------------------
+    @classmethod
+    def like(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], row_capacity: int, capacity: int) -> "SlotCache":
+        """Empty slots shaped like ``layers`` ((keys, values) per layer, any batch and length)."""
+        keys = [k.new_zeros(row_capacity, k.shape[1], capacity, k.shape[3]) for k, _ in layers]
+        values = [v.new_zeros(row_capacity, v.shape[1], capacity, v.shape[3]) for _, v in layers]
+        return cls(keys, values)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def row_capacity(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def reserve(self, rows: int, capacity: int) -> None:
+        """Make room for ``rows`` rows of ``capacity`` slots (reallocates, copying the rows in use, when short)."""
+        if rows <= self.row_capacity and capacity <= self.capacity:
+            return
+        new_rows, new_capacity = max(rows, self.row_capacity), max(capacity, self.capacity)
+        used = self.rows
+        for layer in range(len(self.keys)):
+            for tensors in (self.keys, self.values):
+                old = tensors[layer]
+                grown = old.new_zeros(new_rows, old.shape[1], new_capacity, old.shape[3])
+                grown[:used, :, :old.shape[2]] = old[:used]
+                tensors[layer] = grown
+
+    def add_row(self, layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> int:
+        """Copy one sequence's keys and values ((1, kv_heads, length, head_dim) per layer) into a new row with
+        room for ``capacity`` slots in all; returns the row."""
+        if len(layers) != len(self.keys):
+            raise ValueError(f"need {len(self.keys)} layers, got {len(layers)}")
+        length = layers[0][0].shape[2] if layers else 0
+        if any(k.shape[2] != length or v.shape[2] != length for k, v in layers):
+            raise ValueError("every layer of a sequence must hold the same number of entries")
+        row = self.rows
+        self.reserve(row + 1, max(capacity, length))
+        for layer, (k, v) in enumerate(layers):
+            self.keys[layer][row, :, :length] = k[0]
+            self.values[layer][row, :, :length] = v[0]
+        self.lengths.append(length)
+        return row
+
+    def remove_row(self, row: int) -> None:
+        """Free ``row``: the last row moves into its place (the caller renumbers that row to ``row``)."""
+        last = self.rows - 1
+        if row != last:
+            length = self.lengths[last]
+            for tensors in (self.keys, self.values):
+                for buffer in tensors:
+                    buffer[row, :, :length] = buffer[last, :, :length]
+            self.lengths[row] = length
+        self.lengths.pop()
+
+    def set_length(self, row: int, length: int) -> None:
+        """Keep the first ``length`` entries of ``row`` (rollback: no copy, the slots after it are reused)."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} entries; cannot set its length to {length}")
+        self.lengths[row] = length
+
+    def row_layers(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The entries of ``row`` per layer, as (1, kv_heads, length, head_dim) views of the slots."""
+        length = self.lengths[row]
+        return [(k[row:row + 1, :, :length], v[row:row + 1, :, :length]) for k, v in zip(self.keys, self.values)]
+
+    def row_bytes(self, row: int) -> int:
+        """Bytes of the entries ``row`` holds (its length of slots in every layer, keys and values)."""
+        length = self.lengths[row]
+        return sum(t[0, :, :length].numel() * t.element_size() for ts in (self.keys, self.values) for t in ts)
+
+    def nbytes(self) -> int:
+        """Bytes of the preallocated slots."""
+        return sum(t.numel() * t.element_size() for ts in (self.keys, self.values) for t in ts)
+
+    # -- one forward ------------------------------------------------------------------------------------------
+    def step_mask(self, counts: list[int], width: int, start: int = 0) -> torch.Tensor:
+        """Prepare a forward of rows ``start .. start + len(counts) - 1`` that feeds ``width`` tokens to each, the
+        last ``counts[i]`` of them real and the ones before padding (left padding, so that every row's last
+        token is at the end). Returns the boolean attention mask (rows, 1, width, extent): real token j of a
+        row sees the row's entries and its real tokens up to j; a padding token sees only itself. Real tokens
+        are written after the row's entries, padding after those (slots that stay free)."""
+        stop = start + len(counts)
+        if not 0 <= start < stop <= self.rows:
+            raise ValueError(f"rows {start}..{stop - 1} are not all in use ({self.rows} rows)")
+        device = self.keys[0].device
+        lengths = self.lengths[start:stop]
+        extent = max(lengths) + width
+        if extent > self.capacity:
+            raise ValueError(f"a step to {extent} slots passes the capacity ({self.capacity}); reserve first")
+        held = torch.tensor(lengths, device=device)[:, None]
+        real = torch.tensor(counts, device=device)[:, None]
+        window = torch.arange(width, device=device)
+        index = window - (width - real)  # (rows, width): the real token's index, negative for padding
+        is_real = index >= 0
+        slots = torch.where(is_real, held + index, held + real + window)
+        seen = torch.arange(extent, device=device)
+        mask = (seen <= slots[..., None]) & (is_real[..., None] | (seen == slots[..., None]))
+        heads, key_dim = self.keys[0].shape[1], self.keys[0].shape[3]
+        value_heads, value_dim = self.values[0].shape[1], self.values[0].shape[3]
+        slots = slots[:, None, :, None]
+        self._write = (slots.expand(-1, heads, -1, key_dim), slots.expand(-1, value_heads, -1, value_dim))
+        self._span = (start, stop, extent)
+        return mask[:, None]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write the step's keys and values after each row's entries; return the slots the step reads."""
+        start, stop, extent = self._span
+        keys, values = self.keys[layer_idx][start:stop], self.values[layer_idx][start:stop]
+        keys.scatter_(2, self._write[0], key_states.to(keys.dtype))
+        values.scatter_(2, self._write[1], value_states.to(values.dtype))
+        return keys[:, :, :extent], values[:, :, :extent]
+
+    def advance(self, counts: list[int], start: int = 0) -> None:
+        """After the forward: rows ``start ..`` hold their ``counts`` real new entries."""
+        for i, count in enumerate(counts):
+            self.lengths[start + i] += count
+        self._write = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths, default=0)

@@ -11,11 +11,13 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from .cache import clone_cache, new_cache
+from .attention.kernels import attention_override, runs_grouped_sdpa
+from .cache import SlotCache, clone_cache, layer_kv, new_cache, num_layers, set_layer_kv
 from .checks import require_int
 from .errors import InputError
 
@@ -174,6 +176,7 @@ class DecodeResult:
     forward_passes: int
     stopped_by: str
     extra: dict = field(default_factory=dict)
+    kv_bytes: int | None = None  # the entries the request held in the decoder's cache at the end
 
 
 class StopChecker:
@@ -322,6 +325,238 @@ class StopChecker:
         self._stream(final=True)
 
 
+class DecodeRequest:
+    """One request of a :class:`BatchDecoder`: a prefilled state, its settings and, once done, its ``result``."""
+
+    def __init__(self, state: Prefill, config: GenerationConfig, tokenizer, eos_ids: Sequence[int],
+                 on_text: Callable[[str], None] | None):
+        if state.logits is None and (state.pending_ids is None or not len(state.pending_ids)):
+            raise InputError("The prefill carries neither logits nor pending ids to start decoding from.")
+        self.state, self.config, self.on_text = state, config, on_text
+        self.stopper = StopChecker(tokenizer, eos_ids, config.stop_strings, on_text)
+        self.generator = make_generator(config)
+        self.position = state.next_position
+        self.logits: torch.Tensor | None = state.logits  # predicts the next token; None while the row must be fed
+        self.pending: list[int] = [] if state.pending_ids is None else state.pending_ids.tolist()
+        self.began: float | None = None
+        self.first_token_seconds: float | None = None
+        self.forward_passes = 0
+        self.batch_size = 0  # the most requests that decoded together with it, itself included
+        self.hand_over = False  # BatchDecoder.hand_over
+        self.result: DecodeResult | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+class BatchDecoder:
+    """Greedy or sampled decoding of several prefilled requests together: one forward per step feeds every active
+    request its last token, each at its own explicit position, over its own cache entries (a row of a
+    :class:`ctxopt.cache.SlotCache`: rows hold different numbers of entries, pruned or not). Requests join
+    between steps (``submit``; a request that still has ids to feed, ``Prefill.pending_ids``, has them fed in
+    one forward with the other requests joining in that step) and leave when done (end of sequence, a stop
+    string, ``max_new_tokens``): continuous batching.
+
+    With ``prefix`` (a :class:`ctxopt.attention.shared_prefix.SharedPrefix`) every request continues that one
+    prefix, held once: a request's cache then holds only what follows the prefix (or nothing, its ids all
+    pending), and attention is split into a batched part over the prefix and a per-request part over its own
+    entries (Hydragen). That needs the model to run ``GROUPED_SDPA``.
+
+    A request decoded in a batch gets the tokens it gets alone, up to the rounding of batched arithmetic.
+    """
+
+    def __init__(self, model, tokenizer, eos_ids: Sequence[int] = (), prefix=None):
+        if prefix is not None and not runs_grouped_sdpa(model):
+            raise InputError("Shared-prefix decoding needs a model that runs GROUPED_SDPA (as load_model's do).")
+        self.model, self.tokenizer, self.eos_ids, self.prefix = model, tokenizer, list(eos_ids), prefix
+        self.cache: SlotCache | None = None
+        self.active: list[DecodeRequest] = []  # active[r] decodes in row r of the cache
+        self.waiting: list[DecodeRequest] = []
+        self.steps = 0
+
+    def submit(
+        self,
+        state: Prefill,
+        config: GenerationConfig,
+        on_text: Callable[[str], None] | None = None,
+        eos_ids: Sequence[int] | None = None,
+    ) -> DecodeRequest:
+        """Queue a request; it joins at the next step. Its cache is copied into the batch's slots when it joins
+        (the state's own cache is left as it is)."""
+        request = DecodeRequest(state, config, self.tokenizer, self.eos_ids if eos_ids is None else eos_ids, on_text)
+        self.waiting.append(request)
+        return request
+
+    def hand_over(self, request: DecodeRequest) -> None:
+        """Point the request's own cache (``request.state.cache``) at its row of slots from now on, releasing the
+        tensors it held, and, when the request is done, leave it holding the entries the row holds then (the
+        prompt and the fed tokens, as a fresh prefill of them would): the cache a decode extends in place. Views,
+        not copies, while the row stays where it is (a batch of one); a copy when another row moves into it."""
+        if request.state.cache is None:
+            raise InputError("A request without a cache of its own has none to hand over.")
+        request.hand_over = True
+        if request in self.active:
+            self._point(request.state.cache, self.cache.row_layers(self.active.index(request)))
+
+    def kv_bytes(self, request: DecodeRequest) -> int:
+        """Bytes of the entries an active request holds in the batch's cache (the shared prefix not counted)."""
+        return self.cache.row_bytes(self.active.index(request))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    @property
+    def rows(self) -> int:
+        return len(self.active)
+
+    def run(self) -> None:
+        """Step until every submitted request is done."""
+        while self.busy:
+            self.step()
+
+    def step(self) -> list[DecodeRequest]:
+        """Admit the waiting requests, choose every active request's next token, and feed those not done in one
+        forward. Returns the requests that finished in this step."""
+        now = time.perf_counter()
+        for request in self.active + self.waiting:
+            if request.began is None:
+                request.began = now
+        with torch.inference_mode():
+            self.admit()
+            finished = self._choose()
+            if self.active:
+                self._feed()
+        return finished
+
+    def admit(self) -> None:
+        """Give each waiting request a row (its cache copied in) and feed the pending ids of those that have
+        some, in one forward over their rows (left-padded to the longest)."""
+        if not self.waiting:
+            return
+        joining, self.waiting = self.waiting, []
+        joining.sort(key=lambda r: bool(r.pending))  # the rows to feed come last, next to each other
+        width = max(len(r.pending) for r in joining)  # the join forward's width (padding slots included)
+        with torch.inference_mode():
+            own = [self._own_layers(request.state) for request in joining]
+            held = [layers[0][0].shape[2] if layers else 0 for layers in own]
+            # Room for the entries held, then the most ids each will feed (or the join forward's padding).
+            needed = [h + max(width, len(r.pending) + r.config.max_new_tokens - 1) for h, r in zip(held, joining)]
+            if self.cache is None:
+                self.cache = SlotCache.like(own[0], 0, 0)
+            self.cache.reserve(self.rows + len(joining), _round_up(max(needed)))
+            for request, layers, room in zip(joining, own, needed):
+                row = self.cache.add_row(layers, room)
+                self.active.append(request)
+                if request.hand_over:
+                    self._point(request.state.cache, self.cache.row_layers(row))
+                else:  # the row holds a copy: the request keeps no reference to the state's cache
+                    request.state = dataclasses.replace(request.state, cache=None)
+            del own
+            feeding = [r for r in joining if r.pending]
+            if feeding:
+                first = len(self.active) - len(feeding)
+                tokens, positions = [], []
+                for r in feeding:
+                    padding = width - len(r.pending)
+                    tokens.append([r.pending[0]] * padding + r.pending)
+                    positions.append([r.position] * padding + list(range(r.position, r.position + len(r.pending))))
+                logits = self._forward(tokens, positions, [len(r.pending) for r in feeding], first)
+                for request, row_logits in zip(feeding, logits):
+                    request.position += len(request.pending)
+                    request.pending, request.logits = [], row_logits
+        width = len(self.active)
+        for request in self.active:
+            request.batch_size = max(request.batch_size, width)
+
+    def _own_layers(self, state: Prefill) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cache = state.cache
+        if cache is None:
+            if self.prefix is None:
+                raise InputError("A request without a cache needs a shared prefix to continue.")
+            return self.prefix.empty_layers()
+        return [layer_kv(cache, layer) for layer in range(num_layers(cache))]
+
+    def _choose(self) -> list[DecodeRequest]:
+        """Each active request's next token from its logits; the requests that stop leave their rows."""
+        if not self.active:
+            return []
+        greedy = [r for r in self.active if r.config.greedy]
+        choices = torch.stack([r.logits for r in greedy]).argmax(-1).tolist() if greedy else []
+        picked = dict(zip(map(id, greedy), choices))
+        now = time.perf_counter()
+        finished = []
+        for request in self.active:
+            token = picked.get(id(request))
+            if token is None:
+                token = choose_token(request.logits, request.config, request.generator)
+            if request.first_token_seconds is None:
+                request.first_token_seconds = now - request.began
+            stopper = request.stopper
+            request.logits, request.pending = None, [token]
+            if stopper.push(token) or len(stopper.ids) >= request.config.max_new_tokens:
+                finished.append(request)
+        for request in finished:
+            self._finish(request)
+        return finished
+
+    @staticmethod
+    def _point(cache, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for layer, (keys, values) in enumerate(layers):
+            set_layer_kv(cache, layer, keys, values)
+
+    def _finish(self, request: DecodeRequest) -> None:
+        row = self.active.index(request)
+        if request.hand_over:
+            layers = self.cache.row_layers(row)
+            if row != self.rows - 1:  # the last row moves into this one
+                layers = [(k.clone(), v.clone()) for k, v in layers]
+            self._point(request.state.cache, layers)
+        request.stopper.finish()
+        stopper = request.stopper
+        request.result = DecodeResult(
+            token_ids=stopper.ids,
+            text=stopper.text,
+            seconds=time.perf_counter() - request.began,
+            first_token_seconds=request.first_token_seconds or 0.0,
+            forward_passes=request.forward_passes,
+            stopped_by=stopper.reason,
+            extra={"batch_size": request.batch_size},
+            kv_bytes=self.cache.row_bytes(row),
+        )
+        self.cache.remove_row(row)
+        last = self.active.pop()
+        if last is not request:
+            self.active[row] = last
+
+    def _feed(self) -> None:
+        """One forward: every active request's last token at its position; their next logits."""
+        tokens = [r.pending for r in self.active]
+        positions = [[r.position] for r in self.active]
+        logits = self._forward(tokens, positions, [1] * len(self.active), 0)
+        for request, row_logits in zip(self.active, logits):
+            request.position += 1
+            request.pending, request.logits = [], row_logits
+
+    def _forward(self, tokens: list[list[int]], positions: list[list[int]], counts: list[int], first: int):
+        """Feed rows ``first ..`` their (left-padded) tokens; the logits after each row's last token."""
+        mask = self.cache.step_mask(counts, len(tokens[0]), first)
+        override = attention_override(self.prefix.attention) if self.prefix is not None else nullcontext()
+        with override:
+            out = forward(self.model, torch.tensor(tokens), positions=torch.tensor(positions), cache=self.cache,
+                          attention_mask=mask)
+        self.cache.advance(counts, first)
+        self.steps += 1
+        for request in self.active[first:first + len(tokens)]:
+            request.forward_passes += 1
+        return out.logits[:, -1].float()
+
+
+def _round_up(n: int, multiple: int = 32) -> int:
+    return -(-n // multiple) * multiple
+
+
 def decode(
     model,
     tokenizer,
@@ -330,34 +565,11 @@ def decode(
     eos_ids: Sequence[int] = (),
     on_text: Callable[[str], None] | None = None,
 ) -> DecodeResult:
-    """Greedy or sampled decoding from a prefilled cache, one token per forward, at explicit positions."""
-    began = time.perf_counter()
-    generator = make_generator(config)
-    cache, position, logits = state.cache, state.next_position, state.logits
-    passes = 0
-    with torch.inference_mode():
-        if state.pending_ids is not None and len(state.pending_ids):
-            pending = state.pending_ids
-            out = forward(model, pending, positions=torch.arange(position, position + len(pending)), cache=cache)
-            logits, position, passes = out.logits[0, -1].float(), position + len(pending), 1
-        if logits is None:
-            raise InputError("The prefill carries neither logits nor pending ids to start decoding from.")
-        stopper = StopChecker(tokenizer, eos_ids, config.stop_strings, on_text)
-        first_token_seconds = None
-        for _ in range(config.max_new_tokens):
-            token = choose_token(logits, config, generator)
-            if first_token_seconds is None:
-                first_token_seconds = time.perf_counter() - began
-            if stopper.push(token) or len(stopper.ids) >= config.max_new_tokens:
-                break
-            out = forward(model, torch.tensor([token]), positions=torch.tensor([position]), cache=cache)
-            logits, position, passes = out.logits[0, -1].float(), position + 1, passes + 1
-        stopper.finish()
-    return DecodeResult(
-        token_ids=stopper.ids,
-        text=stopper.text,
-        seconds=time.perf_counter() - began,
-        first_token_seconds=first_token_seconds or 0.0,
-        forward_passes=passes,
-        stopped_by=stopper.reason,
-    )
+    """Greedy or sampled decoding from a prefilled cache, one token per forward, at explicit positions: a
+    :class:`BatchDecoder` of one request. The state's cache ends holding the prompt and the tokens fed (each
+    answer token but the last), in the decoder's slots (``BatchDecoder.hand_over``)."""
+    decoder = BatchDecoder(model, tokenizer, eos_ids)
+    request = decoder.submit(state, config, on_text)
+    decoder.hand_over(request)
+    decoder.run()
+    return request.result

@@ -113,13 +113,36 @@ def observe_queries_and_keys(observer: QueryKeyObserver) -> Iterator[None]:
         _OBSERVER.reset(token)
 
 
+# Called like an attention function, instead of grouped SDPA, by every layer of a forward run within
+# :func:`attention_override` (the shared-prefix decode of ``ctxopt.attention.shared_prefix``).
+_OVERRIDE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("ctxopt_attention", default=None)
+
+
+@contextmanager
+def attention_override(attention: Callable) -> Iterator[None]:
+    """Within the block (in this context only), every layer that runs ``GROUPED_SDPA`` computes its attention with
+    ``attention(module, query, key, value, attention_mask, dropout=, scaling=, **kwargs)`` -> (output, None)."""
+    token = _OVERRIDE.set(attention)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
 def ctxopt_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The function registered as ``GROUPED_SDPA``: the context's observer (if any) sees the query and key, then
-    :func:`grouped_sdpa_attention` runs."""
+    the context's override (if any) or :func:`grouped_sdpa_attention` runs."""
     observer = _OBSERVER.get()
     if observer is not None:
         observer(module, query, key, scaling)
-    return grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    attention = _OVERRIDE.get() or grouped_sdpa_attention
+    return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def runs_grouped_sdpa(model) -> bool:
+    """Whether every attention layer of ``model`` runs ``GROUPED_SDPA`` (so that an override reaches them all)."""
+    configs = [model.config] + [c for c in [getattr(model.config, "text_config", None)] if c is not None]
+    return all(config._attn_implementation == GROUPED_SDPA for config in configs)
 
 
 AttentionInterface.register(GROUPED_SDPA, ctxopt_attention)

@@ -5,18 +5,21 @@ stage, and the decoder (``decode``, or ``decode:<name>`` for a decoder stage suc
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
 
 from ..attention import AttentionCapture, capture_attention
+from ..attention.kernels import runs_grouped_sdpa
+from ..attention.shared_prefix import SharedPrefix
 from ..cache import cache_length, clone_cache, kv_bytes
-from ..decoding import DecodeResult, Prefill, prefill
+from ..decoding import BatchDecoder, DecodeResult, Prefill, prefill
 from ..errors import InputError
 from ..measure import measure
 from ..stages import CacheStage, Decoder, InputStage, Run, StepDecoder, TokenPrefill
-from ..types import Prompt
+from ..types import Prompt, StageStats
 
 
 class LocalGenerator:
@@ -77,18 +80,7 @@ class LocalGenerator:
     def decode(self, state: Prefill, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None) -> DecodeResult:
         with measure(self.decoder.record_name, run.lm.device) as record:
             result = self.decoder.decode(state, prompt, run, on_text)
-            record.tokens_out = len(result.token_ids)
-            record.kv_bytes = kv_bytes(state.cache)
-            record.extra.update(
-                first_token_seconds=result.first_token_seconds,
-                forward_passes=result.forward_passes,
-                stopped_by=result.stopped_by,
-                tokens_per_second=(
-                    len(result.token_ids) / result.seconds if result.token_ids and result.seconds else None
-                ),
-                **result.extra,
-            )
-        run.add_record(record)
+        run.add_record(decode_record(record, result, state))
         return result
 
     # -- the Generator protocol ---------------------------------------------------------------------------
@@ -105,29 +97,95 @@ class LocalGenerator:
         return isinstance(self.input_stage, TokenPrefill) and not self.cache_stages
 
     def generate_many(self, prompts: Sequence[Prompt], runs: Sequence[Run]) -> list[DecodeResult]:
-        """Answer several prompts. When the generator ``shares_prefixes`` and the prompts have a common start,
-        that start is prefilled once (record ``prefill_shared`` in every run, counted in each TTFT) and each
-        prompt continues from a copy of that cache with its own rest (record ``prefill``); the answers equal
-        ``generate``'s. Otherwise each prompt is generated on its own."""
+        """Answer several prompts; the answers equal ``generate``'s (up to the rounding of batched arithmetic).
+
+        With the default decoder (``StepDecoder``) the prompts decode together, one forward per step for all
+        of them (``BatchDecoder``). When the generator ``shares_prefixes`` and the prompts have a common start,
+        that start is prefilled once (record ``prefill_shared`` in every run, counted in each TTFT) and the
+        prompts' own rests are prefilled together in one forward (record ``prefill``); on a model that runs
+        GROUPED_SDPA the shared start's cache is then held once and read once per step for all of them
+        (Hydragen's shared-prefix attention), otherwise each prompt's row holds a copy of it. Without a shared
+        start each prompt is prefilled and its cache compressed on its own, then all decode together. Another
+        decoder (RAPID) answers the prompts one by one, after the shared prefill when there is one."""
+        if not prompts:
+            return []
         shared = common_prefix_length([p.input_ids for p in prompts]) - 1  # each prompt keeps >= 1 token
-        if len(prompts) < 2 or shared < 1 or not self.shares_prefixes:
+        sharing = len(prompts) > 1 and shared >= 1 and self.shares_prefixes
+        batched = isinstance(self.decoder, StepDecoder)
+        if not sharing and not batched:
             return [self.generate(prompt, run) for prompt, run in zip(prompts, runs, strict=True)]
         lm = runs[0].lm
+        if not sharing:
+            decoder = BatchDecoder(lm.model, lm.tokenizer, lm.eos_token_ids)
+            requests = []
+            for prompt, run in zip(prompts, runs, strict=True):
+                asker, capture = self.attention_request(prompt, run)
+                state = self.prefill(prompt, run, capture)
+                state = self.compress_cache(state, prompt, run, asker, capture)
+                requests.append(decoder.submit(state, run.config))
+            del state  # each cache is copied into the decoder's slots and released when the requests join
+            return self._run_together(lm, decoder, requests, runs)
         chunk = self.input_stage.chunk_size
         with measure("prefill_shared", lm.device, tokens_in=shared) as shared_record:
             base = prefill(lm.model, prompts[0].input_ids[:shared], chunk_size=chunk)
             shared_record.tokens_out = shared
             shared_record.kv_bytes = kv_bytes(base.cache)
-        results = []
-        for prompt, run in zip(prompts, runs, strict=True):
+        for run in runs:
             run.add_record(shared_record)
-            with measure("prefill", lm.device, tokens_in=len(prompt) - shared) as record:
-                state = prefill(lm.model, prompt.input_ids[shared:], cache=clone_cache(base.cache), chunk_size=chunk)
-                record.tokens_out = cache_length(state.cache)
-                record.kv_bytes = kv_bytes(state.cache)
+        if not batched:
+            results = []
+            for prompt, run in zip(prompts, runs, strict=True):
+                with measure("prefill", lm.device, tokens_in=len(prompt) - shared) as record:
+                    state = prefill(lm.model, prompt.input_ids[shared:], cache=clone_cache(base.cache),
+                                    chunk_size=chunk)
+                    record.tokens_out = cache_length(state.cache)
+                    record.kv_bytes = kv_bytes(state.cache)
+                run.add_record(record)
+                results.append(self.decode(state, prompt, run, None))
+            return results
+        prefix = SharedPrefix.from_cache(base.cache) if runs_grouped_sdpa(lm.model) else None
+        decoder = BatchDecoder(lm.model, lm.tokenizer, lm.eos_token_ids, prefix=prefix)
+        requests = [
+            decoder.submit(Prefill(cache=None if prefix else base.cache, next_position=shared,
+                                   pending_ids=prompt.input_ids[shared:]), run.config)
+            for prompt, run in zip(prompts, runs, strict=True)
+        ]
+        with measure("prefill", lm.device, tokens_in=sum(len(p) - shared for p in prompts)) as batch_record:
+            decoder.admit()
+        for prompt, run, request in zip(prompts, runs, requests, strict=True):
+            record = dataclasses.replace(batch_record, tokens_in=len(prompt) - shared, tokens_out=len(prompt),
+                                         kv_bytes=decoder.kv_bytes(request), extra=dict(batch_record.extra))
+            record.extra.update(batch_size=len(prompts), shared_prefix_attention=prefix is not None)
             run.add_record(record)
-            results.append(self.decode(state, prompt, run, None))
+        return self._run_together(lm, decoder, requests, runs)
+
+    def _run_together(self, lm, decoder: BatchDecoder, requests, runs: Sequence[Run]) -> list[DecodeResult]:
+        """Decode the submitted requests together; one ``decode`` record per run (its own seconds, the batch's
+        peak memory)."""
+        with measure(self.decoder.record_name, lm.device) as batch_record:
+            decoder.run()
+        results = [request.result for request in requests]
+        for run, request in zip(runs, requests, strict=True):
+            record = dataclasses.replace(batch_record, seconds=request.result.seconds, extra={})
+            run.add_record(decode_record(record, request.result, request.state))
         return results
+
+
+def decode_record(record: StageStats, result: DecodeResult, state: Prefill) -> StageStats:
+    """The decoder's record filled from its result: tokens, KV bytes at the end, the decode loop's figures."""
+    record.tokens_out = len(result.token_ids)
+    if result.kv_bytes is not None:
+        record.kv_bytes = result.kv_bytes
+    elif state.cache is not None:
+        record.kv_bytes = kv_bytes(state.cache)
+    record.extra.update(
+        first_token_seconds=result.first_token_seconds,
+        forward_passes=result.forward_passes,
+        stopped_by=result.stopped_by,
+        tokens_per_second=len(result.token_ids) / result.seconds if result.token_ids and result.seconds else None,
+        **result.extra,
+    )
+    return record
 
 
 def common_prefix_length(sequences: Sequence[torch.Tensor]) -> int:

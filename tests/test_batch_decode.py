@@ -1,0 +1,331 @@
+"""The batched decode loop (``BatchDecoder``, which ``decode`` runs with one request) against the eager loop it
+replaced, for every method's prefilled state; a batch against each request alone; requests joining mid-run;
+shared-prefix (Hydragen) attention against attention over the concatenated keys and against plain batched
+decoding; ``ask_many`` through it."""
+import pytest
+import torch
+from conftest import make_tiny_lm
+
+from ctxopt.attention import use_grouped_sdpa
+from ctxopt.attention.shared_prefix import SharedPrefix, combined_attention
+from ctxopt.cache import SlotCache, clone_cache, kv_bytes
+from ctxopt.decoding import BatchDecoder, GenerationConfig, Prefill, decode, forward, prefill
+from ctxopt.methods import build_stages
+from ctxopt.pipeline import Pipeline
+
+DOC = " ".join(f"Sentence {i} says the colour of box {i} is {'red' if i % 7 == 3 else 'blue'}." for i in range(40))
+QUESTIONS = ["What colour is box 3?", "Which box is red?", "What does sentence 12 say about its box?",
+             "Colour of box 39?"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(1000, 30000, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def eager_greedy(model, state: Prefill, max_new_tokens: int, eos_ids=()) -> list[int]:
+    """The decode loop as it was before the batched one: a transformers DynamicCache grown one token per forward."""
+    cache, position, logits = state.cache, state.next_position, state.logits
+    with torch.inference_mode():
+        if state.pending_ids is not None and len(state.pending_ids):
+            pending = state.pending_ids
+            out = forward(model, pending, positions=torch.arange(position, position + len(pending)), cache=cache)
+            logits, position = out.logits[0, -1].float(), position + len(pending)
+        ids: list[int] = []
+        while True:
+            token = int(logits.argmax(-1))
+            if token in eos_ids:
+                break
+            ids.append(token)
+            if len(ids) >= max_new_tokens:
+                break
+            out = forward(model, torch.tensor([token]), positions=torch.tensor([position]), cache=cache)
+            logits, position = out.logits[0, -1].float(), position + 1
+    return ids
+
+
+@pytest.fixture(scope="module")
+def grouped_lm(tiny_tokenizer):
+    """The tiny model running GROUPED_SDPA, as every load_model model does (shared-prefix attention needs it)."""
+    lm = make_tiny_lm(tiny_tokenizer)
+    use_grouped_sdpa(lm.model)
+    return lm
+
+
+def _method_stages(name: str, lm):
+    from test_rapid import HashEmbedder  # noqa: F401  (the embedder RAPID's retrieval uses below)
+    from test_refrag import tiny_adapter
+
+    if name == "full":
+        return []
+    if name == "snapkv":
+        return build_stages("snapkv", 96, window=8)
+    if name == "speckv":
+        return build_stages("speckv", 64, window=8, lookahead=4)
+    if name == "specpc":
+        return build_stages("specpc", 60, window=8, first_layer=1, kernel=3)
+    if name == "gemfilter":
+        return build_stages("gemfilter", 60, layer=1)
+    if name == "refrag":
+        return build_stages("refrag", None, adapter=tiny_adapter(lm.tokenizer, lm))
+    raise ValueError(name)
+
+
+METHODS = ["full", "snapkv", "speckv", "specpc", "gemfilter", "refrag"]
+
+
+def _prefilled(pipe: Pipeline, question: str) -> Prefill:
+    """What LocalGenerator.generate hands its decoder: the prompt prefilled (or input-staged) and compressed."""
+    prompt = pipe.compress(question, DOC)
+    run = pipe._run_for(prompt, {})
+    generator = pipe.generator
+    asker, request = generator.attention_request(prompt, run)
+    state = generator.prefill(prompt, run, request)
+    return generator.compress_cache(state, prompt, run, asker, request)
+
+
+@pytest.fixture(scope="module")
+def method_states(tiny_lm):
+    """Per method, the decoder's starting state for two questions (pruned caches, pending ids, REFRAG's
+    embeddings-prefilled cache)."""
+    states = {}
+    for name in METHODS:
+        pipe = Pipeline(tiny_lm, stages=_method_stages(name, tiny_lm), max_new_tokens=10)
+        states[name] = [_prefilled(pipe, q) for q in QUESTIONS[:2]]
+    return states
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_equals_the_eager_loop_for_every_method(tiny_lm, method_states, method):
+    for state in method_states[method]:
+        reference = eager_greedy(tiny_lm.model, state.copy(), 12)
+        ours = decode(tiny_lm.model, tiny_lm.tokenizer, state.copy(), GenerationConfig(max_new_tokens=12))
+        assert ours.token_ids == reference and len(ours.token_ids) == 12
+
+
+def test_rapid_at_eta0_equals_the_eager_loop(tiny_lm):
+    from test_rapid import HashEmbedder
+
+    stage = build_stages("rapid", 60, gamma=3, eta=0.0, chunk_tokens=16, threshold=None)
+    pipe = Pipeline(tiny_lm, stages=stage, max_new_tokens=12, embedder=HashEmbedder())
+    answer = pipe.ask(QUESTIONS[0], context=DOC)
+    state = _prefilled(Pipeline(tiny_lm, max_new_tokens=12), QUESTIONS[0])
+    assert answer.token_ids == eager_greedy(tiny_lm.model, state, 12)
+    assert answer.stats.get("decode:rapid").extra["accepted_tokens"] < answer.stats.get("decode:rapid").extra[
+        "proposed_tokens"]  # the drafter over 60 tokens of chunks is rejected at times
+
+
+def test_a_batch_of_every_method_equals_each_alone(tiny_lm, method_states):
+    """Rows of different lengths, pruned or not, with pending ids or logits, different max_new_tokens: each row's
+    answer is the one it gets alone; rows leave at different steps."""
+    states = [s for name in METHODS for s in method_states[name]]
+    configs = [GenerationConfig(max_new_tokens=4 + 3 * (i % 4)) for i in range(len(states))]
+    alone = [decode(tiny_lm.model, tiny_lm.tokenizer, s.copy(), c).token_ids for s, c in zip(states, configs)]
+    decoder = BatchDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    requests = [decoder.submit(s.copy(), c) for s, c in zip(states, configs)]
+    decoder.run()
+    assert [r.result.token_ids for r in requests] == alone
+    assert all(r.result.extra["batch_size"] == len(states) for r in requests)
+    assert decoder.steps == max(c.max_new_tokens for c in configs) - 1 + 1  # the join forward, then one per token
+
+
+def test_requests_join_and_leave_between_steps(tiny_lm):
+    states = [prefill(tiny_lm.model, _ids(n, seed)) for seed, n in enumerate([30, 12, 45, 21, 9])]
+    configs = [GenerationConfig(max_new_tokens=m) for m in (6, 15, 3, 10, 8)]
+    alone = [decode(tiny_lm.model, tiny_lm.tokenizer, s.copy(), c).token_ids for s, c in zip(states, configs)]
+    decoder = BatchDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    requests = [decoder.submit(states[0].copy(), configs[0]), decoder.submit(states[1].copy(), configs[1])]
+    for _ in range(3):
+        decoder.step()
+    requests.append(decoder.submit(states[2].copy(), configs[2]))
+    decoder.step()
+    requests += [decoder.submit(s.copy(), c) for s, c in zip(states[3:], configs[3:])]
+    finished = []
+    while decoder.busy:
+        finished += decoder.step()
+    assert [r.result.token_ids for r in requests] == alone
+    assert [r.result.extra["batch_size"] for r in requests] == [5] * 5  # all five decoded together at step 5
+    assert sorted(map(id, finished)) == sorted(map(id, requests))
+
+
+def test_sampling_in_a_batch_equals_alone_with_the_same_seed(tiny_lm):
+    states = [prefill(tiny_lm.model, _ids(n, seed)) for seed, n in enumerate([25, 40, 13])]
+    configs = [GenerationConfig(max_new_tokens=9, temperature=1.0, top_p=0.9, seed=s) for s in (1, 2, 3)]
+    configs[1] = GenerationConfig(max_new_tokens=9)  # greedy beside sampled rows
+    alone = [decode(tiny_lm.model, tiny_lm.tokenizer, s.copy(), c).token_ids for s, c in zip(states, configs)]
+    decoder = BatchDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    requests = [decoder.submit(s.copy(), c) for s, c in zip(states, configs)]
+    decoder.run()
+    assert [r.result.token_ids for r in requests] == alone
+
+
+def test_each_request_stops_on_its_own(tiny_lm):
+    ids = [_ids(n, seed) for seed, n in enumerate([30, 22, 17])]
+    plain = [decode(tiny_lm.model, tiny_lm.tokenizer, prefill(tiny_lm.model, i), GenerationConfig(max_new_tokens=16))
+             for i in ids]
+    eos = plain[0].token_ids[4]  # the first request ends at its 5th token (EOS is not part of the answer)
+    stop = plain[1].text[len(plain[1].text) // 2:][:5]
+    configs = [GenerationConfig(max_new_tokens=16), GenerationConfig(max_new_tokens=16, stop_strings=[stop]),
+               GenerationConfig(max_new_tokens=16)]
+    alone = [decode(tiny_lm.model, tiny_lm.tokenizer, prefill(tiny_lm.model, i), c, [eos])
+             for i, c in zip(ids, configs)]
+    streamed: list[list[str]] = [[], [], []]
+    decoder = BatchDecoder(tiny_lm.model, tiny_lm.tokenizer, [eos])
+    requests = [decoder.submit(prefill(tiny_lm.model, i), c, streamed[k].append)
+                for k, (i, c) in enumerate(zip(ids, configs))]
+    decoder.run()
+    assert [(r.result.token_ids, r.result.text, r.result.stopped_by) for r in requests] == \
+        [(a.token_ids, a.text, a.stopped_by) for a in alone]
+    assert requests[0].result.stopped_by == "eos" and requests[1].result.stopped_by == "stop_string"
+    assert ["".join(s) for s in streamed] == [r.result.text for r in requests]
+
+
+def test_the_slot_cache_holds_each_row_as_a_fresh_prefill_would(tiny_lm):
+    """After decoding, every row's entries equal a fresh prefill of its prompt and the tokens it fed."""
+    ids = [_ids(n, seed) for seed, n in enumerate([19, 33])]
+    decoder = BatchDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    requests = [decoder.submit(prefill(tiny_lm.model, i), GenerationConfig(max_new_tokens=30)) for i in ids]
+    for _ in range(6):
+        decoder.step()
+    for row, (request, prompt) in enumerate(zip(requests, ids)):
+        fed = request.stopper.ids  # a step chooses every row's token, then feeds it
+        fresh = prefill(tiny_lm.model, torch.cat([prompt, torch.tensor(fed, dtype=torch.long)])).cache
+        assert decoder.cache.lengths[row] == len(prompt) + len(fed)
+        for layer, (keys, values) in enumerate(decoder.cache.row_layers(row)):
+            assert torch.allclose(keys, fresh.layers[layer].keys, atol=1e-5)
+            assert torch.allclose(values, fresh.layers[layer].values, atol=1e-5)
+
+
+def test_decode_leaves_the_state_holding_what_it_fed(tiny_lm):
+    """As the eager loop did to its DynamicCache: the prompt and every answer token but the last."""
+    ids = _ids(26, 4)
+    state = prefill(tiny_lm.model, ids)
+    result = decode(tiny_lm.model, tiny_lm.tokenizer, state, GenerationConfig(max_new_tokens=7))
+    fresh = prefill(tiny_lm.model, torch.cat([ids, torch.tensor(result.token_ids[:-1])])).cache
+    assert state.cache.get_seq_length() == len(ids) + 6 and result.kv_bytes == kv_bytes(state.cache)
+    for layer in range(len(fresh.layers)):
+        assert torch.allclose(state.cache.layers[layer].keys, fresh.layers[layer].keys, atol=1e-5)
+
+
+def test_slot_cache_rows_move_and_lengths_roll_back():
+    layers = [(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)) for n in (5,)]
+    cache = SlotCache.like(layers, 1, 8)
+    rows = [cache.add_row([(torch.full((1, 2, n, 4), float(n)),) * 2], 8) for n in (3, 5, 2)]
+    assert rows == [0, 1, 2] and cache.lengths == [3, 5, 2] and cache.row_capacity == 3
+    cache.remove_row(0)  # the last row moves into row 0
+    assert cache.lengths == [2, 5] and torch.equal(cache.row_layers(0)[0][0], torch.full((1, 2, 2, 4), 2.0))
+    cache.set_length(1, 1)
+    assert cache.lengths == [2, 1] and cache.row_bytes(1) == 2 * 2 * 4 * 4
+    with pytest.raises(ValueError):
+        cache.set_length(1, 4)
+
+
+# -- shared-prefix (Hydragen) attention ---------------------------------------------------------------------
+@pytest.mark.parametrize("heads, kv_heads, q", [(4, 2, 1), (4, 4, 3), (6, 2, 5)])
+def test_combined_attention_equals_attention_over_the_concatenated_keys(heads, kv_heads, q):
+    generator = torch.Generator().manual_seed(heads * q)
+    rows, dim, prefix_len, own = 3, 8, 37, 11
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    query, prefix_k, prefix_v = randn(rows, heads, q, dim), randn(1, kv_heads, prefix_len, dim), randn(1, kv_heads,
+                                                                                                        prefix_len, dim)
+    keys, values = randn(rows, kv_heads, own, dim), randn(rows, kv_heads, own, dim)
+    lengths = torch.tensor([2, 7, own - q])  # entries each row holds before its q new ones
+    mask = torch.arange(own) < (lengths[:, None] + torch.arange(1, q + 1))[:, :, None]  # (rows, q, own)
+    ours = combined_attention(query, prefix_k, prefix_v, keys, values, mask[:, None], scaling=0.3)
+    full_k = torch.cat([prefix_k.expand(rows, -1, -1, -1), keys], 2).repeat_interleave(heads // kv_heads, 1)
+    full_v = torch.cat([prefix_v.expand(rows, -1, -1, -1), values], 2).repeat_interleave(heads // kv_heads, 1)
+    full_mask = torch.cat([torch.ones(rows, q, prefix_len, dtype=torch.bool), mask], -1)[:, None]
+    reference = torch.nn.functional.scaled_dot_product_attention(query, full_k, full_v, attn_mask=full_mask, scale=0.3)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_prefix_chunks_combine_to_the_same_attention(monkeypatch):
+    import ctxopt.attention.shared_prefix as shared_prefix
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 1, 8, generator=generator)
+    prefix_k, prefix_v = torch.randn(1, 2, 50, 8, generator=generator), torch.randn(1, 2, 50, 8, generator=generator)
+    keys, values = torch.randn(2, 2, 3, 8, generator=generator), torch.randn(2, 2, 3, 8, generator=generator)
+    mask = torch.ones(2, 1, 1, 3, dtype=torch.bool)
+    whole = combined_attention(query, prefix_k, prefix_v, keys, values, mask)
+    monkeypatch.setattr(shared_prefix, "PREFIX_CHUNK", 16)
+    assert torch.allclose(combined_attention(query, prefix_k, prefix_v, keys, values, mask), whole, atol=1e-6)
+
+
+def _suffix_requests(lm, prompts, shared: int, prefix_cache, use_prefix: bool):
+    prefix = SharedPrefix.from_cache(prefix_cache) if use_prefix else None
+    decoder = BatchDecoder(lm.model, lm.tokenizer, prefix=prefix)
+    requests = [decoder.submit(Prefill(cache=None if use_prefix else prefix_cache, next_position=shared,
+                                       pending_ids=p[shared:]), GenerationConfig(max_new_tokens=10)) for p in prompts]
+    return decoder, requests
+
+
+def test_shared_prefix_decoding_equals_plain_batched_decoding(grouped_lm):
+    """Step by step, the logits with the prefix held once equal those with a copy of it in every row, and the
+    greedy tokens are the same."""
+    lm = grouped_lm
+    pipe = Pipeline(lm, max_new_tokens=10)
+    prompts = [pipe.compress(q, DOC).input_ids for q in QUESTIONS]
+    shared = min(len(p) for p in prompts) - 12
+    assert all(torch.equal(p[:shared], prompts[0][:shared]) for p in prompts)
+    base = prefill(lm.model, prompts[0][:shared])
+    hydra, hydra_requests = _suffix_requests(lm, prompts, shared, base.cache, use_prefix=True)
+    plain, plain_requests = _suffix_requests(lm, prompts, shared, clone_cache(base.cache), use_prefix=False)
+    hydra.admit()
+    plain.admit()
+    assert hydra.cache.lengths == [len(p) - shared for p in prompts]
+    assert plain.cache.lengths == [len(p) for p in prompts]
+    while hydra.busy:
+        logits = [(r.logits, s.logits) for r, s in zip(hydra_requests, plain_requests) if not r.done]
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in logits)
+        hydra.step()
+        plain.step()
+    assert not plain.busy
+    assert [r.result.token_ids for r in hydra_requests] == [r.result.token_ids for r in plain_requests]
+    alone = [decode(lm.model, lm.tokenizer, prefill(lm.model, p), GenerationConfig(max_new_tokens=10)).token_ids
+             for p in prompts]
+    assert [r.result.token_ids for r in hydra_requests] == alone
+
+
+def test_shared_prefix_needs_grouped_sdpa(tiny_lm):
+    from ctxopt.errors import InputError
+
+    state = prefill(tiny_lm.model, _ids(10, 0))
+    with pytest.raises(InputError, match="GROUPED_SDPA"):
+        BatchDecoder(tiny_lm.model, tiny_lm.tokenizer, prefix=SharedPrefix.from_cache(state.cache))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_ask_many_decodes_together_and_equals_ask(tiny_lm, grouped_lm, grouped):
+    lm = grouped_lm if grouped else tiny_lm
+    pipe = Pipeline(lm, max_new_tokens=8)
+    many = pipe.ask_many(QUESTIONS, context=DOC)
+    single = [pipe.ask(q, context=DOC) for q in QUESTIONS]
+    assert [a.token_ids for a in many] == [a.token_ids for a in single]
+    for answer in many:
+        prefill_record, decode_record = answer.stats.get("prefill"), answer.stats.get("decode")
+        assert prefill_record.extra["shared_prefix_attention"] is grouped
+        assert prefill_record.extra["batch_size"] == decode_record.extra["batch_size"] == len(QUESTIONS)
+        assert decode_record.tokens_out == len(answer.token_ids) == 8
+        # Held once, the shared prefix is not in a question's row: its KV bytes are its own tokens'.
+        shared = answer.stats.get("prefill_shared").kv_bytes
+        assert (decode_record.kv_bytes < shared) is grouped
+    assert 0 < many[0].stats.ttft_seconds
+
+
+def test_ask_many_with_a_cache_stage_decodes_the_pruned_caches_together(tiny_lm):
+    pipe = Pipeline(tiny_lm, stages=build_stages("snapkv", 96, window=8), max_new_tokens=6)
+    many = pipe.ask_many(QUESTIONS[:3], context=DOC)
+    single = [pipe.ask(q, context=DOC) for q in QUESTIONS[:3]]
+    assert [a.token_ids for a in many] == [a.token_ids for a in single]
+    assert all(a.stats.get("decode").extra["batch_size"] == 3 for a in many)

@@ -21,6 +21,6 @@ def test_the_test_command_lints_first_with_the_configured_ruff():
     command = readme_test_command()
     assert "ruff check . && pytest -q" in command
     pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+; ctxopt supports 3.10)
-    (extra,) = re.findall(r"^test = \[(.*)\]$", pyproject, flags=re.M)
+    (extra,) = re.findall(r"^test = \[(.*?)\]$", pyproject, flags=re.M | re.S)
     assert '"ruff' in extra
     assert re.search(r"^\[tool\.ruff\]\nline-length = 120$", pyproject, flags=re.M)

@@ -29,7 +29,9 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _method_options(args) -> dict:
-    """--option items, plus --draft as the method's ``draft`` option."""
+    """--option items, plus --draft as the method's ``draft`` option; REFRAG asked over an --index that holds
+    precomputed chunk embeddings (``ctxopt index --refrag``) reads them unless --option cache=... says otherwise."""
+    from .compressors.refrag.cache import CACHE_FILE
     from .methods import DRAFT, METHODS, parse_options
 
     options = parse_options(args.option)
@@ -38,6 +40,9 @@ def _method_options(args) -> dict:
         if spec is not None and not spec.takes_draft:
             raise InputError(f"--draft: method {args.method!r} takes no draft model.")
         options[DRAFT] = args.draft
+    index = getattr(args, "index", None)
+    if index and "refrag" in args.method.split("+") and "cache" not in options and (Path(index) / CACHE_FILE).is_file():
+        options["cache"] = str(index)
     return options
 
 

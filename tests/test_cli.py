@@ -105,3 +105,20 @@ def test_index_then_ask_and_demo(tmp_path, capsys, smollm):
     code, out, _ = run(capsys, "demo")
     assert code == 0, out
     assert "3/3 correct" in out
+
+
+def test_refrag_over_an_index_with_chunk_embeddings_reads_them(tmp_path):
+    import argparse
+
+    from ctxopt.cli import _method_options
+    from ctxopt.compressors.refrag.cache import CACHE_FILE
+
+    def args(method, option=()):
+        return argparse.Namespace(method=method, draft=None, option=list(option), index=str(tmp_path))
+
+    assert _method_options(args("refrag")) == {}  # no chunk embeddings in the index: computed per question
+    (tmp_path / CACHE_FILE).write_bytes(b"")
+    assert _method_options(args("refrag")) == {"cache": str(tmp_path)}
+    assert _method_options(args("extractive+refrag")) == {"cache": str(tmp_path)}
+    assert _method_options(args("refrag", ["cache=other"])) == {"cache": "other"}
+    assert _method_options(args("full")) == {}

@@ -53,8 +53,14 @@ def kv_bytes(cache) -> int:
 
 
 def clone_cache(cache):
-    """An independent copy (for answering several questions over one prefilled context)."""
-    return copy.deepcopy(cache)
+    """An independent copy (for answering several questions over one prefilled context). Each layer's keys and
+    values are copied compactly: a layer that views a larger buffer (a decoder's slots) copies only its entries."""
+    memo = {}
+    for entry in _layers(cache):
+        for tensor in (getattr(entry, "keys", None), getattr(entry, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                memo[id(tensor)] = tensor.clone()
+    return copy.deepcopy(cache, memo)
 
 
 def crop_cache(cache, length: int) -> None:

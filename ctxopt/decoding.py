@@ -445,7 +445,7 @@ class BatchDecoder:
             needed = [h + max(width, len(r.pending) + r.config.max_new_tokens - 1) for h, r in zip(held, joining)]
             if self.cache is None:
                 self.cache = SlotCache.like(own[0], 0, 0)
-            self.cache.reserve(self.rows + len(joining), _round_up(max(needed)))
+            self.cache.reserve(self.rows + len(joining), round_up(max(needed)))
             for request, layers, room in zip(joining, own, needed):
                 row = self.cache.add_row(layers, room)
                 self.active.append(request)
@@ -541,19 +541,38 @@ class BatchDecoder:
 
     def _forward(self, tokens: list[list[int]], positions: list[list[int]], counts: list[int], first: int):
         """Feed rows ``first ..`` their (left-padded) tokens; the logits after each row's last token."""
-        mask = self.cache.step_mask(counts, len(tokens[0]), first)
-        override = attention_override(self.prefix.attention) if self.prefix is not None else nullcontext()
-        with override:
-            out = forward(self.model, torch.tensor(tokens), positions=torch.tensor(positions), cache=self.cache,
-                          attention_mask=mask)
-        self.cache.advance(counts, first)
+        logits = slot_forward(self.model, self.cache, tokens, positions, counts, first, self.prefix)
         self.steps += 1
         for request in self.active[first:first + len(tokens)]:
             request.forward_passes += 1
-        return out.logits[:, -1].float()
+        return logits[:, -1].float()
 
 
-def _round_up(n: int, multiple: int = 32) -> int:
+def slot_forward(
+    model,
+    cache: SlotCache,
+    tokens: list[list[int]],
+    positions: list[list[int]],
+    counts: list[int] | None = None,
+    first: int = 0,
+    prefix=None,
+    logits_to_keep: int = 1,
+) -> torch.Tensor:
+    """The decode step: one forward of rows ``first .. first + len(tokens) - 1`` of ``cache``, each fed its tokens
+    at their explicit positions (left-padded, the last ``counts[i]`` real; all real by default), each attending to
+    its own entries (and the shared ``prefix``, if given) and causally to its new tokens. The cache then holds
+    the real tokens after each row's entries. Returns the logits of each row's last ``logits_to_keep`` tokens."""
+    width = len(tokens[0])
+    counts = [width] * len(tokens) if counts is None else counts
+    mask = cache.step_mask(counts, width, first)
+    with attention_override(prefix.attention) if prefix is not None else nullcontext():
+        out = forward(model, torch.tensor(tokens), positions=torch.tensor(positions), cache=cache,
+                      attention_mask=mask, logits_to_keep=logits_to_keep)
+    cache.advance(counts, first)
+    return out.logits
+
+
+def round_up(n: int, multiple: int = 32) -> int:
     return -(-n // multiple) * multiple
 
 

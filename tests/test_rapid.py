@@ -144,6 +144,29 @@ def test_rollback_leaves_both_caches_as_a_fresh_prefill(tiny_lm, near_drafter, t
     _assert_cache_equal(draft_state.cache, prefill(near_drafter.model, torch.cat([draft_ids, out[:kept]])).cache)
 
 
+def test_rollback_is_a_length_change_equal_to_a_fresh_prefill(tiny_lm):
+    """The cursor's cache is a row of preallocated slots: drafts fed, then rejected, then others fed leave the
+    same entries as a fresh prefill of the prompt and the kept tokens, in the same buffer (no crop, no copy)."""
+    from ctxopt.speculative.rapid import _Cursor
+
+    ids = _ids(30, seed=6)
+    state = prefill(tiny_lm.model, ids)
+    cursor = _Cursor(tiny_lm.model, state)
+    buffer = cursor.cache.keys[0].data_ptr()
+    first = cursor.logits_after([], [101, 102, 103, 104])  # four drafts verified in one forward
+    assert first.shape[0] == 5 and cursor.fed == 4
+    cursor.rollback(2)  # drafts 103 and 104 rejected
+    assert cursor.cache.lengths == [32] and cursor.logits is None
+    again = cursor.logits_after([101, 102, 105], [106])  # the round's emitted token, then a new draft
+    assert cursor.cache.keys[0].data_ptr() == buffer and cursor.fed == 4
+    cursor.release()
+    fresh = prefill(tiny_lm.model, torch.cat([ids, torch.tensor([101, 102, 105, 106])]))
+    _assert_cache_equal(state.cache, fresh.cache)
+    assert torch.allclose(again[-1], fresh.logits, atol=1e-4)
+    assert torch.allclose(first[2], prefill(tiny_lm.model, torch.cat([ids, torch.tensor([101, 102])])).logits,
+                          atol=1e-4)
+
+
 # -- sampling: the verification rule on fixed vectors --------------------------------------------------
 P = torch.tensor([0.30, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], dtype=torch.float64)
 Q = torch.tensor([0.05, 0.40, 0.05, 0.20, 0.02, 0.20, 0.06, 0.02], dtype=torch.float64)

@@ -27,8 +27,9 @@ Each model keeps its own cache and positions. One round:
    the output follows the target's distribution.
    Greedy (temperature 0): accept while argmax z_hat == x_i; at the first mismatch emit argmax z_hat; if all
    are accepted emit argmax z_{k+1}. With eta = 0 this is the target's own greedy decoding.
-5. Rollback: both caches are cropped to their prompt plus the accepted tokens; the round's last emitted
-   token is fed to both at the start of the next round (in the target's verification forward).
+5. Rollback: both caches are cut back to their prompt plus the accepted tokens (a shorter row of ctxopt's
+   slot cache: nothing is copied); the round's last emitted token is fed to both at the start of the next round
+   (in the target's verification forward).
 
 Deviations, all deliberate:
 - Greedy mode is ours: [C] always runs its sampling rule (on logits processed by the generation config).
@@ -57,7 +58,7 @@ from typing import ClassVar
 
 import torch
 
-from ..cache import cache_length, crop_cache, kv_bytes
+from ..cache import SlotCache, cache_length, kv_bytes, layer_kv, num_layers, set_layer_kv
 from ..compressors.rag import select_chunks
 from ..decoding import (
     DecodeResult,
@@ -65,10 +66,11 @@ from ..decoding import (
     Prefill,
     StopChecker,
     choose_token,
-    forward,
     make_generator,
     next_token_distribution,
     prefill,
+    round_up,
+    slot_forward,
 )
 from ..drafts import resolve_draft
 from ..errors import InputError
@@ -139,18 +141,26 @@ class _Cursor:
     """A model's cache over its own prompt plus the answer so far, with explicit positions.
 
     ``sequence`` arguments are the tokens after the prompt (the Prefill's pending ids, then the answer).
-    ``fed`` of them are in the cache, including draft tokens not yet verified; ``rollback`` crops those.
+    ``fed`` of them are in the cache, including draft tokens not yet verified; ``rollback`` drops those by
+    shortening the row (the cache is a one-row ``SlotCache``: nothing is reallocated or copied). The state's own
+    cache points at the row's entries from the start (its tensors are released) and ``release`` leaves it holding
+    what the row holds at the end, as a fresh prefill of the prompt and the kept tokens would.
     """
 
     def __init__(self, model: torch.nn.Module, state: Prefill):
-        self.model, self.cache = model, state.cache
+        self.model, self.state = model, state
         self.prefix = [] if state.pending_ids is None else state.pending_ids.tolist()
         if not self.prefix and state.logits is None:
             raise InputError("The prefill carries neither logits nor pending ids to start decoding from.")
+        layers = [layer_kv(state.cache, layer) for layer in range(num_layers(state.cache))]
         self.start_length = cache_length(state.cache)
+        self.cache = SlotCache.like(layers, 1, 0)
+        self.cache.add_row(layers, round_up(self.start_length + len(self.prefix) + 64))
+        del layers
+        self.release()
         self.start_position = state.next_position
         self.fed = 0
-        self.logits = state.logits  # predicts the token after the cache's last one; None after a crop
+        self.logits = state.logits  # predicts the token after the cache's last one; None after a rollback
         self.forwards = 0
 
     def logits_after(self, sequence: list[int], drafts: list[int]) -> torch.Tensor:
@@ -162,19 +172,24 @@ class _Cursor:
             return held[0]
         tokens = fresh + drafts
         start = self.start_position + self.fed
-        out = forward(
-            self.model, torch.tensor(tokens), positions=torch.arange(start, start + len(tokens)), cache=self.cache,
-            logits_to_keep=len(drafts) + 1 - len(held),
-        )
-        rows = out.logits[0].float()
+        needed = self.cache.lengths[0] + len(tokens)
+        if needed > self.cache.capacity:
+            self.cache.reserve(1, round_up(max(needed, self.cache.capacity * 3 // 2)))
+        rows = slot_forward(self.model, self.cache, [tokens], [list(range(start, start + len(tokens)))],
+                            logits_to_keep=len(drafts) + 1 - len(held))[0].float()
         self.fed, self.forwards, self.logits = self.fed + len(tokens), self.forwards + 1, rows[-1]
         return torch.cat(held + [rows])
 
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` tokens of the sequence in the cache (no-op if fewer are there)."""
         if length < self.fed:
-            crop_cache(self.cache, self.start_length + length)
+            self.cache.set_length(0, self.start_length + length)
             self.fed, self.logits = length, None
+
+    def release(self) -> None:
+        """Point the state's cache at the row's entries (views of the slots)."""
+        for layer, (keys, values) in enumerate(self.cache.row_layers(0)):
+            set_layer_kv(self.state.cache, layer, keys, values)
 
 
 # -- the decoder -----------------------------------------------------------------------------------------
@@ -286,6 +301,8 @@ class RAPID(Decoder):
                 if first_token_seconds is None:
                     first_token_seconds = time.perf_counter() - began
             stopper.finish()
+            checker.release()
+            draft.release()
         return DecodeResult(
             token_ids=stopper.ids,
             text=stopper.text,

@@ -3,7 +3,9 @@ client concurrencies, for each method, on distinct ~4K-token contexts; and the g
 through the gateway with ``--method full`` minus the engine asked directly, concurrency 1).
 
 Each (method, concurrency) level sends at most ``--requests`` requests and starts none after ``--duration``
-seconds; every request sent must come back answered (200) or explicitly rejected (429/503), and the run says so.
+seconds; every request sent must come back with an HTTP answer: answered (200), rejected (429/503) or an
+explicit error (a 504 past the gateway's --request-timeout, say); a request with no answer at all is "lost", and
+the run says whether any was.
 Each context hides a distinct code ("The access code for ledger 17 is 4817.") at a random depth, and the answer is
 checked for it.
 
@@ -58,13 +60,14 @@ class Level:
         sent = len(self.outcomes)
         answered = [o for o in self.outcomes if o.status == 200]
         rejected = sum(o.status in REJECTED for o in self.outcomes)
-        errors = sent - len(answered) - rejected
+        lost = sum(o.status is None for o in self.outcomes)  # no HTTP answer at all: the one real failure
+        errors = sent - len(answered) - rejected - lost  # an HTTP error status (400, 502, 504...)
         latencies = sorted(o.seconds for o in answered)
         saved = [o.tokens_saved for o in answered if o.tokens_saved is not None]
         return {
             "target": self.target, "method": self.method, "concurrency": self.concurrency, "sent": sent,
-            "answered": len(answered), "rejected": rejected, "errors": errors,
-            "accounted": len(answered) + rejected + errors == sent and errors == 0,
+            "answered": len(answered), "rejected": rejected, "errors": errors, "lost": lost,
+            "accounted": lost == 0,
             "requests_per_s": len(answered) / self.wall if self.wall else 0.0,
             "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
             "p99_ms": percentile(latencies, 99),
@@ -198,10 +201,10 @@ def print_row(row: dict) -> None:
         return f"{value:8.1f}" if value is not None else "       -"
 
     print(f"{row['target']:8s} {row['method']:14s} c={row['concurrency']:<3d} sent {row['sent']:3d} answered "
-          f"{row['answered']:3d} rejected {row['rejected']:3d} errors {row['errors']:2d} | "
+          f"{row['answered']:3d} rejected {row['rejected']:3d} errors {row['errors']:2d} lost {row['lost']:2d} | "
           f"{row['requests_per_s']:6.2f} req/s | p50 {ms(row['p50_ms'])} p95 {ms(row['p95_ms'])} "
-          f"p99 {ms(row['p99_ms'])} ms | correct {row['correct']}/{row['answered']} | all accounted: "
-          f"{'yes' if row['accounted'] else 'NO'}", flush=True)
+          f"p99 {ms(row['p99_ms'])} ms | correct {row['correct']}/{row['answered']} | every request answered or "
+          f"refused: {'yes' if row['accounted'] else 'NO'}", flush=True)
     for sample in row["error_samples"]:
         print(f"    {sample}")
 
@@ -225,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="requests per target before measuring")
     parser.add_argument("--direct", action="store_true", help="also run every level against the engine directly "
                         "(its chat endpoint, same messages): the baseline")
+    parser.add_argument("--direct-concurrency", default=None, help="the levels of --direct (default: --concurrency)")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help="the in-process gateway's --request-timeout (answered 504 past it)")
     parser.add_argument("--overhead", type=int, default=0, metavar="N",
                         help="first measure the gateway's overhead over N alternating requests (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.duration <= 0:
         parser.error("--requests must be >= 1 and --duration > 0")
     levels = [int(c) for c in args.concurrency.split(",")]
+    direct_levels = [int(c) for c in (args.direct_concurrency or args.concurrency).split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
     engine_process = None
@@ -256,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
 
             config = ServeConfig(model=args.model, engine=engine_url, engine_model=engine_model,
                                  concurrency=max(levels), max_queue=args.max_queue, max_new_tokens=args.max_tokens,
-                                 pipeline_cache=max(4, len(methods)))
+                                 pipeline_cache=max(4, len(methods)),
+                                 request_timeout=args.request_timeout or 600.0)
             server = BackgroundServer(create_app(config)).start()
             gateway_url = server.base_url
             deadline = time.monotonic() + 300
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup:
                     run_level(target, url, name, method, 1, fresh(args.warmup),
                               argparse.Namespace(**{**vars(args), "requests": args.warmup}), is_gateway)
-                for concurrency in levels:
+                for concurrency in (levels if is_gateway else direct_levels):
                     row = run_level(target, url, name, method, concurrency, fresh(args.requests), args,
                                     is_gateway).row()
                     rows.append(row)

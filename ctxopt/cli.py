@@ -32,14 +32,9 @@ def _method_options(args) -> dict:
     """--option items, plus --draft as the method's ``draft`` option; REFRAG asked over an --index that holds
     precomputed chunk embeddings (``ctxopt index --refrag``) reads them unless --option cache=... says otherwise."""
     from .compressors.refrag.cache import CACHE_FILE
-    from .methods import DRAFT, METHODS, parse_options
+    from .methods import command_line_options
 
-    options = parse_options(args.option)
-    if args.draft:
-        spec = METHODS.get(args.method)
-        if spec is not None and not spec.takes_draft:
-            raise InputError(f"--draft: method {args.method!r} takes no draft model.")
-        options[DRAFT] = args.draft
+    options = command_line_options(args.method, args.option, args.draft)
     index = getattr(args, "index", None)
     if index and "refrag" in args.method.split("+") and "cache" not in options and (Path(index) / CACHE_FILE).is_file():
         options["cache"] = str(index)
@@ -108,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_bench_parser(commands)
+
+    from .server.cli import add_serve_parser  # imports nothing heavy; the server's packages load in cmd_serve
+
+    add_serve_parser(commands)
     return parser
 
 

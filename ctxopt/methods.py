@@ -91,6 +91,18 @@ def parse_options(items: list[str], flag: str = "--option") -> dict:
     return options
 
 
+def command_line_options(method: str, items: list[str], draft: str | None = None) -> dict:
+    """``--option KEY=VALUE`` items, plus ``--draft`` as the method's ``draft`` option (an error for a method
+    that takes no draft): what ``ctxopt ask`` and ``ctxopt serve`` hand to ``build_stages``."""
+    options = parse_options(items)
+    if draft:
+        spec = METHODS.get(method)
+        if spec is not None and not spec.takes_draft:
+            raise InputError(f"--draft: method {method!r} takes no draft model.")
+        options[DRAFT] = draft
+    return options
+
+
 class MethodRegistry(dict):
     """Registered methods by name. A name joining registered names with "+" (``color+specpc+speckv``) is their
     composition: the stages of each, in turn, built at the same budget with the same options."""

@@ -83,3 +83,22 @@ def count_tokens(tokenizer: Any, texts: str | Passage | Sequence[str | Passage])
 def stable_hash(text: str) -> int:
     """A 48-bit hash of ``text`` (the first 12 hex digits of its SHA-1): fixed across machines and runs."""
     return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
+
+
+class StreamTrimmer:
+    """Passes streamed pieces of an answer on so that, joined, they equal the whole answer without its outer
+    whitespace, as ``Answer.text`` is: leading whitespace is dropped, trailing whitespace held until more text
+    comes."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        text = self.held + piece
+        out = text.rstrip()
+        self.held = text[len(out):]
+        return out

@@ -52,6 +52,7 @@ from ..models import DEFAULT_GENERATOR, LoadedModel
 from ..pipeline import Pipeline
 from ..prompting import validate_question
 from ..retrievers import FaissStore
+from ..text import StreamTrimmer
 from ..types import Answer, Passage, Stats
 
 CONTEXT_MARK = "ctxopt_context"  # additional_kwargs key: this message (a system message too) is context
@@ -252,23 +253,6 @@ UNSUPPORTED = (
 
 class _StreamClosed(Exception):
     """Raised inside the decode loop once the consumer of a stream has gone away."""
-
-
-class _Trimmer:
-    """Passes streamed pieces on so that together they equal the whole text stripped, as Answer.text is."""
-
-    def __init__(self) -> None:
-        self.started = False
-        self.held = ""
-
-    def feed(self, piece: str) -> str:
-        if not self.started:
-            piece = piece.lstrip()
-            self.started = bool(piece)
-        text = self.held + piece
-        out = text.rstrip()
-        self.held = text[len(out):]
-        return out
 
 
 class CtxoptChatModel(BaseChatModel):
@@ -479,7 +463,7 @@ class CtxoptChatModel(BaseChatModel):
             emit(item)
 
     @staticmethod
-    def _chunk(kind: str, value: Any, trimmer: _Trimmer) -> ChatGenerationChunk | None:
+    def _chunk(kind: str, value: Any, trimmer: StreamTrimmer) -> ChatGenerationChunk | None:
         """The chunk to yield for one item from the worker (None for whitespace held back)."""
         if kind == "error":
             raise value
@@ -503,7 +487,7 @@ class CtxoptChatModel(BaseChatModel):
         closed = threading.Event()
         args = (self._produce, messages, stop, kwargs, items.put, closed)
         threading.Thread(target=contextvars.copy_context().run, args=args, daemon=True).start()
-        trimmer = _Trimmer()
+        trimmer = StreamTrimmer()
         try:
             while True:
                 kind, value = items.get()
@@ -533,7 +517,7 @@ class CtxoptChatModel(BaseChatModel):
 
         args = (self._produce, messages, stop, kwargs, emit, closed)
         threading.Thread(target=contextvars.copy_context().run, args=args, daemon=True).start()
-        trimmer = _Trimmer()
+        trimmer = StreamTrimmer()
         try:
             while True:
                 kind, value = await items.get()

@@ -21,31 +21,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..text import StreamTrimmer
 from .gateway import Gateway, Job, ServeConfig, api_error
 from .metrics import INVALID
 from .schema import ApiError, chunk_body, completion_body, decode_json, parse_chat_request, sse, usage
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection": counted, never sent
-
-
-class Trimmer:
-    """Passes streamed text on so that the pieces join to the whole answer without its outer whitespace, as
-    the non-streamed answer is: leading whitespace is dropped, trailing whitespace held until more text comes."""
-
-    def __init__(self) -> None:
-        self.started = False
-        self.held = ""
-
-    def feed(self, piece: str) -> str:
-        if not self.started:
-            piece = piece.lstrip()
-            if not piece:
-                return ""
-            self.started = True
-        text = self.held + piece
-        out = text.rstrip()
-        self.held = text[len(out):]
-        return out
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -198,7 +179,7 @@ def create_app(config: ServeConfig | None = None, **settings: Any) -> FastAPI:
         """The server-sent events of one answer, from its first event on. A client that goes away cancels the
         job (Starlette cancels this generator)."""
         rid, created, name = job.id, job.created, gateway.served_name
-        trimmer = Trimmer()
+        trimmer = StreamTrimmer()
         finished = False
         try:
             yield sse(chunk_body(rid, created, name, {"role": "assistant", "content": ""}))

@@ -62,16 +62,10 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from ..checks import parse_budget
-    from ..errors import InputError
-    from ..methods import DRAFT, METHODS, parse_options
+    from ..methods import command_line_options
     from .gateway import ServeConfig
 
-    options = parse_options(args.option)
-    if args.draft:
-        spec = METHODS.get(args.method)
-        if spec is not None and not spec.takes_draft:
-            raise InputError(f"--draft: method {args.method!r} takes no draft model.")
-        options[DRAFT] = args.draft
+    options = command_line_options(args.method, args.option, args.draft)
     return ServeConfig(
         model=args.model, served_name=args.served_name, method=args.method, budget=parse_budget(args.budget),
         options=options, index=args.index, k=args.k, engine=args.engine, engine_model=args.engine_model,

@@ -117,6 +117,7 @@ class SlotCache:
         self.lengths: list[int] = [0] * rows
         self._write: tuple[torch.Tensor, torch.Tensor] | None = None  # (key index, value index) of the step
         self._span = (0, 0, 0)  # the step's first row, the row after its last, and the slots it reads
+        self.unmasked = False  # whether the step's mask lets every query see every slot it reads
 
     # -- allocation ---------------------------------------------------------------------------------------
     @classmethod
@@ -229,6 +230,8 @@ class SlotCache:
         slots = slots[:, None, :, None]
         self._write = (slots.expand(-1, heads, -1, key_dim), slots.expand(-1, value_heads, -1, value_dim))
         self._span = (start, stop, extent)
+        # Every query sees every slot read (one new token per row, all rows equally long): attention needs no mask.
+        self.unmasked = width == 1 and min(lengths) == max(lengths)
         return mask[:, None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):

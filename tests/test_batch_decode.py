@@ -329,3 +329,65 @@ def test_ask_many_with_a_cache_stage_decodes_the_pruned_caches_together(tiny_lm)
     single = [pipe.ask(q, context=DOC) for q in QUESTIONS[:3]]
     assert [a.token_ids for a in many] == [a.token_ids for a in single]
     assert all(a.stats.get("decode").extra["batch_size"] == 3 for a in many)
+
+
+# -- concurrent callers share decode steps ------------------------------------------------------------------
+def test_concurrent_decodes_share_steps_and_equal_each_alone(tiny_lm):
+    import threading
+
+    from ctxopt.decoding import SharedDecoder
+
+    states = [prefill(tiny_lm.model, _ids(n, seed)) for seed, n in enumerate([30, 12, 45, 21])]
+    configs = [GenerationConfig(max_new_tokens=m) for m in (6, 15, 9, 12)]
+    alone = [decode(tiny_lm.model, tiny_lm.tokenizer, s.copy(), c) for s, c in zip(states, configs)]
+    shared = SharedDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    results, streamed = [None] * 4, [[] for _ in range(4)]
+    owners = [None] * 4
+
+    def call(i):
+        def on_text(text):
+            owners[i] = threading.get_ident()
+            streamed[i].append(text)
+
+        results[i] = shared.decode(states[i].copy(), configs[i], on_text)
+
+    with shared._step_lock:  # every caller queues its request before the first step: they all join it
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        while len(shared._queued) < 4:
+            threading.Event().wait(0.001)
+    for thread in threads:
+        thread.join()
+    assert [r.token_ids for r in results] == [a.token_ids for a in alone]
+    assert all(r.extra["batch_size"] == 4 for r in results)
+    assert ["".join(s) for s in streamed] == [r.text for r in results]
+    assert owners == [t.ident for t in threads]  # each caller's text reached it in its own thread
+
+
+def test_a_failed_step_fails_every_request_of_the_batch(tiny_lm, monkeypatch):
+    from ctxopt.decoding import BatchDecoder as Decoder
+    from ctxopt.decoding import SharedDecoder
+
+    shared = SharedDecoder(tiny_lm.model, tiny_lm.tokenizer)
+
+    def broken(self):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Decoder, "step", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        shared.decode(prefill(tiny_lm.model, _ids(10, 1)), GenerationConfig(max_new_tokens=3))
+    monkeypatch.undo()
+    result = shared.decode(prefill(tiny_lm.model, _ids(10, 1)), GenerationConfig(max_new_tokens=3))
+    assert len(result.token_ids) == 3  # the next call starts a fresh batch
+
+
+def test_pipeline_calls_from_threads_share_the_generators_decode_batch(tiny_lm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = Pipeline(tiny_lm, max_new_tokens=20)
+    alone = [pipe.ask(q, context=DOC).token_ids for q in QUESTIONS]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda q: pipe.ask(q, context=DOC), QUESTIONS))
+    assert [a.token_ids for a in answers] == alone
+    assert all(a.stats.get("decode").extra["batch_size"] >= 1 for a in answers)

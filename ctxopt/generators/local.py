@@ -6,6 +6,7 @@ stage, and the decoder (``decode``, or ``decode:<name>`` for a decoder stage suc
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -15,7 +16,7 @@ from ..attention import AttentionCapture, capture_attention
 from ..attention.kernels import runs_grouped_sdpa
 from ..attention.shared_prefix import SharedPrefix
 from ..cache import cache_length, clone_cache, kv_bytes
-from ..decoding import BatchDecoder, DecodeResult, Prefill, prefill
+from ..decoding import BatchDecoder, DecodeResult, Prefill, SharedDecoder, prefill
 from ..errors import InputError
 from ..measure import measure
 from ..stages import CacheStage, Decoder, InputStage, Run, StepDecoder, TokenPrefill
@@ -35,6 +36,11 @@ class LocalGenerator:
         self.input_stage = input_stage or TokenPrefill()
         self.cache_stages = list(cache_stages)
         self.decoder = decoder or StepDecoder()
+        # Held, when set, around each call's prefill and cache stages (not its decode): for callers that run
+        # ``generate`` from several threads with stages that are not safe to run concurrently.
+        self.prepare_lock: threading.RLock | None = None
+        self._shared: dict[int, SharedDecoder] = {}
+        self._shared_lock = threading.Lock()
 
     # -- steps -------------------------------------------------------------------------------------------
     def attention_request(self, prompt: Prompt, run: Run) -> tuple[CacheStage | None, AttentionCapture | None]:
@@ -78,16 +84,30 @@ class LocalGenerator:
         return state
 
     def decode(self, state: Prefill, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None) -> DecodeResult:
+        """The decoder's answer. The default decoder decodes in this generator's shared batch for the model, so
+        calls from several threads share their decode steps (``SharedDecoder``); alone, a call is a batch of one."""
         with measure(self.decoder.record_name, run.lm.device) as record:
-            result = self.decoder.decode(state, prompt, run, on_text)
+            if type(self.decoder) is StepDecoder:
+                result = self.shared_decoder(run.lm).decode(state, run.config, on_text, run.lm.eos_token_ids)
+            else:
+                result = self.decoder.decode(state, prompt, run, on_text)
         run.add_record(decode_record(record, result, state))
         return result
 
+    def shared_decoder(self, lm) -> SharedDecoder:
+        """The decode batch that concurrent ``generate`` calls on ``lm`` join."""
+        with self._shared_lock:
+            key = id(lm.model)
+            if key not in self._shared:
+                self._shared[key] = SharedDecoder(lm.model, lm.tokenizer, lm.eos_token_ids)
+            return self._shared[key]
+
     # -- the Generator protocol ---------------------------------------------------------------------------
     def generate(self, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None = None) -> DecodeResult:
-        asker, request = self.attention_request(prompt, run)
-        state = self.prefill(prompt, run, request)
-        state = self.compress_cache(state, prompt, run, asker, request)
+        with self.prepare_lock or nullcontext():
+            asker, request = self.attention_request(prompt, run)
+            state = self.prefill(prompt, run, request)
+            state = self.compress_cache(state, prompt, run, asker, request)
         return self.decode(state, prompt, run, on_text)
 
     @property

@@ -327,6 +327,12 @@ class StopChecker:
         self._stream(final=True)
 
 
+def windowed_layer_types(model) -> list[str]:
+    """The attention layer types of ``model`` other than full attention (Gemma 3's sliding-window layers)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    return sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
+
+
 class DecodeRequest:
     """One request of a :class:`BatchDecoder`: a prefilled state, its settings and, once done, its ``result``."""
 
@@ -372,6 +378,12 @@ class BatchDecoder:
     def __init__(self, model, tokenizer, eos_ids: Sequence[int] = (), prefix=None):
         if prefix is not None and not runs_grouped_sdpa(model):
             raise InputError("Shared-prefix decoding needs a model that runs GROUPED_SDPA (as load_model's do).")
+        windowed = windowed_layer_types(model)
+        if windowed:
+            raise InputError(
+                f"ctxopt's decode loop attends every layer to all of a request's cache entries; this model has "
+                f"{', '.join(windowed)} layers (a sliding window), which it does not support yet."
+            )
         self.model, self.tokenizer, self.eos_ids, self.prefix = model, tokenizer, list(eos_ids), prefix
         self.cache: SlotCache | None = None
         self.active: list[DecodeRequest] = []  # active[r] decodes in row r of the cache

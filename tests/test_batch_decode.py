@@ -391,3 +391,17 @@ def test_pipeline_calls_from_threads_share_the_generators_decode_batch(tiny_lm):
         answers = list(pool.map(lambda q: pipe.ask(q, context=DOC), QUESTIONS))
     assert [a.token_ids for a in answers] == alone
     assert all(a.stats.get("decode").extra["batch_size"] >= 1 for a in answers)
+
+
+def test_a_model_with_sliding_window_layers_is_refused_with_a_reason(tiny_tokenizer):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from ctxopt.errors import InputError
+
+    config = Gemma3TextConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(config).eval()
+    state = prefill(model, _ids(12, 0) % len(tiny_tokenizer))
+    with pytest.raises(InputError, match="sliding_attention"):
+        decode(model, tiny_tokenizer, state, GenerationConfig(max_new_tokens=3))

@@ -2,6 +2,10 @@
 
 Each step leaves a Stats record in the run: the prefill (``prefill`` or the input stage's name), each cache
 stage, and the decoder (``decode``, or ``decode:<name>`` for a decoder stage such as RAPID).
+
+The default decoder runs ``ctxopt.decoding.BatchDecoder`` (one decode loop for everything): ``generate`` decodes
+in a batch shared by concurrent calls on the same model (``SharedDecoder``), ``generate_many`` decodes its
+prompts together, with the shared start of their prompts held once (Hydragen) where the model allows it.
 """
 from __future__ import annotations
 

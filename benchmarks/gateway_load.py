@@ -179,6 +179,7 @@ def measure_overhead(engine_url: str, engine_model: str, gateway_url: str, model
             "messages": [{"role": "system", "content": context}, {"role": "user", "content": question}]}),
     }
     seconds: dict[str, list[float]] = {"direct": [], "gateway": []}
+    inside: dict[str, list[float]] = {"ctxopt_side": [], "prompt_stage": [], "engine_via_gateway": []}
     tokens: dict[str, int] = {}
     with httpx.Client(trust_env=False, timeout=args.timeout) as http:
         for round_ in range(args.overhead + 2):
@@ -190,10 +191,17 @@ def measure_overhead(engine_url: str, engine_model: str, gateway_url: str, model
                 tokens[name] = response.json()["usage"]["prompt_tokens"]
                 if round_ >= 2:
                     seconds[name].append(elapsed)
+                    if name == "gateway":  # where the gateway's time went, from its own ctxopt field
+                        extra = response.json()["ctxopt"]
+                        stages = {s["stage"]: s["seconds"] for s in extra["stages"]}
+                        inside["engine_via_gateway"].append(stages.get("decode:engine", 0.0))
+                        inside["ctxopt_side"].append(extra["seconds"] - stages.get("decode:engine", 0.0))
+                        inside["prompt_stage"].append(stages.get("prompt", 0.0))
     direct, through = statistics.median(seconds["direct"]), statistics.median(seconds["gateway"])
     return {"prompt_tokens_direct": tokens["direct"], "prompt_tokens_gateway": tokens["gateway"],
             "requests_each": args.overhead, "direct_p50_ms": 1000 * direct, "gateway_p50_ms": 1000 * through,
-            "overhead_p50_ms": 1000 * (through - direct)}
+            "overhead_p50_ms": 1000 * (through - direct),
+            **{f"{name}_p50_ms": 1000 * statistics.median(values) for name, values in inside.items()}}
 
 
 def print_row(row: dict) -> None:

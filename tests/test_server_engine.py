@@ -140,30 +140,47 @@ def test_engine_errors_and_local_only_methods(gateway):
     assert raised.value.code == "context_length_exceeded"
 
 
-def running_on_engine(engine) -> float:
-    """vLLM's gauge of requests it is running now."""
+def engine_metric(engine, name: str, **labels: str) -> float:
+    """The sum of a vLLM Prometheus metric's samples whose labels include ``labels``."""
     text = httpx.get(engine.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+               if line.startswith(name) and all(label in line for label in wanted))
 
 
 def test_client_that_goes_away_cancels_the_engine_request(gateway, served_engine):
+    """The client leaves after 20 pieces of a 2000-token answer: the engine stops generating it at once."""
     engine = served_engine
-    body = {"model": "smollm2", "messages": messages("9999", 99), "stream": True, "max_tokens": 2000,
-            "temperature": 0.0, "ctxopt": {}}
+    generated = engine_metric(engine, "vllm:generation_tokens_total")
+    body = {"model": "smollm2", "stream": True, "max_tokens": 2000, "temperature": 0.0,
+            "messages": [{"role": "system", "content": FILLER * 6},  # greedy SmolLM2 writes on and on here
+                         {"role": "user", "content": "Write a long essay of at least 2000 words about the harbour "
+                                                     "office."}]}
+    pieces = 0
     with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body, timeout=300) as response:
-        for line in response.iter_lines():  # up to the first answer text, then away
+        for line in response.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
-                break
-        assert running_on_engine(engine) == 1
-    deadline = time.monotonic() + 20  # 2000 tokens would take minutes on this engine
-    while running_on_engine(engine) != 0:
-        assert time.monotonic() < deadline, "the engine still runs the abandoned request"
+                pieces += 1
+                if pieces == 20:  # the answer is well under way and still going: leave
+                    break
+    assert pieces == 20
+    deadline = time.monotonic() + 20  # the rest of 2000 tokens would take minutes on this engine
+    while engine_metric(engine, "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, f"the engine still runs the request: {gateway_health(gateway)}"
         time.sleep(0.2)
+    time.sleep(2)  # nothing more is generated afterwards
+    assert engine_metric(engine, "vllm:num_requests_running") == 0
+    assert engine_metric(engine, "vllm:generation_tokens_total") - generated < 200
     deadline = time.monotonic() + 20
-    while httpx.get(f"{gateway.base_url}/health").json()["admitted"] != 0:
+    while gateway_health(gateway)["admitted"] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    metrics = httpx.get(f"{gateway.base_url}/metrics").text
+    assert 'ctxopt_requests_total{method="full",status="499"} 1.0' in metrics
+
+
+def gateway_health(gateway) -> dict:
+    return httpx.get(f"{gateway.base_url}/health").json()
 
 
 def test_gateway_overhead_at_concurrency_one(gateway, served_engine, smollm_lm):

@@ -108,7 +108,8 @@ class SlotCache:
     rows in use are always ``0 .. rows - 1``.
 
     Positions are not stored: keys keep the rotation they were written with, and the caller passes each new
-    token's position explicitly. The object stands in for a transformers ``Cache`` through the two methods the
+    token's position explicitly. The slots are inference tensors (written under ``torch.inference_mode``, as
+    the decode loop runs). The object stands in for a transformers ``Cache`` through the two methods the
     models call on one (``update``, ``get_seq_length``).
     """
 
@@ -121,6 +122,7 @@ class SlotCache:
 
     # -- allocation ---------------------------------------------------------------------------------------
     @classmethod
+    @torch.inference_mode()
     def like(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], row_capacity: int, capacity: int) -> "SlotCache":
         """Empty slots shaped like ``layers`` ((keys, values) per layer, any batch and length)."""
         keys = [k.new_zeros(row_capacity, k.shape[1], capacity, k.shape[3]) for k, _ in layers]
@@ -142,6 +144,7 @@ class SlotCache:
     def num_layers(self) -> int:
         return len(self.keys)
 
+    @torch.inference_mode()
     def reserve(self, rows: int, capacity: int) -> None:
         """Make room for ``rows`` rows of ``capacity`` slots (reallocates, copying the rows in use, when short)."""
         if rows <= self.row_capacity and capacity <= self.capacity:
@@ -155,6 +158,7 @@ class SlotCache:
                 grown[:used, :, :old.shape[2]] = old[:used]
                 tensors[layer] = grown
 
+    @torch.inference_mode()
     def add_row(self, layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> int:
         """Copy one sequence's keys and values ((1, kv_heads, length, head_dim) per layer) into a new row with
         room for ``capacity`` slots in all; returns the row."""
@@ -171,6 +175,7 @@ class SlotCache:
         self.lengths.append(length)
         return row
 
+    @torch.inference_mode()
     def remove_row(self, row: int) -> None:
         """Free ``row``: the last row moves into its place (the caller renumbers that row to ``row``)."""
         last = self.rows - 1

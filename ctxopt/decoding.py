@@ -414,6 +414,17 @@ class BatchDecoder:
         if request in self.active:
             self._point(request.state.cache, self.cache.row_layers(self.active.index(request)))
 
+    def cancel(self, request: DecodeRequest) -> None:
+        """Drop a request that is not done (waiting or active) without a result; its row is freed."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request in self.active:
+            row = self.active.index(request)
+            self.cache.remove_row(row)
+            last = self.active.pop()
+            if last is not request:
+                self.active[row] = last
+
     def kv_bytes(self, request: DecodeRequest) -> int:
         """Bytes of the entries an active request holds in the batch's cache (the shared prefix not counted)."""
         return self.cache.row_bytes(self.active.index(request))
@@ -591,16 +602,23 @@ class SharedDecoder:
                                 None if texts is None else texts.put)
         with self._queue_lock:
             self._queued.append(request)
-        while True:
-            with self._step_lock:
-                if request.result is None and request.error is None:
-                    self._step()
-            while texts is not None and not texts.empty():
-                on_text(texts.get())
-            if request.error is not None:
-                raise request.error
-            if request.result is not None:
-                return request.result
+        try:
+            while True:
+                with self._step_lock:
+                    if request.result is None and request.error is None:
+                        self._step()
+                while texts is not None and not texts.empty():
+                    on_text(texts.get())  # may raise: the caller gives up (a server's cancelled request)
+                if request.error is not None:
+                    raise request.error
+                if request.result is not None:
+                    return request.result
+        except BaseException:
+            with self._step_lock, self._queue_lock:  # leave the batch: no more steps spent on this request
+                if request in self._queued:
+                    self._queued.remove(request)
+                self._decoder.cancel(request)
+            raise
 
     def _step(self) -> None:
         with self._queue_lock:
@@ -632,7 +650,12 @@ def slot_forward(
     the real tokens after each row's entries. Returns the logits of each row's last ``logits_to_keep`` tokens."""
     width = len(tokens[0])
     counts = [width] * len(tokens) if counts is None else counts
-    mask = cache.step_mask(counts, width, first)
+    with torch.inference_mode():
+        return _slot_forward(model, cache, tokens, positions, counts, first, prefix, logits_to_keep)
+
+
+def _slot_forward(model, cache, tokens, positions, counts, first, prefix, logits_to_keep) -> torch.Tensor:
+    mask = cache.step_mask(counts, len(tokens[0]), first)
     if prefix is not None:
         override = attention_override(prefix.attention)
     elif cache.unmasked and runs_grouped_sdpa(model):

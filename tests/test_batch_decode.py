@@ -382,6 +382,41 @@ def test_a_failed_step_fails_every_request_of_the_batch(tiny_lm, monkeypatch):
     assert len(result.token_ids) == 3  # the next call starts a fresh batch
 
 
+def test_a_caller_that_gives_up_leaves_the_batch(tiny_lm):
+    """An on_text that raises (a server's cancelled request) ends that caller's decode and frees its row; the
+    others in the batch go on to the answers they get alone."""
+    import threading
+
+    from ctxopt.decoding import SharedDecoder
+
+    states = [prefill(tiny_lm.model, _ids(n, seed)) for seed, n in enumerate([20, 31, 14])]
+    config = GenerationConfig(max_new_tokens=25)
+    alone = [decode(tiny_lm.model, tiny_lm.tokenizer, s.copy(), config).token_ids for s in states]
+    shared = SharedDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    outcome: list = [None] * 3
+
+    def cancel(text):
+        raise ConnectionAbortedError("client went away")
+
+    def call(i):
+        try:
+            outcome[i] = shared.decode(states[i].copy(), config, cancel if i == 1 else None).token_ids
+        except ConnectionAbortedError as error:
+            outcome[i] = error
+
+    with shared._step_lock:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        while len(shared._queued) < 3:
+            threading.Event().wait(0.001)
+    for thread in threads:
+        thread.join()
+    assert isinstance(outcome[1], ConnectionAbortedError)
+    assert [outcome[0], outcome[2]] == [alone[0], alone[2]]
+    assert not shared._decoder.busy and shared._decoder.cache.rows == 0
+
+
 def test_pipeline_calls_from_threads_share_the_generators_decode_batch(tiny_lm):
     from concurrent.futures import ThreadPoolExecutor
 

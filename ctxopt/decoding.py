@@ -424,6 +424,8 @@ class BatchDecoder:
             last = self.active.pop()
             if last is not request:
                 self.active[row] = last
+            if not self.active:
+                self.cache = None
 
     def kv_bytes(self, request: DecodeRequest) -> int:
         """Bytes of the entries an active request holds in the batch's cache (the shared prefix not counted)."""
@@ -469,9 +471,15 @@ class BatchDecoder:
             held = [layers[0][0].shape[2] if layers else 0 for layers in own]
             # Room for the entries held, then the most ids each will feed (or the join forward's padding).
             needed = [h + max(width, len(r.pending) + r.config.max_new_tokens - 1) for h, r in zip(held, joining)]
+            rows, capacity = self.rows + len(joining), round_up(max(needed))
             if self.cache is None:
                 self.cache = SlotCache.like(own[0], 0, 0)
-            self.cache.reserve(self.rows + len(joining), round_up(max(needed)))
+            elif rows > self.cache.row_capacity or capacity > self.cache.capacity:
+                # Joining a running batch that is too small: grow with room to spare, so that requests joining
+                # one by one (concurrent callers) do not copy the whole batch each time.
+                rows = max(rows, 2 * self.cache.row_capacity)
+                capacity = max(capacity, round_up(self.cache.capacity * 5 // 4))
+            self.cache.reserve(rows, capacity)
             for request, layers, room in zip(joining, own, needed):
                 row = self.cache.add_row(layers, room)
                 self.active.append(request)
@@ -525,6 +533,8 @@ class BatchDecoder:
                 finished.append(request)
         for request in finished:
             self._finish(request)
+        if not self.active:
+            self.cache = None  # an empty batch holds no memory; the next request allocates anew
         return finished
 
     @staticmethod

@@ -155,6 +155,21 @@ def test_requests_join_and_leave_between_steps(tiny_lm):
     assert sorted(map(id, finished)) == sorted(map(id, requests))
 
 
+def test_joining_a_running_batch_grows_it_with_room_to_spare(tiny_lm):
+    decoder = BatchDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    config = GenerationConfig(max_new_tokens=20)
+    decoder.submit(prefill(tiny_lm.model, _ids(10, 0)), config)
+    decoder.step()
+    sizes = []
+    for seed in range(1, 5):
+        decoder.submit(prefill(tiny_lm.model, _ids(10, seed)), config)
+        decoder.step()
+        sizes.append(decoder.cache.row_capacity)
+    assert sizes == [2, 4, 4, 8]  # reallocated (each time a copy of the batch) at 2, 3 and 5 rows, not at 4
+    decoder.run()
+    assert decoder.cache is None
+
+
 def test_sampling_in_a_batch_equals_alone_with_the_same_seed(tiny_lm):
     states = [prefill(tiny_lm.model, _ids(n, seed)) for seed, n in enumerate([25, 40, 13])]
     configs = [GenerationConfig(max_new_tokens=9, temperature=1.0, top_p=0.9, seed=s) for s in (1, 2, 3)]
@@ -414,7 +429,7 @@ def test_a_caller_that_gives_up_leaves_the_batch(tiny_lm):
         thread.join()
     assert isinstance(outcome[1], ConnectionAbortedError)
     assert [outcome[0], outcome[2]] == [alone[0], alone[2]]
-    assert not shared._decoder.busy and shared._decoder.cache.rows == 0
+    assert not shared._decoder.busy and shared._decoder.cache is None  # an empty batch frees its slots
 
 
 def test_pipeline_calls_from_threads_share_the_generators_decode_batch(tiny_lm):

@@ -60,6 +60,19 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=cmd_serve)
 
 
+def require_server_packages() -> None:
+    """Refuse with the install line when the gateway's packages (the ``serve`` extra) are missing."""
+    import importlib.util
+
+    from ..errors import InputError
+
+    missing = [name for module, name in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                                         ("prometheus_client", "prometheus-client"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise InputError(f"ctxopt serve needs {', '.join(missing)}: pip install 'ctxopt[serve]'.")
+
+
 def config_from_args(args: argparse.Namespace):
     from ..checks import parse_budget
     from ..methods import command_line_options
@@ -78,6 +91,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    require_server_packages()
     from ..errors import InputError
     from .running import serve
 

@@ -212,6 +212,46 @@ def test_chat_model_threads_give_sequential_results(tiny_lm):
     assert threaded == sequential * 2
 
 
+def test_chat_model_concurrent_calls_share_decode_steps(tiny_lm):
+    """Calls from several threads (SnapKV-pruned caches of different lengths, and a plain chat with no context
+    through the chat model's other pipeline) decode in one batch of the model: every step feeds all their rows, so
+    the batch takes as many steps as the longest answer, not as all answers together; each call's answer is the
+    one it gets alone."""
+    import threading
+    import time
+
+    from ctxopt.generators.local import shared_decoder
+
+    chat = CtxoptChatModel(model=tiny_lm, method="snapkv", budget=48, options={"window": 8}, max_new_tokens=8)
+    chats = [context_messages(f"How many marbles are in the {colour} box?") for colour, _ in BOXES[:3]]
+    chats.append([HumanMessage("Name a colour.")])
+    alone = [chat.invoke(messages) for messages in chats]
+    shared = shared_decoder(chat._pipe.lm)
+    steps = shared._decoder.steps
+    replies: list = [None] * len(chats)
+
+    def call(i):
+        replies[i] = chat.invoke(chats[i])
+
+    with shared._step_lock:  # every call prefills and queues its request before the first step: all join it
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(chats))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while len(shared._queued) < len(chats):
+            assert time.monotonic() < deadline, "not every call reached the decode batch: one holds a lock there"
+            threading.Event().wait(0.001)
+    for thread in threads:
+        thread.join()
+    assert [r.content for r in replies] == [a.content for a in alone]
+    assert [r.usage_metadata for r in replies] == [a.usage_metadata for a in alone]
+    decodes = [next(s for s in r.response_metadata["ctxopt"]["stats"]["stages"] if s["stage"] == "decode")
+               for r in replies]
+    assert [d["extra"]["batch_size"] for d in decodes] == [len(chats)] * len(chats)
+    passes = [d["extra"]["forward_passes"] for d in decodes]
+    assert shared._decoder.steps - steps == max(passes) < sum(passes)
+
+
 def test_chat_model_retriever_and_lcel_chain(tiny_lm):
     retriever = CtxoptRetriever(store=store(), k=2)
     chat = CtxoptChatModel(model=tiny_lm, method="rapid", retriever=retriever, max_new_tokens=6)

@@ -4,8 +4,9 @@ Each step leaves a Stats record in the run: the prefill (``prefill`` or the inpu
 stage, and the decoder (``decode``, or ``decode:<name>`` for a decoder stage such as RAPID).
 
 The default decoder runs ``ctxopt.decoding.BatchDecoder`` (one decode loop for everything): ``generate`` decodes
-in a batch shared by concurrent calls on the same model (``SharedDecoder``), ``generate_many`` decodes its
-prompts together, with the shared start of their prompts held once (Hydragen) where the model allows it.
+in a batch shared by concurrent calls on the same model, from any generator (``SharedDecoder``, one per model),
+``generate_many`` decodes its prompts together, with the shared start of their prompts held once (Hydragen)
+where the model allows it.
 """
 from __future__ import annotations
 
@@ -40,11 +41,10 @@ class LocalGenerator:
         self.input_stage = input_stage or TokenPrefill()
         self.cache_stages = list(cache_stages)
         self.decoder = decoder or StepDecoder()
-        # Held, when set, around each call's prefill and cache stages (not its decode): for callers that run
-        # ``generate`` from several threads with stages that are not safe to run concurrently.
+        # Held, when set, around each call's prefill and cache stages, and around its decode unless that runs in
+        # the shared batch (another decoder, RAPID, runs forwards of its own): for callers that run ``generate``
+        # from several threads with stages that are not safe to run concurrently (the LangChain chat model).
         self.prepare_lock: threading.RLock | None = None
-        self._shared: dict[int, SharedDecoder] = {}
-        self._shared_lock = threading.Lock()
 
     # -- steps -------------------------------------------------------------------------------------------
     def attention_request(self, prompt: Prompt, run: Run) -> tuple[CacheStage | None, AttentionCapture | None]:
@@ -91,20 +91,17 @@ class LocalGenerator:
         """The decoder's answer. The default decoder decodes in this generator's shared batch for the model, so
         calls from several threads share their decode steps (``SharedDecoder``); alone, a call is a batch of one."""
         with measure(self.decoder.record_name, run.lm.device) as record:
-            if type(self.decoder) is StepDecoder:
-                result = self.shared_decoder(run.lm).decode(state, run.config, on_text, run.lm.eos_token_ids)
+            if self.decodes_shared:
+                result = shared_decoder(run.lm).decode(state, run.config, on_text, run.lm.eos_token_ids)
             else:
                 result = self.decoder.decode(state, prompt, run, on_text)
         run.add_record(decode_record(record, result, state))
         return result
 
-    def shared_decoder(self, lm) -> SharedDecoder:
-        """The decode batch that concurrent ``generate`` calls on ``lm`` join."""
-        with self._shared_lock:
-            key = id(lm.model)
-            if key not in self._shared:
-                self._shared[key] = SharedDecoder(lm.model, lm.tokenizer, lm.eos_token_ids)
-            return self._shared[key]
+    @property
+    def decodes_shared(self) -> bool:
+        """Whether ``generate`` decodes in the model's shared batch (the default decoder; not RAPID)."""
+        return type(self.decoder) is StepDecoder
 
     # -- the Generator protocol ---------------------------------------------------------------------------
     def generate(self, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None = None) -> DecodeResult:
@@ -112,6 +109,8 @@ class LocalGenerator:
             asker, request = self.attention_request(prompt, run)
             state = self.prefill(prompt, run, request)
             state = self.compress_cache(state, prompt, run, asker, request)
+            if not self.decodes_shared:
+                return self.decode(state, prompt, run, on_text)
         return self.decode(state, prompt, run, on_text)
 
     @property
@@ -193,6 +192,20 @@ class LocalGenerator:
             record = dataclasses.replace(batch_record, seconds=request.result.seconds, extra={})
             run.add_record(decode_record(record, request.result, request.state))
         return results
+
+
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_decoder(lm) -> SharedDecoder:
+    """The decode batch that concurrent ``generate`` calls on ``lm``'s model join, whichever generator (pipeline,
+    chat model) they come through: one per model, kept on the model object so that it lives as long as the model."""
+    with _SHARED_LOCK:
+        found = getattr(lm.model, "_ctxopt_shared_decoder", None)
+        if found is None:
+            found = SharedDecoder(lm.model, lm.tokenizer, lm.eos_token_ids)
+            lm.model._ctxopt_shared_decoder = found
+        return found
 
 
 def decode_record(record: StageStats, result: DecodeResult, state: Prefill) -> StageStats:

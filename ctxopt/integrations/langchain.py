@@ -12,9 +12,12 @@
 Every component refuses a constructor argument it does not know (a misspelt ``budjet=`` is an error, not a
 default silently kept).
 
-Every model forward made through these components runs under one process-wide lock (``MODEL_LOCK``): the
-models and stages are not safe for concurrent forwards (stages cache drafts and adapters, the decode loop
-owns one cache), so concurrent calls are answered one at a time, each exactly as if it ran alone. With
+Every model forward made through these components runs under one process-wide lock (``MODEL_LOCK``), except
+the chat model's decode steps: the stages are not safe for concurrent forwards (they cache drafts and adapters),
+so compression, prefill and cache stages run one call at a time. The decode steps of concurrent chat-model calls
+are shared instead: each call's prefilled cache joins the model's one decode batch
+(``ctxopt.decoding.SharedDecoder``) and every step advances all of them, so concurrent calls decode together,
+each answer the one it gets alone (a RAPID decoder, with drafts of its own, still runs under the lock). With
 ``engine=`` only ctxopt's own passes (the compression) take the lock: generation goes to the serving engine,
 which answers concurrent calls concurrently.
 """
@@ -46,6 +49,7 @@ from .. import __version__
 from ..compress import GAP as GAP  # re-exported: the marker between the kept pieces of one document
 from ..compress import INPUT_KEY, MODEL_LOCK, compress_texts, text_stages
 from ..errors import InputError
+from ..generators.local import LocalGenerator
 from ..measure import measure
 from ..methods import build_stages
 from ..models import DEFAULT_GENERATOR, LoadedModel
@@ -251,6 +255,13 @@ UNSUPPORTED = (
 )
 
 
+def share_decoding(pipe: Pipeline) -> None:
+    """Have ``pipe``'s local generator run its prefill and cache stages under ``MODEL_LOCK`` and decode outside it,
+    in the model's batch shared by concurrent calls (an engine generator is left as it is)."""
+    if isinstance(pipe.generator, LocalGenerator):
+        pipe.generator.prepare_lock = MODEL_LOCK
+
+
 class _StreamClosed(Exception):
     """Raised inside the decode loop once the consumer of a stream has gone away."""
 
@@ -268,7 +279,8 @@ class CtxoptChatModel(BaseChatModel):
     registered method, see ``ctxopt methods``). ``stop`` and the invoke keywords ``max_new_tokens``,
     ``temperature``, ``top_p`` and ``seed`` reach the decoder. ``engine`` (a base URL such as
     ``http://127.0.0.1:8000/v1``) sends the compressed prompt to an OpenAI-compatible server serving ``model``
-    (``engine_model``: its served name, when it serves several).
+    (``engine_model``: its served name, when it serves several). Concurrent calls (threads, ``batch``, async)
+    compress and prefill one at a time and decode together, sharing each decode step of the model.
 
     The reply carries ``usage_metadata`` (input tokens = positions prefilled after compression; a REFRAG chunk
     embedding is one) and
@@ -306,6 +318,7 @@ class CtxoptChatModel(BaseChatModel):
             engine=self.engine,
             engine_model=self.engine_model,
         )
+        share_decoding(self._pipe)
         self._add_version("ctxopt", __version__)
         return self
 
@@ -346,6 +359,7 @@ class CtxoptChatModel(BaseChatModel):
                 self._pipe.lm, instruction="", max_new_tokens=self.max_new_tokens, embedder=self.embedder,
                 engine=self.engine, engine_model=self.engine_model,
             )
+            share_decoding(self._plain)
         return self._plain
 
     def _answer(
@@ -378,10 +392,9 @@ class CtxoptChatModel(BaseChatModel):
                     prompt.stats = Stats(stages=[record])
             finally:
                 pipe.system = None
-            if pipe.engine is None:
-                answer = pipe.generate(prompt, on_text, **generation)
-        if pipe.engine is not None:  # the engine batches concurrent calls: no lock around generation
-            answer = pipe.generate(prompt, on_text, **generation)
+        # Not under the lock: the local generator takes it for its prefill and cache stages (share_decoding) and
+        # decodes in the model's shared batch; an engine batches concurrent calls itself.
+        answer = pipe.generate(prompt, on_text, **generation)
         return AIMessage(
             content=answer.text,
             usage_metadata=self._usage(pipe, answer),

@@ -1,8 +1,9 @@
 """Draft models: the one place a stage's ``draft`` option becomes a loaded model checked against its target.
 
-SpecPC, SpecKV and RAPID take a second, smaller model by the option ``draft``: None (the target drafts for
-itself), a LoadedModel, or a registry name or path (loaded on the target's device and dtype, once per process
-by ``load_model``'s cache). The vocabulary rule is the same for all: the draft's token ids must mean the
+SpecPC, SpecKV and RAPID take a second, smaller model by the option ``draft``: None (the registry's smaller
+draft for the target, see ``resolve_draft``), "self" (the target), a LoadedModel, or a registry name or path
+(loaded on the target's device and dtype, once per process by ``load_model``'s cache). The vocabulary rule is
+the same for all: the draft's token ids must mean the
 target's tokens (equal token-to-id maps), unless the stage maps text across tokenizers itself (SpecPC's
 ``cross_tokenizer``). A stage that compares the two models' logits token by token (RAPID) also needs equal
 logit widths.
@@ -34,10 +35,13 @@ def resolve_draft(
     cross_tokenizer: bool = False,
     compare_logits: bool = False,
 ) -> "LoadedModel":
-    """The draft as a LoadedModel (None = the target itself), refused with a one-line error when it cannot
-    draft for ``target`` in ``stage``."""
-    if draft is None:
-        return target
+    """The draft as a LoadedModel, refused with a one-line error when it cannot draft for ``target`` in ``stage``.
+    ``"self"``: the target. None: the registry's smaller draft for the target, else the target with a warning
+    (``models.registry.default_draft``)."""
+    if draft is None or draft == "self":
+        from .models.registry import default_draft
+
+        draft = target if draft else default_draft(target, stage, cross_tokenizer)
     if isinstance(draft, str):
         from .models import load_model
 

@@ -102,7 +102,7 @@ def test_index_then_ask_and_demo(tmp_path, capsys, smollm):
     assert code == 0 and "4817" in result["answer"]
     assert result["sources"][0]["source"] == "harbour_museum.md"
     assert [s["stage"] for s in result["stats"]["stages"]] == ["retrieve", "prompt", "prefill", "decode"]
-    code, out, _ = run(capsys, "demo")
+    code, out, _ = run(capsys, "demo", "--model", "smollm2-135m")
     assert code == 0, out
     assert "3/3 correct" in out
 

@@ -12,14 +12,14 @@ Paper: "Discovering the Gems in Early Layers" (arXiv 2409.17422) [P]; code: Sale
 
 Selection layer: [C]'s per-model choice (13 of 32 for Llama-3.1-8B-Instruct, 19 of 40 for Mistral-Nemo-12B,
 19 of 32 for Phi-3.5-mini), matched by config shape since model names are unreliable; any other model gets
-round(0.4 * layers), the analogue of Llama-3.1-8B's 13/32: 12 of 30 for SmolLM2-135M, 11 of 28 for
-Qwen2.5-Coder-1.5B. The layer search lives in the benchmark harness (``ctxopt.bench.layers``: ``search_layer``
-measures accuracy per layer, ``needle_recall`` screens every layer from one forward per sample). On
+round(0.4 * layers), the analogue of Llama-3.1-8B's 13/32, unless the registry names a layer a layer
+screen chose for that model (``RegistryEntry.gemfilter_layer``, ctxopt/models/registry.py). The layer search
+lives in the benchmark harness (``ctxopt.bench.layers``: ``search_layer`` measures accuracy per layer,
+``needle_recall`` screens every layer from one forward per sample). On
 Qwen2.5-Coder-1.5B the screen (6 RULER-4K needle samples) puts the retrieval layers deeper: at layers 15-18,
 20 and 21 the needle is kept at budget 256, at layer 11 only at 1024-2048. At 8K the screen moves to layer 16
 and up, and there layer 16 answers both needles at budgets 512 and 1024 where layers 11 and 15 answer none, at
-0.69x of full's TTFT instead of 0.48x (benchmarks/JOURNAL.md); the default stays at the 40% rule, ``layer=16``
-is the accurate choice for that model.
+0.69x of full's TTFT instead of 0.48x (benchmarks/JOURNAL.md): layer 16 is that model's registry default.
 
 Deviations from [C]: scores are computed in float32 (the code keeps the model's half precision), and ties in
 the ranking go to the earlier position (``torch.topk``'s tie order is unspecified). ``keep_question=True`` is
@@ -38,6 +38,7 @@ import torch
 from ..attention import AttentionCapture, capture_attention
 from ..checks import require_int
 from ..decoding import forward
+from ..models.registry import registry_entry
 from ..stages import Run, TokenStage, tokens_to_keep
 from ..types import Prompt
 from .selection import average_pool, fill_budget, forced_tokens, rank_descending
@@ -54,6 +55,12 @@ PAPER_LAYERS: dict[tuple[str, int, int, int], int] = {
     ("phi3", 32, 3072, 32): 19,  # Phi-3.5-mini-instruct
 }
 DEPTH_FRACTION = 0.4
+
+
+def registry_layer(name: str) -> int | None:
+    """The selection layer a layer screen chose for registry model ``name`` (``RegistryEntry.gemfilter_layer``)."""
+    entry = registry_entry(name)
+    return entry.gemfilter_layer if entry else None
 
 
 def default_layer(config: "PretrainedConfig") -> int:
@@ -108,7 +115,7 @@ class GemFilter(TokenStage):
         require_int(self.kernel, "gemfilter: kernel (a centred mean)", minimum=1, odd=True)
 
     def resolve_layer(self, lm: "LoadedModel") -> int:
-        layer = default_layer(lm.config) if self.layer is None else self.layer
+        layer = self.layer if self.layer is not None else registry_layer(lm.name) or default_layer(lm.config)
         return require_int(layer, f"gemfilter: layer (of {lm.name}'s {lm.num_layers})", 0, lm.num_layers - 1)
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:

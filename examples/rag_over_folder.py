@@ -1,10 +1,12 @@
-"""RAG over a folder: index it, ask questions, and compare the cost with putting the whole folder in the prompt.
+"""RAG over a folder: index it, ask questions, and compare with putting the whole folder in the prompt.
 
     python examples/rag_over_folder.py                                  # the bundled demo corpus and its questions
     python examples/rag_over_folder.py my_docs/ -q "Who founded the town?" -k 3
-    python examples/rag_over_folder.py --method gemfilter --budget 0.5   # compress the retrieved passages too
+    python examples/rag_over_folder.py --method extractive --budget 0.5 # compress the retrieved passages too
 
-Runs offline: the default model (SmolLM2-135M) and embedder (MiniLM) come from PyPI packages.
+Prints each answer with its sources, then per row (retrieval, the whole folder) the answers correct, prompt
+tokens, TTFT and its ratio to the whole folder's. Runs offline: the model (Qwen2.5-Coder-0.5B, the examples'
+default, ctxopt/models/registry.py) and the embedder (MiniLM) come from PyPI packages.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from ctxopt.bench.metrics import normalize_answer
+from ctxopt.bench.compare import contains_answer, method_notes, method_row, method_table
 from ctxopt.cli import parse_budget
 from ctxopt.methods import build_stages
 from ctxopt.models import LoadedModel
+from ctxopt.models.registry import EXAMPLE_MODEL
 from ctxopt.pipeline import Pipeline
 from ctxopt.retrievers import build_index, iter_corpus
 from ctxopt.types import Passage
@@ -34,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", default=None, help="tokens (512) or a ratio (0.5) for --method")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-full", action="store_true", help="count the full-context prompt but do not run it")
-    parser.add_argument("--model", default="smollm2-135m", help="registry name, model folder or .gguf file")
+    parser.add_argument("--model", default=EXAMPLE_MODEL, help="registry name, model folder or .gguf file")
     return parser.parse_args(argv)
 
 
@@ -52,15 +55,11 @@ def whole_folder(folder: Path) -> list[Passage]:
     return [Passage("".join(text for _, text in d.pieces), source=d.source) for d in iter_corpus(folder)]
 
 
-def is_correct(text: str, answers: list[str]) -> bool | None:
-    """None without gold answers; else whether the answer contains one of them (normalised)."""
-    return any(normalize_answer(gold) in normalize_answer(text) for gold in answers) if answers else None
-
-
-def mark(correct: bool | None, answers: list[str]) -> str:
-    if correct is None:
+def mark(text: str, answers: list[str]) -> str:
+    """'[correct]' or '[expected ...]' against the gold answers; '' without them."""
+    if not answers:
         return ""
-    return "   [correct]" if correct else f"   [expected {answers[0]}]"
+    return "   [correct]" if contains_answer(text, answers) else f"   [expected {answers[0]}]"
 
 
 def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:
@@ -76,38 +75,32 @@ def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:
     full = Pipeline(model, max_new_tokens=args.max_new_tokens)
     limit = rag.lm.max_positions - args.max_new_tokens
     print(f"indexed {len(store)} passages from {len(documents)} documents in {folder}; model {rag.lm.name}")
+    run_full = not args.no_full and all(len(full.build_prompt(i["question"], documents)) <= limit for i in items)
 
-    rows = []
+    retrieved, whole = [], []
     for item in items:
         question, answers = item["question"], item["answers"]
         answer = rag.ask(question)
-        row = {"tokens": len(answer.prompt), "ttft": answer.stats.ttft_seconds,
-               "correct": is_correct(answer.text, answers), "full_tokens": len(full.build_prompt(question, documents))}
-        print(f"\nQ: {question}\nA: {answer.text}{mark(row['correct'], answers)}")
+        retrieved.append(answer)
+        print(f"\nQ: {question}\nA: {answer.text}{mark(answer.text, answers)}")
         for passage in answer.sources:
             print(f"   source: {passage.source} chars {passage.span[0]}-{passage.span[1]} score={passage.score:.3f}")
-        line = f"   cost: {row['tokens']} prompt tokens, TTFT {row['ttft']:.2f}s"
-        line += f" | whole folder: {row['full_tokens']} tokens"
-        if args.no_full or row["full_tokens"] > limit:
-            line += "" if args.no_full else " (longer than the model's positions, not run)"
-        else:
-            whole = full.ask(question, context=documents)
-            row.update(full_ttft=whole.stats.ttft_seconds, full_correct=is_correct(whole.text, answers))
-            line += f", TTFT {row['full_ttft']:.2f}s, answer {whole.text!r}{mark(row['full_correct'], answers)}"
-        print(line)
-        rows.append(row)
+        if run_full:
+            whole.append(full.ask(question, context=documents))
+            print(f"   whole folder: {whole[-1].text!r}{mark(whole[-1].text, answers)}")
 
-    tokens, full_tokens = sum(r["tokens"] for r in rows), sum(r["full_tokens"] for r in rows)
-    print(f"\nsaved {full_tokens - tokens} of {full_tokens} prompt tokens ({1 - tokens / full_tokens:.0%}) over "
-          f"{len(rows)} questions by sending {args.k} retrieved passages instead of the whole folder")
-    if all("full_ttft" in r for r in rows):
-        print(f"TTFT: {sum(r['ttft'] for r in rows):.2f}s with retrieval vs {sum(r['full_ttft'] for r in rows):.2f}s "
-              "with the whole folder")
-    if all(r["correct"] is not None for r in rows):
-        line = f"correct: {sum(r['correct'] for r in rows)}/{len(rows)} with retrieval"
-        if all("full_correct" in r for r in rows):
-            line += f", {sum(r['full_correct'] for r in rows)}/{len(rows)} with the whole folder"
-        print(line)
+    golds = [item["answers"] for item in items]
+    label = f"rag k={args.k}" + ("" if args.method == "full" else f" + {args.method} {args.budget}")
+    rows = ([method_row("full", whole, golds)] if run_full else []) + [method_row(label, retrieved, golds)]
+    tokens = sum(len(a.prompt) for a in retrieved)
+    full_tokens = sum(len(full.build_prompt(i["question"], documents)) for i in items)
+    print(f"\n{len(items)} questions; rag = {args.k} retrieved passages, full = the whole folder in the prompt"
+          + ("" if run_full else " (not run: " + ("--no-full" if args.no_full else "longer than the model's positions")
+             + ")") + ":\n" + method_table(rows))
+    for note in method_notes(rows):
+        print("- " + note)
+    print(f"saved {full_tokens - tokens} of {full_tokens} prompt tokens ({1 - tokens / full_tokens:.0%}) by sending "
+          f"{args.k} retrieved passages instead of the whole folder")
     return 0
 
 

@@ -103,3 +103,95 @@ def test_vectorised_provenance_equals_the_token_by_token_rule():
         ours = list(zip(index.tolist(), spans[:, 0].tolist(), spans[:, 1].tolist(), segment.tolist()))
         assert ours == _provenance_one_token_at_a_time(offsets, passages, question)
     assert [t.numel() for t in _provenance([], [], (0, 0))] == [0, 0, 0]
+
+
+# -- the byte-level fast path of tokenization ------------------------------------------------------------------
+VARIED_TEXTS = [
+    "The vault code is 7341.  Two spaces,\ttabs\n\nand blank lines \n",
+    "héllo wörld 日本語 🎉🎉 naïve café — “quotes” ½ x²",
+    "<|im_start|>user\nspecial tokens inside text<|im_end|>\n😀x",
+    "   leading and trailing   ",
+    "e\u0301 a\u0301: combining accents (not NFC)",
+    "",
+]
+
+
+def _byte_level_variant(tokenizer, **parts):
+    """SmolLM2's tokenizer with other pipeline parts (an NFC normalizer as Qwen2.5's, another post-processor)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    for name, value in parts.items():
+        setattr(backend, name, value)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def _assert_encodes_like_the_tokenizer(tokenizer, texts):
+    from ctxopt.prompting import _encode
+
+    for text in texts:
+        ids, offsets = _encode(tokenizer, text)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids.tolist() == encoded["input_ids"], text
+        assert [tuple(pair) for pair in offsets.tolist()] == [tuple(pair) for pair in encoded["offset_mapping"]], text
+
+
+@pytest.mark.real_model
+def test_fast_path_ids_and_offsets_equal_the_tokenizers(smollm_tokenizer):
+    """SmolLM2 (byte-level BPE) takes the fast path, and its ids and character offsets are the tokenizer's own on
+    ASCII, multi-byte characters split across tokens, special tokens, whitespace runs and a ~5K-token prompt."""
+    from ctxopt.prompting import _byte_table
+
+    assert _byte_table(smollm_tokenizer) is not None
+    long_prompt = build_prompt(smollm_tokenizer, "What is the vault code?",
+                               [Passage(" ".join(VARIED_TEXTS) * 120, source="long")]).text
+    _assert_encodes_like_the_tokenizer(smollm_tokenizer, VARIED_TEXTS + [long_prompt])
+
+
+@pytest.mark.real_model
+def test_fast_path_prompt_equals_the_reference_prompt(smollm_tokenizer):
+    """build_prompt's tokens and provenance are those computed from the tokenizer's own offsets."""
+    from ctxopt.prompting import _encode_with_offsets, _provenance
+
+    passages = [Passage(text, source=f"p{i}") for i, text in enumerate(VARIED_TEXTS) if text.strip()] + PASSAGES
+    for system, instruction in ((None, "Answer briefly."), ("Sé breve. 🎯", "")):
+        prompt = build_prompt(smollm_tokenizer, "¿Cuál es el código? ✓", passages, instruction, system)
+        ids, offsets = _encode_with_offsets(smollm_tokenizer, prompt.text)
+        assert prompt.input_ids.tolist() == ids.tolist()
+        base = prompt.text.find("Context:\n")
+        ranges, cursor = [], base + len("Context:\n")
+        for number, passage in enumerate(passages, start=1):
+            cursor += len(f"[{number}] ")
+            ranges.append((cursor, cursor + len(passage.text)))
+            cursor += len(passage.text) + 2
+        question_start = prompt.text.index("¿Cuál", cursor)
+        reference = _provenance(offsets, ranges, (question_start, question_start + len(prompt.question)))
+        for ours, theirs in zip((prompt.passage_index, prompt.char_spans, prompt.segment), reference):
+            assert torch.equal(ours, theirs)
+        assert (prompt.segment == QUESTION).any() and set(prompt.passage_index.tolist()) == {-1, *range(len(passages))}
+
+
+@pytest.mark.real_model
+def test_other_tokenizers_and_states_take_the_tokenizers_offsets(smollm_tokenizer, tiny_tokenizer):
+    """An NFC normalizer (Qwen2.5's) keeps the fast path on NFC text and leaves the rest to the tokenizer; a
+    post-processor that trims offsets, a WordPiece tokenizer, special tokens the tokenizer splits, and truncation
+    left set on the Rust tokenizer all give the tokenizer's own answer."""
+    from tokenizers import normalizers, processors
+
+    from ctxopt.prompting import _byte_table, _encode
+
+    nfc = _byte_level_variant(smollm_tokenizer, normalizer=normalizers.NFC())
+    assert _byte_table(nfc) is not None
+    _assert_encodes_like_the_tokenizer(nfc, VARIED_TEXTS)
+    trimming = _byte_level_variant(smollm_tokenizer, post_processor=processors.ByteLevel(trim_offsets=True))
+    assert _byte_table(trimming) is None and _byte_table(tiny_tokenizer) is None
+    _assert_encodes_like_the_tokenizer(trimming, VARIED_TEXTS)
+    _assert_encodes_like_the_tokenizer(tiny_tokenizer, VARIED_TEXTS)
+    splitting = _byte_level_variant(smollm_tokenizer)
+    splitting.split_special_tokens = True  # the Rust tokenizer learns it at the tokenizer's next call
+    assert len(_encode(splitting, VARIED_TEXTS[2])[0]) == len(splitting(VARIED_TEXTS[2])["input_ids"]) > \
+        len(smollm_tokenizer(VARIED_TEXTS[2])["input_ids"])
+    truncating = _byte_level_variant(smollm_tokenizer)
+    truncating.backend_tokenizer.enable_truncation(3)
+    assert len(_encode(truncating, VARIED_TEXTS[0])[0]) == len(smollm_tokenizer(VARIED_TEXTS[0])["input_ids"]) > 3

@@ -35,7 +35,7 @@ SETTLE_S = 10.0  # the most any test waits for a server to become idle or ready
 
 
 def chat(context: str = CONTEXT, question: str = QUESTION) -> list[dict]:
-    return [{"role": "system", "content": context}, {"role": "user", "content": question}]
+    return [{"role": "user", "content": context}, {"role": "user", "content": question}]
 
 
 def expected(lm, passages: list[Passage], method: str = "full", budget=None, max_new_tokens: int = 8,
@@ -123,7 +123,7 @@ def test_openai_client_gets_the_pipelines_answer(server, tiny_lm):
     assert extra["method"] == "full" and extra["context"] == "messages"
     assert extra["prompt_tokens_original"] == len(want.prompt) and extra["tokens_saved"] == 0
     assert extra["sources"] == [{"source": "messages[0]", "id": want.sources[0].id, "span": [0, len(CONTEXT)],
-                                 "metadata": {"role": "system"}}]
+                                 "metadata": {"role": "user"}}]
     assert [s["stage"] for s in extra["stages"]] == ["queue", "prompt", "prefill", "decode"]
     assert all(s["seconds"] >= 0 for s in extra["stages"]) and extra["ttft_seconds"] > 0
 
@@ -147,7 +147,7 @@ def test_langchain_chat_openai(server, tiny_lm):
     want = expected(tiny_lm, message_passages()).text
     llm = chat_openai(model="tiny-llama", base_url=f"{server.base_url}/v1", api_key="none", max_tokens=8,
                       temperature=0, max_retries=0, timeout=60)
-    messages = [("system", CONTEXT), ("human", QUESTION)]
+    messages = [("human", CONTEXT), ("human", QUESTION)]
     reply = llm.invoke(messages)
     assert reply.content == want
     assert reply.usage_metadata["output_tokens"] == 8
@@ -160,7 +160,7 @@ def test_documents_field_is_the_context_with_its_provenance(server, tiny_lm):
     want = expected(tiny_lm, [Passage(text=documents[0]["text"], source="vault.txt"),
                               Passage(text=documents[1], source="documents[1]")], question="What is the code?")
     reply = client(server).chat.completions.create(
-        model="tiny-llama", messages=chat("this system message is not context", "What is the code?"),
+        model="tiny-llama", messages=chat("with documents, this message is not context", "What is the code?"),
         extra_body={"documents": documents})
     assert reply.choices[0].message.content == want.text
     extra = reply.model_extra["ctxopt"]
@@ -209,6 +209,50 @@ def test_index_gives_the_context_when_the_request_has_none(tiny_lm, tmp_path):
     assert [s["stage"] for s in extra["stages"]][:2] == ["queue", "retrieve"]
 
 
+def test_system_and_developer_messages_are_the_system_prompt_not_context(server, tiny_lm):
+    """CtxoptChatModel's rule: system (and OpenAI developer) messages are the system prompt, every other earlier
+    message is context; with no context the model answers as a plain chat model."""
+    system = "You are terse.\n\nAnswer in one word."
+    pipe = Pipeline(tiny_lm, system=system, max_new_tokens=8)
+    want = pipe.ask(QUESTION, context=[Passage(text=CONTEXT, source="messages[2]")])
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "developer", "content": "Answer in one word."},
+                {"role": "user", "content": CONTEXT}, {"role": "user", "content": QUESTION}]
+    reply = client(server).chat.completions.create(model="tiny-llama", messages=messages)
+    assert reply.choices[0].message.content == want.text
+    extra = reply.model_extra["ctxopt"]
+    assert [s["source"] for s in extra["sources"]] == ["messages[2]"] and extra["context"] == "messages"
+    assert reply.usage.prompt_tokens == len(want.prompt)
+
+    plain = Pipeline(tiny_lm, instruction="", system=system, max_new_tokens=8)
+    want = plain.generate(plain.build_prompt(QUESTION, []))
+    reply = client(server).chat.completions.create(model="tiny-llama", messages=messages[:2] + messages[3:])
+    assert reply.choices[0].message.content == want.text
+    extra = reply.model_extra["ctxopt"]
+    assert (extra["context"], extra["sources"], extra["tokens_saved"]) == ("none", [], 0)
+    assert reply.usage.prompt_tokens == len(want.prompt)
+
+
+def test_gateway_reads_a_chat_as_ctxopt_chat_model_does():
+    """The gateway's messages and LangChain's give the same question, context and system prompt."""
+    messages_module = pytest.importorskip("langchain_core.messages")
+    from ctxopt.integrations.langchain import split_messages as langchain_split
+    from ctxopt.server.schema import split_messages
+
+    kinds = {"system": messages_module.SystemMessage, "user": messages_module.HumanMessage,
+             "assistant": messages_module.AIMessage}
+    chats = [
+        [("system", "Be brief."), ("user", "Doc one."), ("assistant", "Noted."), ("system", "Cite."), ("user", "Q?")],
+        [("user", [{"type": "text", "text": "Part A."}, {"type": "text", "text": " "}, {"type": "text", "text": "B."}]),
+         ("user", "Q?")],
+        [("system", "  "), ("user", "Q?")],
+    ]
+    for chat_ in chats:
+        ours = split_messages([{"role": role, "content": content} for role, content in chat_])
+        theirs = langchain_split([kinds[role](content) for role, content in chat_])
+        assert (ours[0], [p.text for p in ours[1]], ours[2]) == (theirs[0], [p.text for p in theirs[1]], theirs[2])
+
+
 def test_concurrent_requests_all_answered_each_with_its_own_context(server, tiny_lm):
     contexts = [" ".join(f"Crate {i}-{j} holds {j * i} apples." for j in range(30)) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
@@ -233,7 +277,6 @@ BAD_REQUESTS = {
                        400, None),
     "image part": (good(messages=[{"role": "system", "content": CONTEXT}, {"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, None),
-    "no context anywhere": (good(messages=[{"role": "user", "content": QUESTION}]), 400, None),
     "unknown method": (good(ctxopt={"method": "zip"}), 400, "unknown_method"),
     "unknown option": (good(ctxopt={"method": "truncate", "budget": 64, "options": {"windw": 3}}), 400,
                        "unknown_option"),

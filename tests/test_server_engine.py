@@ -33,7 +33,7 @@ def needle_context(code: str, ledger: int, repeats: int = 12) -> str:
 
 
 def messages(code: str, ledger: int, repeats: int = 12) -> list[dict]:
-    return [{"role": "system", "content": needle_context(code, ledger, repeats)},
+    return [{"role": "user", "content": needle_context(code, ledger, repeats)},
             {"role": "user", "content": f"What is the access code for ledger {ledger}?"}]
 
 
@@ -106,7 +106,7 @@ def test_langchain_chat_openai_through_the_engine(gateway):
     chat_openai = pytest.importorskip("langchain_openai").ChatOpenAI
     llm = chat_openai(model="smollm2", base_url=f"{gateway.base_url}/v1", api_key="none", temperature=0,
                       max_tokens=24, max_retries=0, timeout=300)
-    history = [(m["role"] if m["role"] == "system" else "human", m["content"]) for m in messages("2956", 41)]
+    history = [("human", m["content"]) for m in messages("2956", 41)]
     assert "2956" in llm.invoke(history).content
     assert "2956" in "".join(chunk.content for chunk in llm.stream(history))
 
@@ -134,7 +134,7 @@ def test_engine_errors_and_local_only_methods(gateway):
         client(gateway).chat.completions.create(model="smollm2", messages=messages("1", 1),
                                                 extra_body={"ctxopt": {"method": "snapkv", "budget": 64}})
     assert "serving engine" in raised.value.message
-    too_long = [{"role": "system", "content": FILLER * 400}, {"role": "user", "content": "Which ledger?"}]
+    too_long = [{"role": "user", "content": FILLER * 400}, {"role": "user", "content": "Which ledger?"}]
     with pytest.raises(openai.BadRequestError) as raised:
         client(gateway).chat.completions.create(model="smollm2", messages=too_long)
     assert raised.value.code == "context_length_exceeded"
@@ -153,7 +153,7 @@ def test_client_that_goes_away_cancels_the_engine_request(gateway, served_engine
     engine = served_engine
     generated = engine_metric(engine, "vllm:generation_tokens_total")
     body = {"model": "smollm2", "stream": True, "max_tokens": 2000, "temperature": 0.0,
-            "messages": [{"role": "system", "content": FILLER * 6},  # greedy SmolLM2 writes on and on here
+            "messages": [{"role": "user", "content": FILLER * 6},  # greedy SmolLM2 writes on and on here
                          {"role": "user", "content": "Write a long essay of at least 2000 words about the harbour "
                                                      "office."}]}
     pieces = 0
@@ -196,7 +196,7 @@ def test_gateway_overhead_at_concurrency_one(gateway, served_engine, smollm_lm):
     text = Pipeline(smollm_lm).build_prompt(question, [Passage(text=context, source="messages[0]")]).text
     direct_body = {"model": engine.model, "prompt": text, "max_tokens": 1, "temperature": 0}
     gateway_body = {"model": "smollm2", "max_tokens": 1, "temperature": 0,
-                    "messages": [{"role": "system", "content": context}, {"role": "user", "content": question}]}
+                    "messages": [{"role": "user", "content": context}, {"role": "user", "content": question}]}
     timings: dict[str, list[float]] = {"direct": [], "gateway": []}
     inside: list[float] = []
     prompt_tokens = {}

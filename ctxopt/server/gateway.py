@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..chat import plain_prompt
 from ..checks import require_int
 from ..errors import ContextTooLongError, CtxoptError, EngineError, InputError
 from ..methods import METHODS, build_stages
@@ -126,6 +127,7 @@ class Prepared:
     prompt: Prompt
     original_tokens: int
     generation: dict[str, Any]
+    context_from: str  # "documents", "messages", "index" or "none"
     queued_seconds: float
     prepare_seconds: float
     retrieve_seconds: float | None = None
@@ -242,6 +244,7 @@ class Gateway:
         self.admitted = 0
         self.draining = False
         self._pipelines: OrderedDict[tuple, Pipeline] = OrderedDict()
+        self._plain: Pipeline | None = None
         self._jobs: set[Job] = set()
         self._job_seconds: float | None = None
         self._probe = None
@@ -453,33 +456,51 @@ class Gateway:
             self._pipelines.popitem(last=False)
         return pipe
 
-    def _context(self, job: Job) -> tuple[list[Passage], float | None]:
+    def _context(self, job: Job) -> tuple[list[Passage], float | None, str]:
+        """The request's passages, the seconds retrieval took (None: none ran) and where they came from; no
+        passages when the request carries none and the server has no index."""
         if job.request.context is not None:
-            return job.request.context, None
+            return job.request.context, None, job.request.context_from
         if self.retriever is None:
-            raise InputError("No context: send documents, put the context in messages before the question, or "
-                             "start the gateway with --index to retrieve it.")
+            return [], None, "none"
         began = time.perf_counter()
         passages = list(self.retriever.retrieve(job.request.question, job.settings.k))
         if not passages:
             raise InputError("The index returned no passages for this question.")
-        return passages, time.perf_counter() - began
+        return passages, time.perf_counter() - began, "index"
+
+    def _plain_pipeline(self) -> Pipeline:
+        """The pipeline of a chat with no context (model thread only): no stages, no RAG instruction."""
+        if self._plain is None:
+            self._plain = Pipeline(self.lm, instruction="", max_new_tokens=self.config.max_new_tokens,
+                                   engine=self.engine, engine_model=self.config.engine_model,
+                                   engine_api_key=self.config.engine_api_key)
+        return self._plain
 
     def _prepare(self, job: Job) -> Prepared:
-        """Model thread: context, compression, the uncompressed count; and the answer when ctxopt generates."""
+        """Model thread: context, compression, the uncompressed count; and the answer when ctxopt generates.
+        With no context the question is answered as a plain chat, as CtxoptChatModel does."""
         started = time.perf_counter()
         if job.closed.is_set():
             raise Cancelled
-        pipe = self._pipeline(job.settings)
-        passages, retrieve_seconds = self._context(job)
+        passages, retrieve_seconds, context_from = self._context(job)
+        pipe = self._pipeline(job.settings) if passages else self._plain_pipeline()
         generation = {"max_new_tokens": self.config.max_new_tokens, **job.request.generation}
         question = job.request.question
-        prompt = pipe.compress(question, passages, **generation)
-        if [record.stage for record in prompt.stats.stages] == ["prompt"]:
-            original = len(prompt)  # nothing but the template ran: the prompt is the uncompressed one
-        else:
-            original = len(pipe.build_prompt(question, passages))
-        prepared = Prepared(pipe, prompt, original, generation, queued_seconds=started - job.began,
+        pipe.system = job.request.system  # this request's system prompt: pipelines are used on this thread only
+        try:
+            if not passages:
+                prompt = plain_prompt(pipe, question)
+                original = len(prompt)
+            else:
+                prompt = pipe.compress(question, passages, **generation)
+                if [record.stage for record in prompt.stats.stages] == ["prompt"]:
+                    original = len(prompt)  # nothing but the template ran: the prompt is the uncompressed one
+                else:
+                    original = len(pipe.build_prompt(question, passages))
+        finally:
+            pipe.system = None
+        prepared = Prepared(pipe, prompt, original, generation, context_from, queued_seconds=started - job.began,
                             prepare_seconds=time.perf_counter() - started, retrieve_seconds=retrieve_seconds)
         if pipe.engine is None or pipe.generator.input_stage is not None:
             prepared.answer = self._generate(job, prepared)
@@ -521,7 +542,7 @@ class Gateway:
                 "method": settings.method,
                 "budget": settings.budget,
                 "options": {name: value for name, value in settings.options.items() if _jsonable(value)},
-                "context": job.request.context_from if job.request.context is not None else "index",
+                "context": prepared.context_from,
                 "prompt_tokens_original": prepared.original_tokens,
                 "prompt_tokens": int(prefilled),
                 "tokens_saved": prepared.original_tokens - int(prefilled),

@@ -3,10 +3,11 @@ error bodies out.
 
 ``parse_chat_request`` checks a decoded JSON body by hand (every message names the field, as OpenAI's ``param``)
 and returns a :class:`ChatRequest`: the question (the last message, a user one), the context it carries (an
-extra ``documents`` field, or the text of every earlier message), the decoding settings and the per-request
-``ctxopt`` overrides (``method``, ``budget``, ``options``, ``k``). Fields that would change the answer in a way
-ctxopt cannot honour (``n`` > 1, tools, log-probabilities, a JSON response format, sampling penalties) are
-refused rather than ignored; fields that change nothing here (``user``, ``metadata``, ``store``) are ignored.
+extra ``documents`` field, or the earlier messages other than system ones: ``ctxopt.chat.split_chat``, the rule
+of ``CtxoptChatModel``), the system prompt, the decoding settings and the per-request ``ctxopt`` overrides
+(``method``, ``budget``, ``options``, ``k``). Fields that would change the answer in a way ctxopt cannot honour
+(``n`` > 1, tools, log-probabilities, a JSON response format, sampling penalties) are refused rather than
+ignored; fields that change nothing here (``user``, ``metadata``, ``store``) are ignored.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..chat import ChatTurn, split_chat
 from ..types import Passage
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -52,11 +54,13 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 @dataclass
 class ChatRequest:
-    """A checked chat request. ``context``: the passages the request carries (None: use the server's index)."""
+    """A checked chat request. ``context``: the passages the request carries (None: the server's index, else
+    none); ``system``: the system prompt (the system messages)."""
 
     question: str
     context: list[Passage] | None
     context_from: str  # "documents", "messages" or "none"
+    system: str | None = None
     model: str | None = None
     stream: bool = False
     include_usage: bool = False
@@ -125,8 +129,10 @@ def message_texts(message: dict, where: str) -> list[str]:
     return texts
 
 
-def split_messages(messages: Any) -> tuple[str, list[Passage]]:
-    """The question (the last message, which must be the user's) and one passage per earlier text block."""
+def split_messages(messages: Any) -> tuple[str, list[Passage], str | None]:
+    """The question (the last message, which must be the user's), the context and the system prompt of the
+    earlier messages (``ctxopt.chat.split_chat``: system and developer messages are the system prompt, every
+    other message is context, one passage per text block)."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects.", param="messages")
     for i, message in enumerate(messages):
@@ -142,14 +148,10 @@ def split_messages(messages: Any) -> tuple[str, list[Passage]]:
     question = "".join(message_texts(messages[last], f"messages[{last}]")).strip()
     if not question:
         raise bad_request("The last user message (the question) is empty.", param=f"messages[{last}].content")
-    passages = []
-    for i, message in enumerate(messages[:last]):
-        texts = message_texts(message, f"messages[{i}]")
-        for j, text in enumerate(texts):
-            if text.strip():
-                source = f"messages[{i}]" + (f".content[{j}]" if len(texts) > 1 else "")
-                passages.append(Passage(text=text, source=source, metadata={"role": message["role"]}))
-    return question, passages
+    turns = [ChatTurn(message["role"], message_texts(message, f"messages[{i}]"), f"messages[{i}]",
+                      metadata={"role": message["role"]}) for i, message in enumerate(messages[:last])]
+    passages, system = split_chat(turns, part="content")
+    return question, passages, system
 
 
 def parse_documents(documents: Any) -> list[Passage]:
@@ -220,7 +222,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
         raise bad_request("response_format other than {\"type\": \"text\"} is not supported.", param="response_format")
 
-    question, message_context = split_messages(body.get("messages"))
+    question, message_context, system = split_messages(body.get("messages"))
     if body.get("documents") is not None:
         context, context_from = parse_documents(body["documents"]), "documents"
     elif message_context:
@@ -255,7 +257,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
             raise bad_request(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings.", param="stop")
         generation["stop_strings"] = tuple(s for s in stops if s)
     return ChatRequest(
-        question=question, context=context, context_from=context_from, model=model, stream=stream,
+        question=question, context=context, context_from=context_from, system=system, model=model, stream=stream,
         include_usage=include_usage, generation=generation, overrides=parse_overrides(body.get("ctxopt")),
     )
 

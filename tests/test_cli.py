@@ -46,7 +46,7 @@ def test_version(capsys):
 
 # The subcommands whose parsers live in ctxopt/cli.py besides `index`; index, train and bench are checked by
 # their owners' tests.
-CHECKED_COMMANDS = ("ask", "demo", "methods")
+CHECKED_COMMANDS = ("ask", "demo", "methods", "index", "train", "bench")  # and each one's subcommands
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -61,11 +61,16 @@ def test_every_option_and_positional_has_help():
     parser = build_parser()
     commands = subparsers(parser)
     assert set(CHECKED_COMMANDS) <= set(commands)
-    for name, command in [("ctxopt", parser)] + [(c, commands[c]) for c in CHECKED_COMMANDS]:
+    checked = [("ctxopt", parser)] + [(c, commands[c]) for c in CHECKED_COMMANDS]
+    for name, command in checked:
+        if command is not parser:
+            checked += [(f"{name} {sub}", p) for sub, p in subparsers(command).items()]
         for action in command._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
             assert action.help, f"ctxopt {name}: {'/'.join(action.option_strings) or action.dest} has no help"
+    names = {name for name, _ in checked}
+    assert {"train color", "train color-data", "train refrag", "bench report", "bench dump-samples"} <= names
     assert {a.dest for a in commands["ask"]._actions} >= {"question", "max_new_tokens", "budget", "method"}
 
 

@@ -26,7 +26,7 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
                         "hotpotqa, needle, needle/hard")
     parser.add_argument("--length", default="4096", help="comma-separated context lengths in tokens (default 4096)")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample draw (default 0)")
     parser.add_argument("--model", default="smollm2-135m", help="registry name, local folder, .gguf file or hub id")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
@@ -64,10 +64,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
                        help="the engine's name for the model (default: the one model it serves)")
     bench.set_defaults(handler=cmd_bench)
 
-    sub = bench.add_subparsers(dest="bench_command", metavar="{report,dump-samples}")
+    sub = bench.add_subparsers(dest="bench_command", metavar="{report,dump-samples}",
+                               help="report: tabulate a results folder; dump-samples: write the samples as JSONL")
     report = sub.add_parser("report", help="print the results table, write DIR/report.md and PNG plots")
     report.add_argument("folder", help="the --out folder of `ctxopt bench`")
-    report.add_argument("--no-plots", action="store_true")
+    report.add_argument("--no-plots", action="store_true", help="write the table only, no PNG plots")
     report.set_defaults(handler=cmd_report)
 
     dump = sub.add_parser("dump-samples", help="write the benchmark samples as JSONL (for benchmarks/peers)")

@@ -15,6 +15,7 @@ TRAINING_MODULES: tuple[str, ...] = ("ctxopt.training.refrag", "ctxopt.training.
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
     """Add ``ctxopt train <recipe>`` with one subcommand per recipe of every training module."""
     train = commands.add_parser("train", help="train a method's components (see `ctxopt train -h`)")
-    recipes = train.add_subparsers(dest="recipe", required=True)
+    recipes = train.add_subparsers(dest="recipe", required=True,
+                                  help="what to train; `ctxopt train RECIPE -h` lists its options")
     for module in TRAINING_MODULES:
         importlib.import_module(module).add_train_parsers(recipes)

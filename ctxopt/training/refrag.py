@@ -60,11 +60,12 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--encoder", default="all-minilm-l6-v2", help="chunk encoder (tuned with LoRA)")
     parser.add_argument("--corpus", default="builtin", help="'builtin' (HotpotQA train side + PG essays) or a folder")
     parser.add_argument("--out", required=True, help="adapter folder to write (stage folders go inside for 'all')")
-    parser.add_argument("--stage", choices=STAGES + ("all",), default="all")
+    parser.add_argument("--stage", choices=STAGES + ("all",), default="all",
+                        help="the training stage to run, or all of them in turn (default: all)")
     parser.add_argument("--init", help="adapter folder to start from (default: fresh)")
     parser.add_argument("--steps", default="300", help="steps, or one per stage for --stage all: 300,500,100,40")
     parser.add_argument("--lr", type=float, help="learning rate (default per stage: reconstruct 1e-3, cpt 5e-4, ...)")
-    parser.add_argument("--chunk-tokens", type=int, default=16)
+    parser.add_argument("--chunk-tokens", type=int, default=16, help="tokens per chunk embedding, k (default: 16)")
     parser.add_argument("--pooling", choices=("cls", "mean"), default="cls", help="chunk vector: first token or mean")
     parser.add_argument("--max-chunks", type=int, default=32, help="top of the curriculum (chunks per sample)")
     parser.add_argument("--continuation", type=int, default=64,
@@ -72,9 +73,9 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-tokens", type=int, default=1024, help="decoder positions per batch (sets batch size)")
     parser.add_argument("--expand", type=float, default=0.25, help="policy stage: fraction p of chunks expanded")
     parser.add_argument("--group", type=int, default=4, help="policy stage: GRPO samples per context")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--save-steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the encoder (default: 8)")
+    parser.add_argument("--save-steps", type=int, default=100, help="steps between checkpoints (default: 100)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.set_defaults(handler=cmd_train_refrag)
 

@@ -4,18 +4,23 @@ SpecPC, SpecKV and RAPID take a second, smaller model by the option ``draft``: N
 draft for the target, see ``resolve_draft``), "self" (the target), a LoadedModel, or a registry name or path
 (loaded on the target's device and dtype, once per process by ``load_model``'s cache). The vocabulary rule is
 the same for all: the draft's token ids must mean the
-target's tokens (equal token-to-id maps), unless the stage maps text across tokenizers itself (SpecPC's
-``cross_tokenizer``). A stage that compares the two models' logits token by token (RAPID) also needs equal
+target's tokens (equal token-to-id maps), unless the stage maps text across tokenizers itself (SpecPC's and
+SpecKV's ``cross_tokenizer``). A stage that compares the two models' logits token by token (RAPID) also needs equal
 logit widths.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from .errors import InputError
 
 if TYPE_CHECKING:
     from .models import LoadedModel
+
+
+CROSS_TOKENIZER_STAGES = ("specpc", "speckv")  # the stages that take ``cross_tokenizer=True``
 
 
 def same_vocabulary(a, b) -> bool:
@@ -50,7 +55,7 @@ def resolve_draft(
         return draft
     if not same_vocabulary(draft.tokenizer, target.tokenizer):
         hint = " or cross_tokenizer=True to map the draft's tokens onto the target's by character offsets" \
-            if stage == "specpc" else ""
+            if stage in CROSS_TOKENIZER_STAGES else ""
         raise InputError(
             f"{stage}: the draft {draft.name!r} does not share the tokenizer of the target {target.name!r} (a draft "
             f"must share one tokenizer and vocabulary with it: its token ids would mean other words). Pass a draft of "
@@ -63,3 +68,10 @@ def resolve_draft(
             "draft from the target's model family."
         )
     return draft
+
+
+def retokenize(ids: torch.Tensor, source, target) -> torch.Tensor:
+    """Token ids of the ``source`` tokenizer as the ``target`` tokenizer's ids of the same text (special tokens
+    dropped): a draft's answer handed across tokenizers."""
+    text = source.decode(ids, skip_special_tokens=True)
+    return torch.tensor(target(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

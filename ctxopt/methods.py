@@ -132,7 +132,8 @@ METHODS: MethodRegistry = MethodRegistry({
                             "keep the tokens an early layer's last query scores highest (GemFilter)"),
     "specpc": MethodSpec("ctxopt.compressors.specpc:SpecPC", "keep the tokens a draft model attends to (SpecPC)"),
     "rapid": MethodSpec("ctxopt.speculative.rapid:rapid", "speculative decoding with a drafter on retrieved chunks "
-                        "(budget = drafter context tokens)", needs_budget=False),
+                        "(the target prefills the whole prompt; the budget sizes the drafter's prompt)",
+                        needs_budget=False),
     "snapkv": MethodSpec("ctxopt.compressors.snapkv:SnapKV",
                          "KV cache pruned per head by the prompt's last queries (SnapKV)"),
     "speckv": MethodSpec("ctxopt.compressors.speckv:SpecKV",
@@ -140,12 +141,13 @@ METHODS: MethodRegistry = MethodRegistry({
     "speckv-pc": MethodSpec("ctxopt.compressors.speckv:speckv_pc",
                             "SpecPC prompt compression, then SpecKV on the same draft answer"),
     "refrag": MethodSpec("ctxopt.compressors.refrag:REFRAG", "one trained embedding per k-token context chunk "
-                         "(REFRAG; default adapter SmolLM2 + MiniLM, k=16)", needs_budget=False, takes_budget=False),
+                         "(REFRAG; default adapter SmolLM2 + MiniLM, k=16; its size is set by k and the expanded "
+                         "share, not a budget)", needs_budget=False, takes_budget=False),
     "color": MethodSpec("ctxopt.compressors.color:CoLoR", "each passage rewritten shorter by a trained compressor "
-                        "LM (CoLoR; default Qwen2.5-Coder-0.5B + packaged LoRA)", needs_budget=False,
-                        takes_budget=False),
-    "extractive": MethodSpec("ctxopt.compressors.extractive:Extractive", "in each passage, the sentences most "
-                             "similar to the question (budget per passage: ratio or tokens)"),
+                        "LM (CoLoR; default Qwen2.5-Coder-0.5B + packaged LoRA; the summaries' length is the "
+                        "compressor's, not a budget)", needs_budget=False, takes_budget=False),
+    "extractive": MethodSpec("ctxopt.compressors.extractive:Extractive", "the sentences most similar to the "
+                             "question, ranked across all passages"),
 })
 
 
@@ -157,21 +159,28 @@ def register(name: str, spec: MethodSpec) -> None:
 
 
 def build_stages(method: str, budget: int | float | None = None, **options) -> list[Stage]:
-    """The stages of ``method`` at ``budget`` (tokens, or a ratio in (0, 1]). An option the method does not
-    take is an error (a misspelt knob must not be ignored); a composed method hands each part the options
+    """The stages of ``method`` at ``budget``: the prompt tokens the generator prefills (template, question and
+    kept context), or a ratio in (0, 1] of the uncompressed prompt's tokens (docs/methods.md, "Budgets"). A
+    budget for a method that takes none is an error, as is an option the method does not
+    take (a misspelt knob must not be ignored); a composed method hands each part the options
     that part takes. An option given as None keeps the method's default."""
     spec = METHODS.get(method)
     if spec is None:
         raise InputError(f"Unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}.")
     if spec.needs_budget and budget is None:
         raise InputError(f"Method {method!r} needs a budget (--budget N tokens, or a ratio such as 0.25).")
+    if budget is not None and not spec.takes_budget:
+        takes = ", ".join(name for name, s in sorted(METHODS.items()) if s.takes_budget)
+        raise InputError(f"Method {method!r} takes no budget: drop the budget, or pick a method that takes one "
+                         f"({takes}).")
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         takes = f"it takes: {', '.join(spec.options)}" if spec.options else "it takes none"
         raise InputError(f"Method {method!r} has no option {', '.join(map(repr, unknown))}; {takes}.")
     if spec.parts:
         return [stage for part in spec.parts
-                for stage in build_stages(part, budget, **options_for(METHODS[part], options))]
+                for stage in build_stages(part, budget if METHODS[part].takes_budget else None,
+                                          **options_for(METHODS[part], options))]
     return spec.build(budget, {k: v for k, v in options.items() if v is not None})
 
 

@@ -17,7 +17,7 @@ from .decoding import DecodeResult, GenerationConfig
 from .errors import ContextTooLongError, InputError
 from .generators import EngineGenerator, LocalGenerator
 from .measure import measure
-from .prompting import DEFAULT_INSTRUCTION, build_prompt, validate_question
+from .prompting import DEFAULT_INSTRUCTION, build_prompt, reframe_prompt, validate_question
 from .stages import KINDS, Run, SharedWork, Stage, TokenPrefill, Truncate
 from .text import count_tokens
 from .types import Answer, Passage, Prompt, Stats
@@ -201,6 +201,9 @@ class Pipeline:
         question = validate_question(question)
         run = self.new_run(question, **generation)
         passages = self._gather_passages(question, context, k, run)
+        run.measure_prompt = lambda kept: len(self.build_prompt(question, kept, answer_prefix))
+        if self.stages["passage"]:  # a ratio budget is of the uncompressed prompt, whatever stage applies it
+            run.prompt_tokens = run.measure_prompt(passages)
         for stage in self.stages["passage"]:
             with measure(stage.name, self.lm.device, tokens_in=count_tokens(self.lm.tokenizer, passages)) as record:
                 passages = stage.compress(question, passages, run)
@@ -210,12 +213,14 @@ class Pipeline:
             prompt = self.build_prompt(question, passages, answer_prefix)
             record.tokens_out = len(prompt)
         run.add_record(record)
+        run.prompt_tokens = run.prompt_tokens or len(prompt)
         for stage in self._fit_positions(prompt, run) + self.stages["token"]:
             with measure(stage.name, self.lm.device, tokens_in=len(prompt)) as record:
                 prompt = stage.select(prompt, run)
                 record.tokens_out = len(prompt)
             run.add_record(record)
-        return dataclasses.replace(prompt, stats=run.stats, draft_answer=run.draft_answer)
+        return dataclasses.replace(prompt, stats=run.stats, draft_answer=run.draft_answer,
+                                   prompt_tokens=run.prompt_tokens)
 
     def generate(
         self, prompt: Prompt, on_text: Callable[[str], None] | None = None, **generation
@@ -257,6 +262,8 @@ class Pipeline:
         """A run that continues ``prompt``'s ledger and carries its draft answer."""
         run = self.new_run(prompt.question, stats=prompt.stats, **generation)
         run.draft_answer = prompt.draft_answer
+        run.prompt_tokens = prompt.prompt_tokens or prompt.original_length
+        run.measure_prompt = lambda kept: len(reframe_prompt(self.lm.tokenizer, prompt, kept))
         return run
 
     def _answer(self, result: DecodeResult, prompt: Prompt, run: Run) -> Answer:

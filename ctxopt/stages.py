@@ -17,6 +17,7 @@ import torch
 from .decoding import DecodeResult, GenerationConfig, Prefill, decode, prefill
 from .errors import InputError
 from .measure import measure
+from .text import count_tokens
 from .types import CONTEXT, Passage, Prompt, StageStats, Stats
 
 if TYPE_CHECKING:
@@ -60,6 +61,11 @@ class Run:
     embedder: Callable[[], Any] | None = None
     draft_answer: torch.Tensor | None = None
     shared_work: SharedWork | None = None
+    # What a budget means (docs/methods.md, "Budgets"): the prompt tokens the generator prefills. A ratio is of
+    # ``prompt_tokens``, the uncompressed prompt's length (None: of the prompt a stage is handed); a passage
+    # stage measures the prompt around its kept passages with ``measure_prompt`` (the Pipeline's own builder).
+    prompt_tokens: int | None = None
+    measure_prompt: Callable[[list[Passage]], int] | None = None
     # The running stage's own figures, not yet in a record: ``add_record`` moves them into the next one.
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -206,16 +212,25 @@ def resolve_budget(budget: int | float, total: int, what: str = "budget") -> int
     return min(int(budget), total)
 
 
+def budget_tokens(budget: int | float, current: int, run: Run | None = None) -> int:
+    """The budget as prefilled prompt tokens: a ratio is of the uncompressed prompt (``run.prompt_tokens``, or
+    ``current``, the length of the prompt in hand, when the run does not know it)."""
+    whole = run.prompt_tokens if run is not None and run.prompt_tokens else current
+    return resolve_budget(budget, max(whole, current))
+
+
 def tokens_to_keep(
-    name: str, budget: int | float, total: int, run: Run | None = None, window: int = 0, what: str = "nothing dropped"
+    name: str, budget: int | float, total: int, run: Run | None = None, window: int = 0,
+    what: str = "nothing dropped", note: bool = True,
 ) -> int | None:
-    """The budget as a token count, or None when it covers all ``total`` tokens (a no-op, noted in ``run``).
+    """The budget as a token count (``budget_tokens``), or None when it covers all ``total`` tokens (a no-op,
+    noted in ``run`` when ``note``).
 
     A stage that always keeps a ``window`` of recent positions needs a budget larger than that window.
     """
-    keep = resolve_budget(budget, total)
+    keep = budget_tokens(budget, total, run)
     if keep >= total:
-        if run is not None:
+        if run is not None and note:
             run.note(f"{name}: budget {budget} >= prompt length {total}; {what}")
         return None
     if keep <= window:
@@ -224,6 +239,60 @@ def tokens_to_keep(
             "pass a larger budget or a smaller window."
         )
     return keep
+
+
+def prompt_length(run: Run, passages: list[Passage]) -> int:
+    """Tokens of the prompt built around ``passages`` (``run.measure_prompt``); without a builder (a stage used
+    outside a Pipeline) the passages' own tokens."""
+    if run.measure_prompt is not None:
+        return run.measure_prompt(passages)
+    return count_tokens(run.lm.tokenizer, passages)
+
+
+def context_room(name: str, budget: int | float, passages: list[Passage], run: Run) -> tuple[int, int] | None:
+    """A passage stage's budget as (prompt tokens it may fill, the prompt's fixed part), or None when the prompt
+    around all ``passages`` already fits. The fixed part (template, instruction, question, answer prefix) is the
+    prompt built around no passage. A budget that leaves no room beside it is an error naming the smallest
+    budget that keeps any context."""
+    whole = prompt_length(run, passages)
+    keep = budget_tokens(budget, whole, run)
+    if keep >= whole:
+        run.note(f"{name}: budget {budget} >= prompt length {whole}; nothing dropped")
+        return None
+    fixed = prompt_length(run, []) if run.measure_prompt is not None else 0
+    if keep <= fixed:
+        ratio = f" or a ratio above {fixed / run.prompt_tokens:.3f}" if run.prompt_tokens else ""
+        raise InputError(
+            f"{name}: budget {budget} ({keep} prompt tokens) leaves no room for context beside the prompt's "
+            f"{fixed} fixed tokens (template, instruction, question); pass at least {fixed + 1} tokens{ratio}."
+        )
+    return keep, fixed
+
+
+def take_in_order(ranked: list[int], sizes: list[int], room: int) -> list[int]:
+    """Units (sentences, chunks) taken in ``ranked`` order while their ``sizes`` fit ``room`` tokens; one that
+    does not fit is skipped, so a later, smaller one may still be taken."""
+    chosen, used = [], 0
+    for unit in ranked:
+        if used + sizes[unit] <= room:
+            chosen.append(unit)
+            used += sizes[unit]
+    return chosen
+
+
+def fill_prompt(
+    ranked: list[int], sizes: list[int], room: tuple[int, int], build: Callable[[list[int]], list[Passage]],
+    run: Run,
+) -> list[Passage]:
+    """The passages ``build(chosen)`` makes from the units ``take_in_order`` takes into ``room`` = (prompt
+    tokens, fixed part) from ``context_room``; then, measured with the prompt builder, the lowest-ranked units
+    are dropped until the whole prompt fits (the numbering and separators between passages cost tokens that
+    the units' sizes do not count)."""
+    keep, fixed = room
+    chosen = take_in_order(ranked, sizes, keep - fixed)
+    while chosen and prompt_length(run, build(chosen)) > keep:
+        chosen.pop()
+    return build(chosen)
 
 
 @dataclass
@@ -244,7 +313,8 @@ class Truncate(TokenStage):
         room = keep_total - len(fixed)
         if room < 0:
             raise InputError(
-                f"truncate: budget {keep_total} is smaller than the {len(fixed)} instruction/question tokens."
+                f"truncate: budget {keep_total} is smaller than the {len(fixed)} template/instruction/question "
+                f"tokens; pass at least {len(fixed) + 1} tokens."
             )
         head = room - room // 2
         tail = room // 2

@@ -152,6 +152,9 @@ class Prompt:
     # A draft model's greedy answer to this prompt, in the prompt's token ids, when a stage produced one
     # (SpecPC with a lookahead); a later stage may reuse it instead of drafting again (SpecKV in SpecKV-PC).
     draft_answer: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # The uncompressed prompt's length, before any passage or token stage: what a ratio budget is of
+    # (``Run.prompt_tokens``); None for a prompt no Pipeline compressed (its ``original_length`` stands in).
+    prompt_tokens: int | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

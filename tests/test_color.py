@@ -139,15 +139,9 @@ def test_extractive_keeps_the_most_similar_sentences_within_budget(tiny_lm):
     assert both == "The vault code is 4471. The museum opened in 1901 near the vault."  # text order kept
     assert extract("door?", text, 1, tiny_lm.tokenizer, embedder) == "The door is red."  # at least one sentence
 
-    class FakeRun:
-        lm = tiny_lm
-
-        @staticmethod
-        def embedder():
-            return embedder
-
-    out = Extractive(budget=0.4).compress("What is the vault code?", [Passage(text, source="s", metadata={"k": 1})],
-                                          FakeRun)
+    run = Run(tiny_lm, "What is the vault code?", GenerationConfig(), embedder=lambda: embedder)
+    # Without a Pipeline's prompt builder the budget is of the passages' own tokens: 0.4 of the text.
+    out = Extractive(budget=0.4).compress(run.question, [Passage(text, source="s", metadata={"k": 1})], run)
     assert out[0].text == "The vault code is 4471." and out[0].metadata == {"k": 1} and out[0].source == "s"
 
 

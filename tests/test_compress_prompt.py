@@ -30,7 +30,8 @@ def test_extractive_returns_the_pipelines_compressed_context_and_counts(tiny_lm)
     assert (result.origin_tokens, result.compressed_tokens) == (len(original), len(prompt))
     assert result.ratio == pytest.approx(len(prompt) / len(original)) and result.ratio < 1
     assert result.compressed_context_tokens < result.origin_context_tokens == int((original.passage_index >= 0).sum())
-    assert result.sources == ["museum.md", "harbour.md"]
+    assert result.sources == [p.source for p in prompt.passages] and result.sources[0] == "museum.md"
+    assert "4817" in result.compressed_context  # extractive ranks all passages' sentences together
     for kept, given in zip(result.compressed_context.split("\n\n"), PASSAGES):
         assert len(kept) < len(given.text) and all(s.strip(".") in given.text for s in kept.split(". "))
     assert result.prompt.input_ids.tolist() == prompt.input_ids.tolist()

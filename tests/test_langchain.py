@@ -81,7 +81,8 @@ def test_compressor_rejects_methods_that_do_not_act_on_text(tiny_lm):
 
 
 def test_rag_compressor_inside_compression_retrievers_keeps_metadata(tiny_lm):
-    compressor = CtxoptDocumentCompressor(model=tiny_lm, method="rag", budget=40, options={"chunk_tokens": 24})
+    fixed = len(Pipeline(tiny_lm).build_prompt(QUESTION, []))  # the budget counts the prompt around the context
+    compressor = CtxoptDocumentCompressor(model=tiny_lm, method="rag", budget=fixed + 40, options={"chunk_tokens": 24})
     base = CtxoptRetriever(store=store(), k=4)
     ours = CtxoptCompressionRetriever(base_retriever=base, compressor=compressor)
     docs = ours.invoke(QUESTION)
@@ -89,7 +90,7 @@ def test_rag_compressor_inside_compression_retrievers_keeps_metadata(tiny_lm):
     retrieved = {d.id: d for d in base.invoke(QUESTION)}
     for doc in docs:
         original = retrieved[doc.id]
-        assert doc.metadata == {**original.metadata, "ctxopt_method": "rag", "ctxopt_budget": 40,
+        assert doc.metadata == {**original.metadata, "ctxopt_method": "rag", "ctxopt_budget": fixed + 40,
                                 "ctxopt_tokens_in": doc.metadata["ctxopt_tokens_in"],
                                 "ctxopt_tokens_out": doc.metadata["ctxopt_tokens_out"]}
         assert all(piece in original.page_content for piece in doc.page_content.split(GAP))

@@ -36,10 +36,11 @@ def nodes() -> list[NodeWithScore]:
 
 def test_rag_postprocessor_matches_the_langchain_compressor(tiny_lm):
     given = nodes()
-    post = CtxoptNodePostprocessor(model=tiny_lm, method="rag", budget=40, options={"chunk_tokens": 16})
+    budget = len(Pipeline(tiny_lm).build_prompt(QUESTION, [])) + 40  # the prompt around the context, plus 40
+    post = CtxoptNodePostprocessor(model=tiny_lm, method="rag", budget=budget, options={"chunk_tokens": 16})
     out = post.postprocess_nodes(given, query_str=QUESTION)
     documents = [Document(n.node.text, metadata=dict(n.node.metadata), id=n.node.node_id) for n in given]
-    expected = CtxoptDocumentCompressor(model=tiny_lm, method="rag", budget=40, options={"chunk_tokens": 16})
+    expected = CtxoptDocumentCompressor(model=tiny_lm, method="rag", budget=budget, options={"chunk_tokens": 16})
     expected = {d.id: d for d in expected.compress_documents(documents, QUESTION)}
     assert 0 < len(out) < len(given) and [n.node.node_id for n in out] == list(expected)
     scores = {n.node.node_id: n.score for n in given}

@@ -79,11 +79,11 @@ def test_cli_draft_goes_by_the_name_the_method_takes_it_by():
         cli_method_options(args("truncate"))
 
 
-def test_speckv_pc_takes_a_token_budget_and_lookahead_is_a_token_count():
-    with pytest.raises(InputError, match="speckv-pc takes its budget as a token count"):
-        build_stages("speckv-pc", 0.25)
+def test_speckv_pc_takes_a_token_count_or_a_ratio_and_lookahead_is_a_token_count():
     specpc, speckv = build_stages("speckv-pc", 4096)
-    assert specpc.budget == 4096 and speckv.budget == 4096  # above 2048, SpecPC keeps the budget (documented)
+    assert specpc.budget == 4096 and speckv.budget == 4096 and specpc.at_least == 2048  # SpecPC keeps >= 2048
+    specpc, speckv = build_stages("speckv-pc", 0.25, cross_tokenizer=True)
+    assert specpc.budget == speckv.budget == 0.25 and specpc.cross_tokenizer and speckv.cross_tokenizer
     for stage in (SpecPC, SpecKV):
         for bad in (True, 2.5, -1):
             with pytest.raises(InputError, match="lookahead must be a token count"):

@@ -277,7 +277,7 @@ def test_through_the_pipeline_with_a_retrieval_prompt(tiny_lm, near_drafter):
     record = answer.stats.get("decode:rapid")
     assert record.tokens_out == 12
     extra = record.extra
-    assert 120 < extra["draft_prompt_tokens"] < len(answer.prompt) // 2
+    assert extra["draft_prompt_tokens"] <= 120 < len(answer.prompt)  # the budget counts the whole drafter prompt
     for key in ("acceptance_rate", "tokens_per_target_forward", "drafter_seconds", "target_forwards"):
         assert key in extra
     assert extra["tokens_per_target_forward"] == 12 / extra["target_forwards"]
@@ -301,8 +301,9 @@ def test_registry_builds_rapid_with_the_budget_as_drafter_context(tiny_lm):
     (stage,) = build_stages("rapid", 100, gamma=3, eta=0.0, chunk_tokens=32)
     assert isinstance(stage, RAPID) and (stage.rag_tokens, stage.gamma, stage.eta, stage.draft) == (100, 3, 0.0, None)
     assert build_stages("rapid")[0].rag_tokens == 4096
-    with pytest.raises(InputError, match="token count"):
-        build_stages("rapid", 0.5)
+    assert build_stages("rapid", 0.5)[0].rag_tokens == 0.5  # a ratio of the uncompressed prompt, as for any method
+    with pytest.raises(InputError, match="ratio"):
+        build_stages("rapid", 1.5)
     answer = Pipeline(tiny_lm, stages=[stage], max_new_tokens=8, embedder=HashEmbedder()).ask("Colour of box 7?",
                                                                                             context=DOC)
     plain = Pipeline(tiny_lm, max_new_tokens=8).ask("Colour of box 7?", context=DOC)

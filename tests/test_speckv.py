@@ -17,6 +17,7 @@ from test_snapkv import (
     pool_reference,
     random_ids,
 )
+from test_specpc import CONTEXT, QUESTION, make_bpe_lm
 
 from ctxopt.attention import capture_attention
 from ctxopt.cache import clone_cache
@@ -24,7 +25,7 @@ from ctxopt.compressors.speckv import SpecKV
 from ctxopt.decoding import GenerationConfig, decode, forward, prefill
 from ctxopt.errors import InputError
 from ctxopt.methods import build_stages
-from ctxopt.pipeline import Pipeline
+from ctxopt.pipeline import Pipeline, as_passages
 
 N, WINDOW, BUDGET, LOOKAHEAD = 48, 6, 20, 5
 
@@ -139,12 +140,69 @@ def test_bad_knobs(kwargs):
 def test_speckv_pc_builds_two_stages_and_runs(tiny_lm):
     pytest.importorskip("ctxopt.compressors.specpc")
     stages = build_stages("speckv-pc", 64, window=8)
-    assert [type(s).__name__ for s in stages] == ["SpecPC", "SpecKV"] and stages[0].budget == 2048
+    assert [type(s).__name__ for s in stages] == ["SpecPC", "SpecKV"] and stages[0].at_least == 2048
     assert stages[0].lookahead is None and stages[1].lookahead is None  # SpecPC drafts the whole answer
-    stages[0].budget, stages[0].first_layer = 96, 1  # the tiny model: a short prompt and only 4 layers
+    stages[0].at_least, stages[0].first_layer = 96, 1  # the tiny model: a short prompt and only 4 layers
     answer = Pipeline(tiny_lm, stages=stages, max_new_tokens=6).ask("What colour is box 3?", context=DOC)
     names = [s.stage for s in answer.stats.stages]
     assert names.index("specpc") < names.index("prefill") < names.index("speckv")
     record = answer.stats.get("speckv")
     assert record.tokens_in == 96 and record.tokens_out == 63 and len(answer.token_ids) == 6
     assert record.extra["draft_reused"] and record.extra["draft_tokens"] == 6  # SpecPC's draft answer
+
+
+# -- cross-tokenizer drafts ----------------------------------------------------------------------------
+def count_forwards(lm) -> list[int]:
+    """A real forward pre-hook on the model's embeddings: one entry per forward of ``lm``."""
+    calls: list[int] = []
+    lm.model.get_input_embeddings().register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[-1]))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def bpe_lm():
+    return make_bpe_lm()  # a tiny Llama on a byte-level BPE tokenizer: not the target's
+
+
+@pytest.fixture
+def counted_target(tiny_tokenizer):
+    return make_tiny_lm(tiny_tokenizer, seed=3, name="counted-target")
+
+
+def test_a_draft_with_another_tokenizer_answers_in_its_tokens_and_hands_the_text_over(tiny_lm, bpe_lm):
+    """SpecKV with cross_tokenizer=True: the draft (byte-level BPE) reads the prompt's text in its own tokens;
+    its greedy answer reaches the target re-tokenized by the target's tokenizer; scoring and pruning as before."""
+    lookahead, budget, window = 4, 40, 8
+    prompt = Pipeline(tiny_lm).build_prompt(QUESTION, as_passages(CONTEXT))
+    run = make_run(tiny_lm)
+    stage = SpecKV(draft=bpe_lm, budget=budget, window=window, lookahead=lookahead, cross_tokenizer=True)
+    request = stage.attention_request(prompt, run)
+    with capture_attention(tiny_lm.model, request):
+        state = prefill(tiny_lm.model, prompt.input_ids)
+    state = stage.compress(state, prompt, run, request)
+
+    draft_ids = torch.tensor(bpe_lm.tokenizer(prompt.text, add_special_tokens=False)["input_ids"])
+    assert not torch.equal(draft_ids, prompt.input_ids) or len(draft_ids) != len(prompt)
+    greedy = bpe_lm.model.generate(draft_ids[None], max_new_tokens=lookahead, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(draft_ids):]
+    words = bpe_lm.tokenizer.decode(greedy, skip_special_tokens=True)
+    assert run.draft_answer.tolist() == tiny_lm.tokenizer(words, add_special_tokens=False)["input_ids"]
+    assert state.cache.get_seq_length() == budget - 1 and state.pending_ids.tolist() == prompt.input_ids[-1:].tolist()
+
+
+def test_speckv_pc_across_tokenizers_runs_end_to_end(tiny_lm, bpe_lm):
+    stages = build_stages("speckv-pc", 40, draft=bpe_lm, window=8, lookahead=3, cross_tokenizer=True)
+    stages[0].at_least, stages[0].first_layer = 80, 1
+    answer = Pipeline(tiny_lm, stages=stages, max_new_tokens=3).ask(QUESTION, context=CONTEXT)
+    assert answer.stats.get("specpc").tokens_out == 80 and answer.stats.get("speckv").tokens_out == 39
+    assert answer.stats.get("speckv").extra["draft_reused"] and len(answer.token_ids) == 3
+
+
+def test_a_draft_with_another_tokenizer_fails_before_the_targets_prefill(counted_target, bpe_lm):
+    calls = count_forwards(counted_target)
+    pipe = Pipeline(counted_target, stages=[SpecKV(draft=bpe_lm, budget=40, window=8)], max_new_tokens=2)
+    with pytest.raises(InputError, match="cross_tokenizer=True"):
+        pipe.ask(QUESTION, context=CONTEXT)
+    assert calls == []  # no target forward ran before the refusal
+    Pipeline(counted_target, max_new_tokens=1).ask(QUESTION, context=CONTEXT)
+    assert calls  # the hook does count the target's forwards

@@ -206,6 +206,10 @@ def test_knobs_and_registry(tiny_lm, bpe_lm):
 
 @pytest.fixture(scope="module")
 def bpe_lm() -> LoadedModel:
+    return make_bpe_lm()
+
+
+def make_bpe_lm() -> LoadedModel:
     """A tiny Llama on a byte-level BPE tokenizer (GPT-2 style) trained here on the test text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

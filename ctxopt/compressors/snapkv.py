@@ -53,7 +53,7 @@ class SnapKV(CacheStage):
         check_knobs(self.name, self.window, self.kernel, self.pooling)
 
     def attention_request(self, prompt: Prompt, run: Run) -> AttentionCapture | None:
-        if tokens_to_keep(self.name, self.budget, len(prompt), window=self.window) is None:
+        if tokens_to_keep(self.name, self.budget, len(prompt), run, self.window, note=False) is None:
             return None
         reducer = partial(snapkv_scores, kernel=self.kernel, pooling=self.pooling)
         return AttentionCapture(window=self.window, reducer=reducer)

@@ -14,6 +14,13 @@ furiosa-ai/draft-based-approx-llm [C].
    draft tokens and the last prompt token. [C] The decode loop feeds the last prompt token again at its
    ORIGINAL position n-1; stored keys keep their original rotation. [C]
 
+Cross-tokenizer drafts (``cross_tokenizer=True``; ctxopt's extension, as SpecPC's, beyond [P][C], which use a draft
+sharing the target's tokenizer): the draft reads the text of the prompt's tokens (the rendered target chat prompt,
+SpecPC's ``text_tiles``) in its own tokens, and its greedy answer goes back to the target as text re-tokenized by
+the target's tokenizer (``drafts.retokenize``). Scoring is unchanged: it is the TARGET's attention from the window
+and those answer tokens, so no score crosses tokenizers; the lookahead counts draft tokens. The draft and the
+mapping are checked in ``attention_request``, before the target's prefill, so a draft that cannot draft fails fast.
+
 Deviations from [C]: the window holds the last ``window`` prompt tokens (the code's window has one more,
 ``window + 1``), so the cache holds budget - 1 positions per head and budget once the last prompt token is
 fed again (the code keeps budget, then budget + 1). Scores and probabilities are float32 (the code keeps the
@@ -32,11 +39,12 @@ import torch
 from ..attention import AttentionCapture, WindowAttention, capture_attention
 from ..cache import cache_length, crop_cache, keep_per_head, num_layers
 from ..decoding import GenerationConfig, Prefill, decode, forward, prefill
-from ..drafts import resolve_draft
+from ..drafts import resolve_draft, retokenize
 from ..errors import InputError
 from ..stages import CacheStage, Run, Stage, tokens_to_keep
 from ..types import Prompt
 from .scoring import check_knobs, check_lookahead, pool1d, prefix_probs, select_per_head
+from .specpc import SpecPC, text_tiles
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -64,6 +72,7 @@ class SpecKV(CacheStage):
     window: int = 32
     kernel: int = 7
     lookahead: int | None = None
+    cross_tokenizer: bool = False
 
     name = "speckv"
 
@@ -72,9 +81,27 @@ class SpecKV(CacheStage):
         check_lookahead(self.name, self.lookahead)
 
     def attention_request(self, prompt: Prompt, run: Run) -> AttentionCapture | None:
-        if tokens_to_keep(self.name, self.budget, len(prompt), window=self.window) is None:
+        """The capture of the target's prefill, asked for before it runs; a draft that cannot draft for the
+        target (its tokenizer, or a prompt it cannot read across tokenizers) fails here, before the prefill."""
+        if tokens_to_keep(self.name, self.budget, len(prompt), run, self.window, note=False) is None:
             return None
+        if self._drafts(run):
+            draft = resolve_draft(self.draft, run.lm, self.name, cross_tokenizer=self.cross_tokenizer)
+            if draft.model is not run.lm.model:
+                self.draft_input(prompt, run, draft)
         return AttentionCapture(window=self.window, reducer=max_scores)
+
+    def _drafts(self, run: Run) -> bool:
+        """Whether this run's draft model will answer (no answer to reuse, a lookahead above 0)."""
+        return run.draft_answer is None and self.lookahead != 0
+
+    def draft_input(self, prompt: Prompt, run: Run, draft: "LoadedModel") -> torch.Tensor:
+        """The prompt as the draft reads it: its own token ids, or, across tokenizers, the draft's tokens of the
+        prompt's text (SpecPC's ``text_tiles``: the kept tokens' text of the rendered target prompt)."""
+        if not self.cross_tokenizer:
+            return prompt.input_ids
+        text, _ = text_tiles(prompt, run.lm.tokenizer)
+        return torch.tensor(draft.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     def draft_answer(self, state: Prefill, prompt: Prompt, run: Run) -> torch.Tensor:
         """Step 1: the draft's greedy answer to the prompt (``run.draft_answer`` when a stage already made it)."""
@@ -86,13 +113,16 @@ class SpecKV(CacheStage):
         elif lookahead == 0:
             ids = torch.zeros(0, dtype=torch.long)
         else:
-            draft = resolve_draft(self.draft, run.lm, self.name)
+            draft = resolve_draft(self.draft, run.lm, self.name, cross_tokenizer=self.cross_tokenizer)
+            itself = draft.model is run.lm.model
 
             def answer() -> torch.Tensor:
-                start = state.copy() if draft.model is run.lm.model else prefill(draft.model, prompt.input_ids)
+                start = state.copy() if itself else prefill(draft.model, self.draft_input(prompt, run, draft))
                 config = GenerationConfig(max_new_tokens=lookahead)
                 result = decode(draft.model, draft.tokenizer, start, config, draft.eos_token_ids)
-                return torch.tensor(result.token_ids, dtype=torch.long)
+                ids = torch.tensor(result.token_ids, dtype=torch.long)
+                return retokenize(ids, draft.tokenizer, run.lm.tokenizer) if self.cross_tokenizer and not itself \
+                    else ids
 
             ids, seconds, shared = run.shared(("speckv draft", draft.model, lookahead), prompt.input_ids, answer)
             run.draft_answer = ids
@@ -133,19 +163,16 @@ class SpecKV(CacheStage):
 
 
 def speckv_pc(
-    budget: int, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
-    lookahead: int | None = None,
+    budget: int | float, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
+    lookahead: int | None = None, cross_tokenizer: bool = False,
 ) -> list[Stage]:
     """The ``speckv-pc`` method: SpecPC at 2048 tokens (its other knobs at their defaults), then SpecKV
     at ``budget``; SpecPC's draft also writes the answer (``lookahead``, None = the whole answer) that SpecKV
     reuses. [C] Deviation: a budget above 2048 raises SpecPC's to the budget (at 2048 SpecKV would then keep
-    the whole cache). The budget is a token count: a ratio would apply to SpecPC's output, not the context."""
-    from .specpc import SpecPC
-
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise InputError(f"speckv-pc takes its budget as a token count (SpecPC runs first, so a ratio would be of "
-                         f"its compressed prompt, not of the context); got {budget!r}.")
+    the whole cache). A ratio budget is of the uncompressed prompt for both stages (``Run.prompt_tokens``), so
+    SpecPC keeps max(2048, the budget's tokens)."""
     return [
-        SpecPC(draft=draft, budget=max(2048, budget), lookahead=lookahead),
-        SpecKV(draft=draft, budget=budget, window=window, kernel=kernel, lookahead=lookahead),
+        SpecPC(draft=draft, budget=budget, lookahead=lookahead, cross_tokenizer=cross_tokenizer, at_least=2048),
+        SpecKV(draft=draft, budget=budget, window=window, kernel=kernel, lookahead=lookahead,
+               cross_tokenizer=cross_tokenizer),
     ]

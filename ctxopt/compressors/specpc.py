@@ -38,7 +38,7 @@ budget (counted in target tokens). Kernel and window stay in draft tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,7 +46,7 @@ import torch
 from ..attention import AttentionCapture, WindowAttention, capture_attention
 from ..checks import require_int
 from ..decoding import GenerationConfig, decode, forward, prefill
-from ..drafts import resolve_draft
+from ..drafts import resolve_draft, retokenize
 from ..errors import InputError
 from ..stages import Run, TokenStage, tokens_to_keep
 from ..types import Prompt
@@ -207,6 +207,8 @@ class SpecPC(TokenStage):
     lookahead: int | None = 0
     keep_question: bool = False
     cross_tokenizer: bool = False
+    # A floor on the kept tokens whatever the budget (SpecKV-PC's first stage keeps at least 2048).
+    at_least: int = field(default=0, metadata={"option": False})
     name = "specpc"
 
     def __post_init__(self) -> None:
@@ -226,6 +228,8 @@ class SpecPC(TokenStage):
 
     def select(self, prompt: Prompt, run: Run) -> Prompt:
         keep = tokens_to_keep(self.name, self.budget, len(prompt), run)
+        if keep is not None and self.at_least:
+            keep = None if self.at_least >= len(prompt) else max(keep, self.at_least)
         if keep is None:
             return prompt
         draft = self.load_draft(run)
@@ -267,11 +271,7 @@ class SpecPC(TokenStage):
         ids = run.draft_answer
         if ids is None or not self.cross_tokenizer:
             return ids
-        text = run.lm.tokenizer.decode(ids, skip_special_tokens=True)
-        return torch.tensor(draft.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return retokenize(ids, run.lm.tokenizer, draft.tokenizer)
 
     def _to_target(self, answer: torch.Tensor, run: Run, draft: "LoadedModel") -> torch.Tensor:
-        if not self.cross_tokenizer:
-            return answer
-        text = draft.tokenizer.decode(answer, skip_special_tokens=True)
-        return torch.tensor(run.lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return retokenize(answer, draft.tokenizer, run.lm.tokenizer) if self.cross_tokenizer else answer

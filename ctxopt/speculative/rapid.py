@@ -36,9 +36,10 @@ Deviations, all deliberate:
   In greedy mode p and q for g are softmaxes at temperature 1.
 - Temperature and top-p shape both p and q before step 3 (as [C]'s logits processors do); z is then log p.
 - Drafter prompt: the target's prompt frame (question, the pipeline's instruction and system message, the
-  answer prefix) rebuilt by ``reframe_prompt`` around chunks from ``select_chunks`` (ctxopt's token chunker
-  and the pipeline's embedder, where [C] uses LangChain's splitter and BGE-M3). A context that already fits
-  ``rag_tokens`` goes to the drafter whole; if no chunk reaches the similarity threshold the drafter sees the
+  answer prefix) rebuilt by ``reframe_prompt`` around chunks from ``top_chunks`` (ctxopt's token chunker
+  and the pipeline's embedder, where [C] uses LangChain's splitter and BGE-M3). ``rag_tokens`` counts the
+  drafter's whole prompt (frame and chunks), as every ctxopt budget does, where [C] counts the chunks; a
+  prompt that already fits goes to the drafter whole; if no chunk reaches the similarity threshold the drafter sees the
   question alone ([C] also keeps nothing then).
 - gamma is fixed per round, a draft stops early at an end-of-sequence token, and the last round's gamma is
   cut so that no more than ``max_new_tokens`` tokens are produced.
@@ -59,7 +60,7 @@ from typing import ClassVar
 import torch
 
 from ..cache import SlotCache, cache_length, kv_bytes, layer_kv, num_layers, set_layer_kv
-from ..compressors.rag import select_chunks
+from ..compressors.rag import top_chunks
 from ..decoding import (
     DecodeResult,
     GenerationConfig,
@@ -76,8 +77,7 @@ from ..drafts import resolve_draft
 from ..errors import InputError
 from ..models import LoadedModel
 from ..prompting import reframe_prompt
-from ..stages import Decoder, Run
-from ..text import count_tokens
+from ..stages import Decoder, Run, context_room, resolve_budget
 from ..types import Passage, Prompt
 
 
@@ -206,14 +206,15 @@ class RAPID(Decoder):
     gamma: int = 10
     eta: float = 10.0
     chunk_tokens: int = 128
-    rag_tokens: int = 4096
+    rag_tokens: int | float = 4096
     threshold: float | None = 0.1
     alpha: float = 0.1
     name: ClassVar[str] = "rapid"
 
     def __post_init__(self) -> None:
-        if self.gamma < 1 or self.chunk_tokens < 1 or self.rag_tokens < 1:
-            raise InputError("rapid: gamma, chunk_tokens and rag_tokens must be >= 1.")
+        if self.gamma < 1 or self.chunk_tokens < 1:
+            raise InputError("rapid: gamma and chunk_tokens must be >= 1.")
+        resolve_budget(self.rag_tokens, 1, "rapid: rag_tokens")
         if self.eta < 0 or not 0 < self.alpha <= 1:
             raise InputError(f"rapid: eta must be >= 0 and alpha in (0, 1]; got eta={self.eta}, alpha={self.alpha}.")
 
@@ -221,16 +222,16 @@ class RAPID(Decoder):
         """The drafter model, checked to share the target's vocabulary and logit width."""
         return resolve_draft(self.draft, target, self.name, compare_logits=True)
 
-    def draft_passages(self, question: str, passages: list[Passage], tokenizer, run: Run) -> list[Passage]:
-        """The drafter's context: chunks most similar to the question, up to ``rag_tokens``, in document order."""
-        total = count_tokens(tokenizer, passages)
-        if total <= self.rag_tokens:
-            run.note(f"rapid: context of {total} tokens fits rag_tokens={self.rag_tokens}; the drafter gets it whole")
+    def draft_passages(self, question: str, passages: list[Passage], run: Run) -> list[Passage]:
+        """The drafter's context: chunks most similar to the question while the drafter's prompt fits
+        ``rag_tokens`` (a budget as every method's: prompt tokens, or a ratio of the uncompressed prompt), in
+        document order."""
+        room = context_room(self.name, self.rag_tokens, passages, run)
+        if room is None:
             return passages
         if run.embedder is None:
             raise InputError("rapid: the drafter's retrieval needs an embedder; run it through a Pipeline.")
-        kept = select_chunks(question, passages, tokenizer, run.embedder(), self.rag_tokens, self.chunk_tokens,
-                             self.threshold)
+        kept = top_chunks(question, passages, run, room, self.chunk_tokens, self.threshold)
         if not kept:
             run.note(f"rapid: no chunk reached similarity {self.threshold}; the drafter sees the question only")
         return kept
@@ -239,7 +240,7 @@ class RAPID(Decoder):
         """The drafter's prompt (the target's frame around the retrieved chunks) and its prefilled state, with the
         seconds spent on retrieval and on that prefill."""
         began = time.perf_counter()
-        passages = self.draft_passages(prompt.question, prompt.passages, run.lm.tokenizer, run)
+        passages = self.draft_passages(prompt.question, prompt.passages, run)
         retrieved = time.perf_counter()
         draft_prompt = reframe_prompt(drafter.tokenizer, prompt, passages)
         draft_state = prefill(drafter.model, draft_prompt.input_ids)
@@ -339,7 +340,7 @@ class RAPID(Decoder):
 
 
 def rapid(
-    budget: int | None = None,
+    budget: int | float | None = None,
     draft: LoadedModel | str | None = None,
     gamma: int = 10,
     eta: float = 10.0,
@@ -347,8 +348,7 @@ def rapid(
     threshold: float | None = 0.1,
     alpha: float = 0.1,
 ) -> RAPID:
-    """The ``rapid`` method: ``budget`` (tokens) is the drafter's context size, ``rag_tokens``."""
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
-        raise InputError("rapid takes its budget (the drafter's context) as a token count.")
+    """The ``rapid`` method: ``budget`` is the drafter's prompt (``rag_tokens``: prompt tokens, or a ratio of the
+    uncompressed prompt); the target prefills the whole prompt."""
     return RAPID(draft=draft, gamma=gamma, eta=eta, chunk_tokens=chunk_tokens, threshold=threshold, alpha=alpha,
                  **({} if budget is None else {"rag_tokens": budget}))

@@ -1,10 +1,15 @@
-"""KV-cache utilities that work on transformers' Cache objects across 5.x releases.
+"""KV-cache utilities that work on transformers' Cache objects across 5.x releases, and on ctxopt's own
+preallocated :class:`SlotCache`.
 
-KV tensors live in ``cache.layers[i].keys`` / ``.values``, shaped (batch, kv_heads, seq, head_dim).
+KV tensors live in ``cache.layers[i].keys`` / ``.values``, shaped (batch, kv_heads, seq, head_dim). A one-row
+SlotCache (what ``ctxopt.decoding.prefill`` fills) answers the same functions for its row: ``layer_kv`` gives
+views of the row's entries, ``crop_cache`` and ``keep_per_head`` change the row in place (a shorter length; the
+kept entries moved to the front slots), so neither allocates a new cache.
 """
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import torch
 from transformers import DynamicCache
@@ -23,17 +28,35 @@ def _layers(cache) -> list:
     return list(getattr(cache, "layers", []))
 
 
+def _one_row(cache) -> "SlotCache | None":
+    """``cache`` when it is a SlotCache (which must then hold one row), else None."""
+    if not isinstance(cache, SlotCache):
+        return None
+    if cache.rows != 1:
+        raise ValueError(f"a SlotCache of {cache.rows} rows is a decode batch, not one sequence's cache")
+    return cache
+
+
 def layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _one_row(cache) is not None:
+        return cache.row_layers(0)[layer]
     entry = cache.layers[layer]
     return entry.keys, entry.values
 
 
 def set_layer_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make ``layer`` of ``cache`` hold ``keys`` and ``values`` (a SlotCache's row then uses them as its slots)."""
+    if _one_row(cache) is not None:
+        cache.keys[layer], cache.values[layer] = keys, values
+        cache.lengths[0] = keys.shape[2]
+        return
     entry = cache.layers[layer]
     entry.keys, entry.values = keys, values
 
 
 def num_layers(cache) -> int:
+    if isinstance(cache, SlotCache):
+        return cache.num_layers()
     return len(_layers(cache))
 
 
@@ -43,7 +66,11 @@ def cache_length(cache) -> int:
 
 
 def kv_bytes(cache) -> int:
-    """Bytes held by the key and value tensors themselves (measured from the tensors, not computed)."""
+    """Bytes held by the key and value tensors themselves (measured from the tensors, not computed). A one-row
+    SlotCache counts the entries its row holds: the free slots after them are room that the decoder does not
+    copy when the request joins its batch (the prefill's buffer is released then)."""
+    if _one_row(cache) is not None:
+        return cache.row_bytes(0)
     total = 0
     for entry in _layers(cache):
         for tensor in (getattr(entry, "keys", None), getattr(entry, "values", None)):
@@ -54,7 +81,13 @@ def kv_bytes(cache) -> int:
 
 def clone_cache(cache):
     """An independent copy (for answering several questions over one prefilled context). Each layer's keys and
-    values are copied compactly: a layer that views a larger buffer (a decoder's slots) copies only its entries."""
+    values are copied compactly: a layer that views a larger buffer (a decoder's slots) copies only its entries;
+    a one-row SlotCache's copy has the same room in new slots."""
+    if _one_row(cache) is not None:
+        layers = cache.row_layers(0)
+        copy_ = SlotCache.like(layers, 1, 0)
+        copy_.add_row(layers, cache.capacity)
+        return copy_
     memo = {}
     for entry in _layers(cache):
         for tensor in (getattr(entry, "keys", None), getattr(entry, "values", None)):
@@ -70,7 +103,11 @@ def crop_cache(cache, length: int) -> None:
     5.17 reads a negative value the same way (a positive one there is the length to keep).
     """
     remove = cache_length(cache) - length
-    if remove > 0:
+    if remove <= 0:
+        return
+    if _one_row(cache) is not None:
+        cache.set_length(0, length)
+    else:
         cache.crop(-remove)
 
 
@@ -78,10 +115,16 @@ def keep_per_head(cache, keep: list[torch.Tensor]) -> None:
     """Keep, in every layer, the positions ``keep[layer]`` (batch, kv_heads, k) for each KV head.
 
     Different heads may keep different positions; each layer stays rectangular (the same k per head),
-    and keys keep the rotation they were stored with. The old tensors are released, so memory shrinks.
+    and keys keep the rotation they were stored with. In a one-row SlotCache the kept entries of each head move
+    to its front slots and the row's length becomes k (the same k in every layer): nothing is allocated but the
+    k gathered entries of one layer at a time, and the freed slots are room for the answer. In a transformers
+    cache the old tensors are replaced by the kept entries and released, so memory shrinks.
     """
     if len(keep) != num_layers(cache):
         raise ValueError(f"need one index tensor per layer: got {len(keep)} for {num_layers(cache)} layers")
+    if _one_row(cache) is not None:
+        cache.compact(keep)
+        return
     for layer, index in enumerate(keep):
         keys, values = layer_kv(cache, layer)
         gather = index.to(keys.device).unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
@@ -119,6 +162,7 @@ class SlotCache:
         self._write: tuple[torch.Tensor, torch.Tensor] | None = None  # (key index, value index) of the step
         self._span = (0, 0, 0)  # the step's first row, the row after its last, and the slots it reads
         self.unmasked = False  # whether the step's mask lets every query see every slot it reads
+        self.causal = False  # whether the step's mask is plain causal (empty rows, no padding)
 
     # -- allocation ---------------------------------------------------------------------------------------
     @classmethod
@@ -187,6 +231,45 @@ class SlotCache:
             self.lengths[row] = length
         self.lengths.pop()
 
+    @property
+    def layers(self) -> list[SimpleNamespace]:
+        """Row 0's entries per layer as ``.keys`` / ``.values`` views, read as a transformers cache's layers are (a
+        one-row cache; setting them changes nothing: use ``set_layer_kv``)."""
+        _one_row(self)
+        return [SimpleNamespace(keys=k, values=v) for k, v in self.row_layers(0)]
+
+    @classmethod
+    def for_model(cls, model, capacity: int) -> "SlotCache":
+        """One empty row of ``capacity`` slots per layer, shaped for ``model`` (its KV heads, head size, dtype and
+        device), for a prefill to write into."""
+        config = getattr(model.config, "text_config", None) or model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        param = next(model.parameters())
+        with torch.inference_mode():
+            keys = [torch.zeros(1, heads, capacity, head_dim, dtype=param.dtype, device=param.device)
+                    for _ in range(config.num_hidden_layers)]
+            values = [torch.zeros_like(k) for k in keys]
+        return cls(keys, values, rows=1)
+
+    @torch.inference_mode()
+    def compact(self, keep: list[torch.Tensor], row: int = 0) -> None:
+        """Keep, in every layer, the entries ``keep[layer]`` (1, kv_heads, k) of each KV head of ``row``, moved to
+        the row's first k slots in that order; the row's length becomes k (cache stages: SnapKV, SpecKV)."""
+        sizes = {index.shape[-1] for index in keep}
+        if len(sizes) != 1:
+            raise ValueError(f"every layer must keep the same number of entries per head; got {sorted(sizes)}")
+        k = sizes.pop()
+        length = self.lengths[row]
+        for layer, index in enumerate(keep):
+            if int(index.max()) >= length:
+                raise ValueError(f"layer {layer} keeps entry {int(index.max())} of a row of {length} entries")
+            for tensors in (self.keys, self.values):
+                buffer = tensors[layer]
+                gather = index.to(buffer.device).unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
+                buffer[row:row + 1, :, :k] = torch.gather(buffer[row:row + 1, :, :length], 2, gather)
+        self.lengths[row] = k
+
     def set_length(self, row: int, length: int) -> None:
         """Keep the first ``length`` entries of ``row`` (rollback: no copy, the slots after it are reused)."""
         if not 0 <= length <= self.lengths[row]:
@@ -237,6 +320,8 @@ class SlotCache:
         self._span = (start, stop, extent)
         # Every query sees every slot read (one new token per row, all rows equally long): attention needs no mask.
         self.unmasked = width == 1 and min(lengths) == max(lengths)
+        # Every row starts empty and is fed no padding (a prefill): the mask is plain causal.
+        self.causal = max(lengths) == 0 and min(counts) == width
         return mask[:, None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):

@@ -12,6 +12,7 @@ import inspect
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ def forward(
     logits_to_keep: int = 1,
     **kwargs,
 ):
-    """One causal-LM forward over a batch-1 sequence at explicit ``positions``, extending ``cache``."""
+    """One causal-LM forward over a batch-1 sequence at explicit ``positions``, extending ``cache``: a transformers
+    cache, or a one-row :class:`SlotCache`, whose new entries go to the slots after its row (more slots are
+    allocated, the row copied, only when they run out)."""
     if input_ids is not None and input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if inputs_embeds is not None and inputs_embeds.dim() == 2:
@@ -50,14 +53,26 @@ def forward(
         positions = positions.unsqueeze(0)
     device = model.device
     kwargs[_cache_kwarg(type(model))] = cache
-    return model(
+    call = functools.partial(
+        model,
         input_ids=None if input_ids is None else input_ids.to(device),
         inputs_embeds=inputs_embeds,
         position_ids=positions.to(device),
         use_cache=cache is not None,
         logits_to_keep=logits_to_keep,
-        **kwargs,
     )
+    if not isinstance(cache, SlotCache) or "attention_mask" in kwargs:  # (slot_forward passes its step's mask)
+        return call(**kwargs)
+    if cache.rows != 1:
+        raise ValueError(f"forward extends one sequence; this SlotCache holds {cache.rows} rows (use slot_forward)")
+    width = positions.shape[-1]
+    if cache.lengths[0] + width > cache.capacity:
+        cache.reserve(1, round_up(cache.lengths[0] + width))
+    kwargs["attention_mask"] = model_mask(model, cache.step_mask([width], width))
+    with torch.inference_mode(), step_attention(model, cache):  # the slots are inference tensors
+        out = call(**kwargs)
+    cache.advance([width])
+    return out
 
 
 @dataclass
@@ -91,7 +106,8 @@ def prefill(
 ) -> Prefill:
     """Run the prompt through the model into a (new or given) cache; return the cache and last logits.
 
-    ``chunk_size`` bounds attention memory on long prompts by feeding the prompt in pieces.
+    A new cache is a one-row :class:`SlotCache` with slots for the prompt (a transformers cache on a model with
+    sliding-window layers). ``chunk_size`` bounds attention memory on long prompts by feeding the prompt in pieces.
     """
     source = input_ids if input_ids is not None else inputs_embeds
     if source is None or source.shape[0] == 0:
@@ -99,7 +115,10 @@ def prefill(
     n = source.shape[0]
     start = 0 if cache is None else int(cache.get_seq_length())
     positions = torch.arange(start, start + n) if positions is None else positions
-    cache = new_cache(model) if cache is None else cache
+    if cache is None:
+        # A new cache is one row of preallocated slots (cache stages then compact it in place), except on a model
+        # with sliding-window layers, whose transformers cache keeps each layer's window.
+        cache = new_cache(model) if windowed_layer_types(model) else SlotCache.for_model(model, round_up(n))
     step = chunk_size or n
     began = time.perf_counter()
     with torch.inference_mode():
@@ -590,14 +609,17 @@ class SharedDecoder:
     until its own request is done. Whichever thread steps admits the queued requests and advances every request
     in the batch, so concurrent calls share forwards instead of waiting for one another's whole answers. Each
     caller's ``on_text`` is called from its own thread. A step that fails fails every request in the batch
-    (each of their callers raises the error); the next call starts a new batch."""
+    (each of their callers raises the error); the next call starts a new batch. An idle shared decoder holds no
+    batch and only a weak reference to the model (``ctxopt.generators.local`` keeps one per model)."""
 
     def __init__(self, model, tokenizer, eos_ids: Sequence[int] = ()):
-        self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
-        self._decoder = BatchDecoder(model, tokenizer, eos_ids)
+        self._model = weakref.ref(model)
+        self.tokenizer, self.eos_ids = tokenizer, list(eos_ids)
+        self._decoder: BatchDecoder | None = None  # the running batch; None while idle
         self._step_lock = threading.Lock()  # held while a thread steps the batch
         self._queue_lock = threading.Lock()  # held while a request is queued or the queue is taken
         self._queued: list[DecodeRequest] = []
+        self.forwards = 0  # forwards of the batch run so far (one per step that feeds)
 
     def decode(
         self,
@@ -627,21 +649,31 @@ class SharedDecoder:
             with self._step_lock, self._queue_lock:  # leave the batch: no more steps spent on this request
                 if request in self._queued:
                     self._queued.remove(request)
-                self._decoder.cancel(request)
+                if self._decoder is not None:
+                    self._decoder.cancel(request)
+                    if not self._decoder.busy:
+                        self._decoder = None
             raise
 
     def _step(self) -> None:
         with self._queue_lock:
             queued, self._queued = self._queued, []
+        if self._decoder is None:
+            self._decoder = BatchDecoder(self._model(), self.tokenizer, self.eos_ids)
         decoder = self._decoder
         decoder.waiting += queued
+        before = decoder.steps
         try:
             decoder.step()
         except BaseException as error:
             for request in decoder.active + decoder.waiting:
                 request.error = error
-            self._decoder = BatchDecoder(self.model, self.tokenizer, self.eos_ids)
+            self._decoder = None
             raise
+        finally:
+            self.forwards += decoder.steps - before
+        if not decoder.busy:
+            self._decoder = None
 
 
 def slot_forward(
@@ -665,18 +697,42 @@ def slot_forward(
 
 
 def _slot_forward(model, cache, tokens, positions, counts, first, prefix, logits_to_keep) -> torch.Tensor:
-    mask = cache.step_mask(counts, len(tokens[0]), first)
-    if prefix is not None:
-        override = attention_override(prefix.attention)
-    elif cache.unmasked and runs_grouped_sdpa(model):
-        override = attention_override(unmasked_attention)
-    else:
-        override = nullcontext()
-    with override:
+    mask = model_mask(model, cache.step_mask(counts, len(tokens[0]), first))
+    with step_attention(model, cache, prefix):
         out = forward(model, torch.tensor(tokens), positions=torch.tensor(positions), cache=cache,
                       attention_mask=mask, logits_to_keep=logits_to_keep)
     cache.advance(counts, first)
     return out.logits
+
+
+def model_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """A slot step's boolean mask as the model's attention reads a 4-D mask given to it: as is for the SDPA ones,
+    additive floats for eager attention (0 where allowed, the dtype's minimum elsewhere, as transformers builds)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    if config._attn_implementation != "eager":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def step_attention(model, cache: SlotCache, prefix=None):
+    """The attention a prepared slot step runs (``cache.step_mask`` first): the shared prefix's split attention;
+    on a GROUPED_SDPA model, SDPA without the mask where it allows everything or is plain causal; else the
+    model's attention under the mask."""
+    if prefix is not None:
+        return attention_override(prefix.attention)
+    if runs_grouped_sdpa(model) and cache.unmasked:
+        return attention_override(unmasked_attention)
+    if runs_grouped_sdpa(model) and cache.causal:
+        return attention_override(causal_attention)
+    return nullcontext()
+
+
+def causal_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """GROUPED_SDPA for a slot step whose mask is plain causal (a prefill into empty rows): SDPA with
+    ``is_causal`` and no mask, as a prefill into a transformers cache runs (a materialised mask would cost CPU SDPA
+    its fused causal kernel)."""
+    return grouped_sdpa_attention(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def unmasked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -5,10 +5,20 @@ decoding; ``ask_many`` through it."""
 import pytest
 import torch
 from conftest import make_tiny_lm
+from transformers import DynamicCache
 
 from ctxopt.attention import use_grouped_sdpa
 from ctxopt.attention.shared_prefix import SharedPrefix, combined_attention
-from ctxopt.cache import SlotCache, clone_cache, kv_bytes
+from ctxopt.cache import (
+    SlotCache,
+    clone_cache,
+    crop_cache,
+    keep_per_head,
+    kv_bytes,
+    layer_kv,
+    new_cache,
+    num_layers,
+)
 from ctxopt.decoding import BatchDecoder, GenerationConfig, Prefill, decode, forward, prefill
 from ctxopt.methods import build_stages
 from ctxopt.pipeline import Pipeline
@@ -30,9 +40,24 @@ def _ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(1000, 30000, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+def as_dynamic(model, cache) -> DynamicCache:
+    """A transformers DynamicCache holding a copy of ``cache``'s entries: what the references below run on."""
+    dynamic = new_cache(model)
+    with torch.inference_mode():
+        for layer in range(num_layers(cache)):
+            keys, values = layer_kv(cache, layer)
+            dynamic.update(keys.clone(), values.clone(), layer)
+    return dynamic
+
+
+def fresh_prefill(model, ids: torch.Tensor) -> DynamicCache:
+    """A prefill of ``ids`` into a transformers DynamicCache (the reference for what a slot row must hold)."""
+    return prefill(model, ids, cache=new_cache(model)).cache
+
+
 def eager_greedy(model, state: Prefill, max_new_tokens: int, eos_ids=()) -> list[int]:
     """The decode loop as it was before the batched one: a transformers DynamicCache grown one token per forward."""
-    cache, position, logits = state.cache, state.next_position, state.logits
+    cache, position, logits = as_dynamic(model, state.cache), state.next_position, state.logits
     with torch.inference_mode():
         if state.pending_ids is not None and len(state.pending_ids):
             pending = state.pending_ids
@@ -211,7 +236,7 @@ def test_the_slot_cache_holds_each_row_as_a_fresh_prefill_would(tiny_lm):
         decoder.step()
     for row, (request, prompt) in enumerate(zip(requests, ids)):
         fed = request.stopper.ids  # a step chooses every row's token, then feeds it
-        fresh = prefill(tiny_lm.model, torch.cat([prompt, torch.tensor(fed, dtype=torch.long)])).cache
+        fresh = fresh_prefill(tiny_lm.model, torch.cat([prompt, torch.tensor(fed, dtype=torch.long)]))
         assert decoder.cache.lengths[row] == len(prompt) + len(fed)
         for layer, (keys, values) in enumerate(decoder.cache.row_layers(row)):
             assert torch.allclose(keys, fresh.layers[layer].keys, atol=1e-5)
@@ -223,10 +248,36 @@ def test_decode_leaves_the_state_holding_what_it_fed(tiny_lm):
     ids = _ids(26, 4)
     state = prefill(tiny_lm.model, ids)
     result = decode(tiny_lm.model, tiny_lm.tokenizer, state, GenerationConfig(max_new_tokens=7))
-    fresh = prefill(tiny_lm.model, torch.cat([ids, torch.tensor(result.token_ids[:-1])])).cache
+    fresh = fresh_prefill(tiny_lm.model, torch.cat([ids, torch.tensor(result.token_ids[:-1])]))
     assert state.cache.get_seq_length() == len(ids) + 6 and result.kv_bytes == kv_bytes(state.cache)
     for layer in range(len(fresh.layers)):
-        assert torch.allclose(state.cache.layers[layer].keys, fresh.layers[layer].keys, atol=1e-5)
+        assert torch.allclose(layer_kv(state.cache, layer)[0], fresh.layers[layer].keys, atol=1e-5)
+
+
+def test_cache_stages_compact_the_prefill_slots_in_place(tiny_lm):
+    """A prefill fills one row of preallocated slots; ``keep_per_head`` moves each head's kept entries to the row's
+    front slots (the same buffers: no new cache), equal to the old gather over a transformers cache; decoding from
+    the compacted row equals the eager loop over the gathered transformers cache; ``crop_cache`` is a length
+    change in the same buffers."""
+    model, n, k = tiny_lm.model, 40, 12
+    state = prefill(model, _ids(n, 7))
+    assert isinstance(state.cache, SlotCache) and state.cache.lengths == [n]
+    reference = as_dynamic(model, state.cache)
+    buffers = [t.data_ptr() for t in state.cache.keys + state.cache.values]
+    picks = torch.Generator().manual_seed(0)
+    keep = [torch.stack([torch.randperm(n, generator=picks)[:k].sort().values for _ in range(2)])[None]
+            for _ in range(num_layers(reference))]
+    keep_per_head(reference, keep)
+    keep_per_head(state.cache, keep)
+    assert state.cache.lengths == [k] and [t.data_ptr() for t in state.cache.keys + state.cache.values] == buffers
+    for layer in range(num_layers(reference)):
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(layer_kv(state.cache, layer),
+                                                                     layer_kv(reference, layer)))
+    config = GenerationConfig(max_new_tokens=10)
+    expected = eager_greedy(model, Prefill(cache=reference, next_position=n, logits=state.logits), 10)
+    assert decode(model, tiny_lm.tokenizer, state.copy(), config).token_ids == expected
+    crop_cache(state.cache, 5)
+    assert state.cache.lengths == [5] and [t.data_ptr() for t in state.cache.keys + state.cache.values] == buffers
 
 
 def test_slot_cache_rows_move_and_lengths_roll_back():
@@ -429,7 +480,7 @@ def test_a_caller_that_gives_up_leaves_the_batch(tiny_lm):
         thread.join()
     assert isinstance(outcome[1], ConnectionAbortedError)
     assert [outcome[0], outcome[2]] == [alone[0], alone[2]]
-    assert not shared._decoder.busy and shared._decoder.cache is None  # an empty batch frees its slots
+    assert shared._decoder is None  # an empty batch is dropped, its slots with it
 
 
 def test_pipeline_calls_from_threads_share_the_generators_decode_batch(tiny_lm):

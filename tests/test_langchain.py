@@ -216,7 +216,7 @@ def test_chat_model_threads_give_sequential_results(tiny_lm):
 def test_chat_model_concurrent_calls_share_decode_steps(tiny_lm):
     """Calls from several threads (SnapKV-pruned caches of different lengths, and a plain chat with no context
     through the chat model's other pipeline) decode in one batch of the model: every step feeds all their rows, so
-    the batch takes as many steps as the longest answer, not as all answers together; each call's answer is the
+    the batch runs as many forwards as the longest answer, not as all answers together; each call's answer is the
     one it gets alone."""
     import threading
     import time
@@ -228,7 +228,7 @@ def test_chat_model_concurrent_calls_share_decode_steps(tiny_lm):
     chats.append([HumanMessage("Name a colour.")])
     alone = [chat.invoke(messages) for messages in chats]
     shared = shared_decoder(chat._pipe.lm)
-    steps = shared._decoder.steps
+    forwards = shared.forwards
     replies: list = [None] * len(chats)
 
     def call(i):
@@ -250,7 +250,7 @@ def test_chat_model_concurrent_calls_share_decode_steps(tiny_lm):
                for r in replies]
     assert [d["extra"]["batch_size"] for d in decodes] == [len(chats)] * len(chats)
     passes = [d["extra"]["forward_passes"] for d in decodes]
-    assert shared._decoder.steps - steps == max(passes) < sum(passes)
+    assert shared.forwards - forwards == max(passes) < sum(passes)
 
 
 def test_chat_model_retriever_and_lcel_chain(tiny_lm):

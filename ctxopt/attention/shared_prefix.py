@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache import layer_kv, num_layers
+
 # Prefix keys per block of the prefix part's scores: (kv_heads, sequences x groups x queries, PREFIX_CHUNK) floats.
 PREFIX_CHUNK = 8192
 
@@ -39,9 +41,10 @@ class SharedPrefix:
 
     @classmethod
     def from_cache(cls, cache) -> "SharedPrefix":
-        """The layers of a prefilled cache (a transformers cache of one sequence), without copying them."""
-        layers = list(cache.layers)
-        return cls([layer.keys for layer in layers], [layer.values for layer in layers])
+        """The layers of a prefilled cache of one sequence (a one-row SlotCache or a transformers cache), without
+        copying them."""
+        layers = [layer_kv(cache, layer) for layer in range(num_layers(cache))]
+        return cls([keys for keys, _ in layers], [values for _, values in layers])
 
     @property
     def length(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -195,16 +196,16 @@ class LocalGenerator:
 
 
 _SHARED_LOCK = threading.Lock()
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its SharedDecoder
 
 
 def shared_decoder(lm) -> SharedDecoder:
     """The decode batch that concurrent ``generate`` calls on ``lm``'s model join, whichever generator (pipeline,
-    chat model) they come through: one per model, kept on the model object so that it lives as long as the model."""
+    chat model) they come through: one per model, dropped with the model."""
     with _SHARED_LOCK:
-        found = getattr(lm.model, "_ctxopt_shared_decoder", None)
+        found = _SHARED.get(lm.model)
         if found is None:
-            found = SharedDecoder(lm.model, lm.tokenizer, lm.eos_token_ids)
-            lm.model._ctxopt_shared_decoder = found
+            found = _SHARED[lm.model] = SharedDecoder(lm.model, lm.tokenizer, lm.eos_token_ids)
         return found
 
 

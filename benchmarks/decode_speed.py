@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/decode_speed.py                       # SmolLM2-135M, ~2K-token context
     OMP_NUM_THREADS=1 python benchmarks/decode_speed.py --smoke               # tiny random model: checks it runs
+    OMP_NUM_THREADS=1 python benchmarks/decode_speed.py --only concurrent --context-tokens 8192   # SnapKV, 1/4/16
     python benchmarks/decode_speed.py --device cuda --dtype bfloat16 --context-tokens 8192   # a GPU machine
 
 Measurements (the first two are each the median of its runs):
@@ -14,6 +15,10 @@ Measurements (the first two are each the median of its runs):
   ``--questions`` questions over that context, against the same questions as separate ``Pipeline.ask`` calls:
   generated tokens per second of wall time (everything: prompts, prefills, decodes), and of decode time alone
   (the ``decode`` records). The answers of both must be the same token for token; the script checks it.
+- ``concurrent``: C ``Pipeline.ask`` calls at once from C threads, for C in ``--concurrency``, each over the
+  context with ``--method`` at ``--budget`` (SnapKV at 1024 by default), C requests per level: requests per
+  second of wall time, this process's CPU seconds, and the largest batch their decode steps ran in (C when all
+  calls shared every step). Prefill dominates at 8K: the decode seconds are given apart.
 - ``sweep`` (needs the batched decoder): decode steps of B questions over the context for B in ``--sweep``,
   with the context's KV held once (shared-prefix attention, on a GROUPED_SDPA model) and copied into every row:
   milliseconds per step and tokens per second, after the questions' prefill and one warm-up step. On a GPU this
@@ -184,6 +189,37 @@ def bench_sweep(lm: LoadedModel, context: str, questions: list[str], sizes: list
     return rows
 
 
+def bench_concurrent(lm: LoadedModel, context: str, questions: list[str], levels: list[int], new_tokens: int,
+                     method: str, budget: float) -> list[dict]:
+    """C concurrent ``Pipeline.ask`` calls (threads), C in ``levels``, C requests per level: requests per second,
+    CPU seconds, and how far their decode steps were shared (the largest batch, the decode records' seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ctxopt.methods import build_stages
+
+    pipe = Pipeline(lm, stages=build_stages(method, budget), max_new_tokens=new_tokens)
+    pipe.ask(questions[0], context=context[:2000])  # warm-up on a short context
+    rows = []
+    for level in levels:
+        asked = [questions[i % len(questions)] for i in range(level)]
+        began, cpu = time.perf_counter(), time.process_time()
+        with ThreadPoolExecutor(level) as pool:
+            answers = list(pool.map(lambda q: pipe.ask(q, context=context), asked))
+        wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+        decodes = [a.stats.get("decode") for a in answers]
+        rows.append({"what": "concurrent", "method": method, "budget": budget, "concurrency": level,
+                     "requests": level, "prompt_tokens": len(answers[0].prompt),
+                     "kept_tokens": answers[0].stats.get(method).tokens_out,
+                     "generated_tokens": sum(len(a.token_ids) for a in answers), "seconds": wall, "cpu_seconds": cpu,
+                     "requests_per_s": level / wall, "largest_batch": max(d.extra["batch_size"] for d in decodes),
+                     "decode_seconds_max": max(d.seconds for d in decodes)})
+        r = rows[-1]
+        print(f"concurrent {level:3d} ({method} {budget}, {r['prompt_tokens']}-token prompts -> {r['kept_tokens']}): "
+              f"{r['requests_per_s']:.4f} requests/s ({wall:.1f} s wall, {cpu:.1f} s CPU), largest batch "
+              f"{r['largest_batch']}, longest decode {r['decode_seconds_max']:.1f} s", flush=True)
+    return rows
+
+
 def tiny_model() -> LoadedModel:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -214,7 +250,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of batch1 (after a warm-up)")
     parser.add_argument("--many-repeats", type=int, default=1, help="runs of ask_many and of the separate asks")
     parser.add_argument("--stop-at-eos", action="store_true", help="let answers end at EOS (default: ignore it)")
-    parser.add_argument("--only", choices=["batch1", "ask_many", "sweep"], default=None)
+    parser.add_argument("--only", choices=["batch1", "ask_many", "sweep", "concurrent"], default=None)
+    parser.add_argument("--concurrency", default="1,4,16", help="concurrent calls of the concurrent run")
+    parser.add_argument("--method", default="snapkv", help="the concurrent run's method")
+    parser.add_argument("--budget", type=float, default=1024, help="the concurrent run's budget")
     parser.add_argument("--sweep", default="1,4,16", help="batch sizes of the sweep (comma-separated)")
     parser.add_argument("--label", default="", help="a name for this run in the output (e.g. before/after)")
     parser.add_argument("--out", default=None, help="append results as JSON lines to this file")
@@ -252,6 +291,10 @@ def main(argv=None) -> None:
               f"({r['separate_seconds']:.2f} s); decode only {r['ask_many_decode_tokens_per_s']:.1f} vs "
               f"{r['separate_decode_tokens_per_s']:.1f} tok/s; CPU {r['ask_many_cpu_seconds']:.2f} vs "
               f"{r['separate_cpu_seconds']:.2f} s", flush=True)
+    if args.only == "concurrent":
+        levels = [int(c) for c in args.concurrency.split(",")]
+        budget = int(args.budget) if args.budget >= 1 else args.budget
+        rows += bench_concurrent(lm, context, questions, levels, args.new_tokens, args.method, budget)
     if args.only == "sweep" or (args.only is None and args.sweep):
         sizes = [int(b) for b in args.sweep.split(",")]
         rows += bench_sweep(lm, context, questions, sizes, args.new_tokens)

@@ -7,7 +7,9 @@ seconds; every request sent must come back with an HTTP answer: answered (200), 
 explicit error (a 504 past the gateway's --request-timeout, say); a request with no answer at all is "lost", and
 the run says whether any was.
 Each context hides a distinct code ("The access code for ledger 17 is 4817.") at a random depth, and the answer is
-checked for it.
+checked for it. The context is a user message before the question (a system message would be the system prompt,
+not context). Every target and method gets the same contexts at the same concurrency (so their answers are
+compared on the same samples), and distinct ones across levels.
 
     # against a running engine (the gateway runs in this process, on a free port)
     python benchmarks/gateway_load.py --engine http://127.0.0.1:8000/v1 --methods full,specpc:1024 --direct
@@ -46,6 +48,7 @@ class Outcome:
     prompt_tokens: int | None = None
     tokens_saved: int | None = None
     error: str = ""
+    item: int = -1  # which of the level's contexts it asked about
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Level:
             "p99_ms": percentile(latencies, 99),
             "correct": sum(o.correct for o in answered),
             "mean_tokens_saved": statistics.mean(saved) if saved else None,
+            "answered_items": sorted(o.item for o in answered),
+            "correct_items": sorted(o.item for o in answered if o.correct),
             "error_samples": sorted({o.error for o in self.outcomes if o.error})[:3],
         }
 
@@ -101,6 +106,11 @@ def make_contexts(count: int, tokens: int, seed: int) -> list[tuple[str, str, st
         context = " ".join(body[:cut]) + needle + " ".join(body[cut:])
         items.append((context, f"What is the access code for ledger {ledger}?", code))
     return items
+
+
+def context_messages(context: str, question: str) -> list[dict]:
+    """The chat: the context as a user message, then the question."""
+    return [{"role": "user", "content": context}, {"role": "user", "content": question}]
 
 
 def one_request(http: httpx.Client, url: str, body: dict, code: str, timeout: float) -> Outcome:
@@ -142,13 +152,14 @@ def run_level(target: str, url: str, model: str, method: str, concurrency: int, 
                     return
                 context, question, code = items[index]
                 body = {"model": model, "max_tokens": args.max_tokens, "temperature": 0,
-                        "messages": [{"role": "system", "content": context}, {"role": "user", "content": question}]}
+                        "messages": context_messages(context, question)}
                 if gateway:
                     overrides = {"method": name}
                     if budget:
                         overrides["budget"] = float(budget) if "." in budget else int(budget)
                     body["ctxopt"] = overrides
                 outcome = one_request(http, url, body, code, args.timeout)
+                outcome.item = index
                 with lock:
                     level.outcomes.append(outcome)
 
@@ -176,7 +187,7 @@ def measure_overhead(engine_url: str, engine_model: str, gateway_url: str, model
                                                  "temperature": 0}),
         "gateway": (f"{gateway_url}/v1/chat/completions", {
             "model": model, "max_tokens": 1, "temperature": 0, "ctxopt": {"method": "full"},
-            "messages": [{"role": "system", "content": context}, {"role": "user", "content": question}]}),
+            "messages": context_messages(context, question)}),
     }
     seconds: dict[str, list[float]] = {"direct": [], "gateway": []}
     inside: dict[str, list[float]] = {"ctxopt_side": [], "prompt_stage": [], "engine_via_gateway": []}
@@ -202,6 +213,20 @@ def measure_overhead(engine_url: str, engine_model: str, gateway_url: str, model
             "requests_each": args.overhead, "direct_p50_ms": 1000 * direct, "gateway_p50_ms": 1000 * through,
             "overhead_p50_ms": 1000 * (through - direct),
             **{f"{name}_p50_ms": 1000 * statistics.median(values) for name, values in inside.items()}}
+
+
+def against_direct(row: dict, rows: list[dict]) -> str:
+    """A gateway level against the engine's direct level at the same concurrency: requests/s ratio, and codes
+    found on the samples both answered."""
+    direct = next((r for r in rows if r["target"] == "engine" and r["concurrency"] == row["concurrency"]), None)
+    if direct is None or not direct["requests_per_s"]:
+        return f"{row['method']} c={row['concurrency']}: no direct level to compare with"
+    shared = set(row["answered_items"]) & set(direct["answered_items"])
+    ours = len(shared & set(row["correct_items"]))
+    theirs = len(shared & set(direct["correct_items"]))
+    return (f"{row['method']} c={row['concurrency']} vs engine direct: requests/s x"
+            f"{row['requests_per_s'] / direct['requests_per_s']:.2f}; on the {len(shared)} samples both answered, "
+            f"code found {ours} vs {theirs}")
 
 
 def print_row(row: dict) -> None:
@@ -286,12 +311,11 @@ def main(argv: list[str] | None = None) -> int:
               f"requests and {args.duration:g} s per level; ~{args.context_tokens}-token contexts; max_tokens "
               f"{args.max_tokens}")
 
-        # Every request of the run gets a context of its own: a repeated one would be read from the engine's
-        # prefix cache. Each level draws fresh ones (seeded by its place in the run).
-        batches = iter(range(10**6))
-
-        def fresh(count: int) -> list[tuple[str, str, str]]:
-            return make_contexts(count, args.context_tokens, args.seed * 10**6 + next(batches))
+        # Within a target, every request gets a context of its own (a repeated one would be read from the
+        # engine's prefix cache): each level has its own contexts (seeded by its concurrency, warm-ups by 0), the
+        # same for every target and method, so their answers are compared on the same samples.
+        def fresh(count: int, level: int) -> list[tuple[str, str, str]]:
+            return make_contexts(count, args.context_tokens, args.seed * 10**6 + 1000 * level + count)
 
         if args.overhead and engine_url:
             overhead = measure_overhead(engine_url, engine_model, gateway_url, model, args)
@@ -304,13 +328,16 @@ def main(argv: list[str] | None = None) -> int:
         for target, url, name, is_gateway in targets:
             for method in (methods if is_gateway else ["direct"]):
                 if args.warmup:
-                    run_level(target, url, name, method, 1, fresh(args.warmup),
+                    run_level(target, url, name, method, 1, fresh(args.warmup, 0),
                               argparse.Namespace(**{**vars(args), "requests": args.warmup}), is_gateway)
                 for concurrency in (levels if is_gateway else direct_levels):
-                    row = run_level(target, url, name, method, concurrency, fresh(args.requests), args,
+                    row = run_level(target, url, name, method, concurrency, fresh(args.requests, concurrency), args,
                                     is_gateway).row()
                     rows.append(row)
                     print_row(row)
+        for row in rows:
+            if row["target"] == "gateway":
+                print(against_direct(row, rows))
         direct = next((r for r in rows if r["target"] == "engine" and r["concurrency"] == 1), None)
         full = next((r for r in rows if r["target"] == "gateway" and r["method"] == "full"
                      and r["concurrency"] == 1), None)

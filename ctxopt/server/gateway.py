@@ -285,6 +285,7 @@ class Gateway:
             self.lm = lm
             self._check_budget(self.config.budget, "budget")
             pipe = self._pipeline(self.default)
+            pipe.build_prompt("Ready?", [])  # the tokenizer's one-off set-up (byte table): here, not in a request
             if self.engine:
                 try:
                     pipe.generator.check(lm)

@@ -285,13 +285,24 @@ def fill_prompt(
     run: Run,
 ) -> list[Passage]:
     """The passages ``build(chosen)`` makes from the units ``take_in_order`` takes into ``room`` = (prompt
-    tokens, fixed part) from ``context_room``; then, measured with the prompt builder, the lowest-ranked units
-    are dropped until the whole prompt fits (the numbering and separators between passages cost tokens that
-    the units' sizes do not count)."""
+    tokens, fixed part) from ``context_room``. The numbering and separators between passages cost tokens the
+    units' sizes do not count, so the prompt is then measured with the prompt builder: the lowest-ranked units
+    are dropped until it fits, and the units left out are offered again, in rank order, where the measured room
+    still holds them."""
     keep, fixed = room
     chosen = take_in_order(ranked, sizes, keep - fixed)
-    while chosen and prompt_length(run, build(chosen)) > keep:
+    length = prompt_length(run, build(chosen))
+    while chosen and length > keep:
         chosen.pop()
+        length = prompt_length(run, build(chosen))
+    taken = set(chosen)
+    for unit in ranked:
+        if unit not in taken and sizes[unit] <= keep - length:
+            trial = prompt_length(run, build(chosen + [unit]))
+            if trial <= keep:
+                chosen.append(unit)
+                taken.add(unit)
+                length = trial
     return build(chosen)
 
 

@@ -112,11 +112,11 @@ class CtxoptDocumentCompressor(BaseDocumentCompressor):
     """Compress Documents with a ctxopt method's text-level stages, given the query.
 
     ``method`` is any registered method whose stages are passage stages (``rag``: the best chunks by embedder
-    similarity; ``color``: each document rewritten by the CoLoR compressor; ``extractive``: each document's
-    sentences most similar to the query) or token stages (``truncate``, ``gemfilter``, ``specpc``); ``budget``
-    (tokens of ``model``, or a ratio) means what it means for the method in a Pipeline: the context kept by
-    ``rag``, the whole prompt (instruction and query included) kept by a token stage; ``options`` go to the
-    method (``layer=``, ``draft=``).
+    similarity; ``color``: each document rewritten by the CoLoR compressor; ``extractive``: the documents'
+    sentences most similar to the query, ranked together) or token stages (``truncate``, ``gemfilter``,
+    ``specpc``); ``budget`` (tokens of ``model``, or a ratio) means what it means in a Pipeline, for every
+    method: the tokens of the whole prompt built from the query and the kept text (instruction and query
+    included), or a ratio of the uncompressed prompt's; ``options`` go to the method (``layer=``, ``draft=``).
     Token stages score the ctxopt prompt built from the query and all documents, and each document keeps the
     text of its kept tokens (gaps marked " … "); a document with nothing kept is dropped. Returned Documents
     keep their metadata and id, and add ``ctxopt_method``, ``ctxopt_budget``, ``ctxopt_tokens_in`` and

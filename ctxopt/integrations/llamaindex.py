@@ -30,9 +30,9 @@ class CtxoptNodePostprocessor(BaseNodePostprocessor):
     """Compress retrieved nodes with a ctxopt method's text-level stages, given the query.
 
     ``method``: any registered method made of passage stages (``rag``: the best chunks by embedder similarity;
-    ``extractive``: each node's sentences most similar to the query; ``color``: each node rewritten by the CoLoR
-    compressor) or token stages (``truncate``, ``gemfilter``, ``specpc``). ``budget`` (tokens of ``model``, or a
-    ratio) and ``options`` (``layer=``, ``draft=``) mean what they mean in a Pipeline.
+    ``extractive``: the nodes' sentences most similar to the query, ranked together; ``color``: each node
+    rewritten by the CoLoR compressor) or token stages (``truncate``, ``gemfilter``, ``specpc``). ``budget``
+    (tokens of ``model``, or a ratio) and ``options`` (``layer=``, ``draft=``) mean what they mean in a Pipeline.
     Token stages score the ctxopt prompt built from the query and all nodes' text, and each node keeps the text
     of its kept tokens (gaps marked " … "); a node with nothing kept is dropped. Returned nodes are copies that
     keep their id, score and metadata, and add ``ctxopt_method``, ``ctxopt_budget``, ``ctxopt_tokens_in`` and

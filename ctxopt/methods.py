@@ -184,6 +184,13 @@ def build_stages(method: str, budget: int | float | None = None, **options) -> l
     return spec.build(budget, {k: v for k, v in options.items() if v is not None})
 
 
+def budget_for(method: str, budget: int | float | None) -> int | float | None:
+    """``budget`` when ``method`` takes one, else None: for a comparison that runs several methods at one budget
+    (``full``, ``color`` and ``refrag`` refuse one in ``build_stages``)."""
+    spec = METHODS.get(method)
+    return budget if spec is None or spec.takes_budget else None
+
+
 def options_for(spec: MethodSpec, options: dict) -> dict:
     """The subset of ``options`` that ``spec``'s method takes."""
     return {name: value for name, value in options.items() if name in spec.options}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ctxopt.bench.compare import MethodRow, method_notes, method_row, method_table
 from ctxopt.cli import parse_budget
-from ctxopt.methods import build_stages
+from ctxopt.methods import budget_for, build_stages
 from ctxopt.models import LoadedModel
 from ctxopt.models.registry import EXAMPLE_MODEL
 from ctxopt.pipeline import Pipeline
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:
     golds = [item["answers"] for item in items]
     rows = []
     for method in args.methods.split(","):
-        stages = build_stages(method, None if method == "full" else budget)
+        stages = build_stages(method, budget_for(method, budget))
         pipe = Pipeline(model, stages=stages, max_new_tokens=args.max_new_tokens)
         answers = [pipe.ask(item["question"], context=documents) for item in items]
         rows.append(method_row(method, answers, golds))

@@ -30,6 +30,7 @@ from langchain_core.documents import Document
 from ctxopt.bench.compare import MethodRow, contains_answer, method_notes, method_table
 from ctxopt.cli import parse_budget
 from ctxopt.integrations.langchain import CtxoptDocumentCompressor
+from ctxopt.methods import budget_for
 from ctxopt.models import LoadedModel, load_model
 from ctxopt.models.registry import EXAMPLE_MODEL
 from ctxopt.prompting import DEFAULT_INSTRUCTION
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:
             Document("".join(text for _, text in d.pieces), metadata={"source": d.source, **d.metadata})
             for d in iter_corpus(args.folder or demo)
         ]
-    compressor = CtxoptDocumentCompressor(model=lm, method=args.method, budget=parse_budget(args.budget))
+    budget = budget_for(args.method, parse_budget(args.budget))  # color takes none
+    compressor = CtxoptDocumentCompressor(model=lm, method=args.method, budget=budget)
     kept = compressor.compress_documents(documents, args.question)
     before = count_tokens(lm.tokenizer, [d.page_content for d in documents])
     after = sum(d.metadata["ctxopt_tokens_out"] for d in kept)

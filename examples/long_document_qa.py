@@ -26,7 +26,7 @@ from ctxopt.bench.compare import method_notes, method_row, method_table
 from ctxopt.bench.datasets import load_needle
 from ctxopt.cli import parse_budget
 from ctxopt.errors import ContextTooLongError
-from ctxopt.methods import METHODS, build_stages
+from ctxopt.methods import METHODS, budget_for, build_stages
 from ctxopt.models import LoadedModel, load_model
 from ctxopt.models.registry import EXAMPLE_MODEL, paired_draft
 from ctxopt.pipeline import Pipeline
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:
     rows = []
     for method in args.methods.split(","):
         options = draft_options(method, lm, args.draft)
-        stages = build_stages(method, None if method == "full" else budget, **options)
+        stages = build_stages(method, budget_for(method, budget), **options)
         pipe = Pipeline(lm, stages=stages, instruction=instruction, max_new_tokens=args.max_new_tokens)
         try:
             answer = pipe.ask(question, context=passage)

@@ -9,7 +9,7 @@ from test_rapid import HashEmbedder
 
 from ctxopt.cli import main
 from ctxopt.errors import InputError
-from ctxopt.methods import METHODS, build_stages
+from ctxopt.methods import METHODS, budget_for, build_stages
 from ctxopt.pipeline import Pipeline
 from ctxopt.text import sentence_spans
 from ctxopt.types import Passage
@@ -118,6 +118,7 @@ def test_a_budget_for_a_method_that_takes_none_is_an_error(method):
 def test_a_composition_hands_the_budget_only_to_parts_that_take_one():
     color, extractive = build_stages("color+extractive", 0.25)
     assert extractive.budget == 0.25 and not hasattr(color, "budget")
+    assert [budget_for(m, 0.25) for m in ("full", "color", "rapid", "extractive")] == [None, None, 0.25, 0.25]
 
 
 def test_cli_refuses_a_budget_the_method_ignores_before_loading_a_model(tmp_path, capsys):

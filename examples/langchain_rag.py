@@ -6,10 +6,11 @@ compression dropped in: one line changes.
     python examples/langchain_rag.py my_docs/ -q "Who founded the town?"
 
 Prints each answer, then per chain the answers correct against the demo's gold answers, prompt tokens, TTFT
-and its ratio to the plain chain's. The default drop-in, ``rag`` at 128 tokens, keeps the context chunks most
-similar to the question; token-level methods (gemfilter, specpc) and KV-cache methods (snapkv, speckv) plug in
-the same way, but on two retrieved passages (~300 tokens) none of them can answer sooner on a CPU: the table's
-notes say why. Runs offline on the local model; only langchain-core is needed.
+and its ratio to the plain chain's. The default drop-in, ``rag`` at 224 prompt tokens (template and question
+included, about 130 of context), keeps the context chunks most similar to the question; token-level methods
+(gemfilter, specpc) and KV-cache methods (snapkv, speckv) plug in the same way, but on two retrieved passages
+(~300 tokens) none of them can answer sooner on a CPU: the table's notes say why. Runs offline on the local
+model; only langchain-core is needed.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-q", "--question", action="append", help="repeatable; default: the demo questions")
     parser.add_argument("-k", type=int, default=2, help="documents to retrieve")
     parser.add_argument("--method", default="rag", help="the ctxopt method dropped into the chain")
-    parser.add_argument("--budget", default="128", help="tokens (128), or a ratio (0.5) for token-level methods")
+    parser.add_argument("--budget", default="224", help="prompt tokens (224), or a ratio of the prompt (0.5)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--model", default=EXAMPLE_MODEL, help="registry name, model folder or .gguf file")
     return parser.parse_args(argv)

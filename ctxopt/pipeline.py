@@ -17,6 +17,7 @@ from .decoding import DecodeResult, GenerationConfig
 from .errors import ContextTooLongError, InputError
 from .generators import EngineGenerator, LocalGenerator
 from .measure import measure
+from .methods import build_stages
 from .prompting import DEFAULT_INSTRUCTION, build_prompt, reframe_prompt, validate_question
 from .stages import KINDS, Run, SharedWork, Stage, TokenPrefill, Truncate
 from .text import count_tokens
@@ -71,6 +72,8 @@ def check_engine_stages(stages: dict[str, list[Stage]]) -> None:
 class Pipeline:
     """Answer questions over retrieved passages (RAG mode) or a given long text (long-document mode).
 
+    ``method``, ``budget``, ``options``: a registered method (``ctxopt methods``) built by ``build_stages``
+    instead of ``stages``; a budget for a method that takes none is an error.
     ``engine``: the base URL of an OpenAI-compatible server serving the same model (``http://127.0.0.1:8000/v1``);
     the passage and token stages run here and the engine answers from the kept token ids (``EngineGenerator``).
     Without it, ctxopt's own generator runs (``LocalGenerator``), which every method can use.
@@ -97,7 +100,18 @@ class Pipeline:
         engine: str | None = None,
         engine_model: str | None = None,
         engine_api_key: str | None = None,
+        *,
+        method: str | None = None,
+        budget: int | float | None = None,
+        options: dict | None = None,
     ):
+        if method is not None:
+            if stages:
+                raise InputError("Pass stages=[...] or method=..., not both.")
+            stages = build_stages(method, budget, **(options or {}))
+        elif budget is not None or options:
+            raise InputError("budget= and options= go with method= (any `ctxopt methods` entry, e.g. "
+                             "method='extractive'); with stages=[...] give each stage its own budget.")
         if k < 1:
             raise InputError(f"k (passages to retrieve) must be >= 1; got {k}.")
         self._model_spec, self._device, self._dtype = model, device, dtype

@@ -115,6 +115,18 @@ def test_a_budget_for_a_method_that_takes_none_is_an_error(method):
     assert not METHODS[method].takes_budget
 
 
+def test_pipeline_takes_a_method_and_refuses_a_budget_it_ignores(tiny_lm):
+    with pytest.raises(InputError, match="Method 'full' takes no budget"):
+        Pipeline(tiny_lm, method="full", budget=100)
+    with pytest.raises(InputError, match="go with method="):
+        Pipeline(tiny_lm, budget=100)
+    with pytest.raises(InputError, match="not both"):
+        Pipeline(tiny_lm, stages=build_stages("truncate", 50), method="truncate", budget=50)
+    pipe = Pipeline(tiny_lm, method="gemfilter", budget=0.25, options={"layer": 1})
+    assert pipe.stages["token"] == build_stages("gemfilter", 0.25, layer=1)
+    assert len(pipe.compress(QUESTION, PASSAGES)) == round(0.25 * full_tokens(tiny_lm))
+
+
 def test_a_composition_hands_the_budget_only_to_parts_that_take_one():
     color, extractive = build_stages("color+extractive", 0.25)
     assert extractive.budget == 0.25 and not hasattr(color, "budget")

@@ -91,20 +91,19 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def make_contexts(count: int, tokens: int, seed: int) -> list[tuple[str, str, str]]:
-    """``count`` distinct (context, question, code) of about ``tokens`` tokens (~1.3 tokens per word)."""
+    """``count`` distinct (context, question, code) of about ``tokens`` tokens (~1.3 tokens per word): sentences
+    of 13 random words, each capitalised and ending in a full stop (so a sentence splitter finds them), with the
+    code's sentence among them at a random depth."""
     rng = random.Random(seed)
-    words = int(tokens / 1.3)
+    sentences = max(2, int(tokens / 1.3) // 13)
     items = []
     for _ in range(count):
-        body = [rng.choice(WORDS) for _ in range(words)]
-        for j in range(12, words, 13):
-            body[j] += "."
+        body = [" ".join(rng.choice(WORDS) for _ in range(13)).capitalize() + "." for _ in range(sentences)]
         code = str(rng.randrange(1000, 10000))
         ledger = rng.randrange(10, 100)
-        needle = f" The access code for ledger {ledger} is {code}. "
-        cut = rng.randrange(words // 10, words - words // 10)
-        context = " ".join(body[:cut]) + needle + " ".join(body[cut:])
-        items.append((context, f"What is the access code for ledger {ledger}?", code))
+        body.insert(rng.randrange(sentences // 10, sentences - sentences // 10),
+                    f"The access code for ledger {ledger} is {code}.")
+        items.append((" ".join(body), f"What is the access code for ledger {ledger}?", code))
     return items
 
 

@@ -150,9 +150,9 @@ def default_draft(target: "LoadedModel", stage: str, cross_tokenizer: bool = Fal
     other = f" ({entry.draft} has another tokenizer: add cross_tokenizer=True where {stage} takes it)" \
         if entry and entry.draft else ""
     warnings.warn(f"{stage}: {target.name} has no smaller registered draft that {stage} can use{other}, so it "
-                  "drafts with itself, which adds a second pass over the prompt and cannot save time. Pass "
-                  "draft='self' (--draft self) to ask for self-drafting, or draft=NAME for a smaller model of its "
-                  "family.", stacklevel=4)
+                  "drafts with itself, and a draft as large as its target cannot save time. Pass draft='self' "
+                  "(--draft self) to ask for self-drafting, or draft=NAME for a smaller model of its family.",
+                  stacklevel=4)
     return target
 
 

@@ -61,3 +61,13 @@ def test_the_table_gives_correct_answers_and_the_ratio_to_full_and_says_why_a_me
     notes = method_notes(rows)
     assert len(notes) == 2 and notes[0].startswith("snapkv lost 1 answer") and "never TTFT" in notes[1]
     assert method_notes(rows[1:]) == [] and method_table(rows[1:]).splitlines()[1].endswith("-")
+
+
+def test_the_demo_runs_on_the_examples_model_and_ask_on_the_default_generator():
+    from ctxopt.cli import build_parser
+    from ctxopt.models import DEFAULT_GENERATOR
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).model is None  # cmd_demo fills in EXAMPLE_MODEL
+    assert parser.parse_args(["demo", "--model", "smollm2"]).model == "smollm2"
+    assert parser.parse_args(["ask", "q", "--corpus", "."]).model == DEFAULT_GENERATOR != EXAMPLE_MODEL

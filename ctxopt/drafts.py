@@ -3,10 +3,11 @@
 SpecPC, SpecKV and RAPID take a second, smaller model by the option ``draft``: None (the registry's smaller
 draft for the target, see ``resolve_draft``), "self" (the target), a LoadedModel, or a registry name or path
 (loaded on the target's device and dtype, once per process by ``load_model``'s cache). The vocabulary rule is
-the same for all: the draft's token ids must mean the
-target's tokens (equal token-to-id maps), unless the stage maps text across tokenizers itself (SpecPC's and
-SpecKV's ``cross_tokenizer``). A stage that compares the two models' logits token by token (RAPID) also needs equal
-logit widths.
+the same for all: the draft's token ids must mean the target's tokens (equal token-to-id maps), unless the stage
+maps text across tokenizers itself (SpecPC's and SpecKV's ``cross_tokenizer``: None, the default, maps exactly
+when the vocabularies differ, so the registry's SmolLM2 draft for Qwen2.5-Coder-0.5B works with no option; False
+refuses such a draft; True always maps). A stage that compares the two models' logits token by token (RAPID)
+also needs equal logit widths.
 """
 from __future__ import annotations
 
@@ -37,21 +38,23 @@ def resolve_draft(
     target: "LoadedModel",
     stage: str,
     *,
-    cross_tokenizer: bool = False,
+    cross_tokenizer: bool | None = False,
     compare_logits: bool = False,
 ) -> "LoadedModel":
     """The draft as a LoadedModel, refused with a one-line error when it cannot draft for ``target`` in ``stage``.
     ``"self"``: the target. None: the registry's smaller draft for the target, else the target with a warning
-    (``models.registry.default_draft``)."""
+    (``models.registry.default_draft``). ``cross_tokenizer``: the stage's setting (see the module's docstring);
+    anything but False lets a draft of another vocabulary through."""
+    maps_text = cross_tokenizer is not False
     if draft is None or draft == "self":
         from .models.registry import default_draft
 
-        draft = target if draft else default_draft(target, stage, cross_tokenizer)
+        draft = target if draft else default_draft(target, stage, maps_text)
     if isinstance(draft, str):
         from .models import load_model
 
         draft = load_model(draft, target.device, target.dtype)
-    if draft is target or cross_tokenizer:
+    if draft is target or maps_text:
         return draft
     if not same_vocabulary(draft.tokenizer, target.tokenizer):
         hint = " or cross_tokenizer=True to map the draft's tokens onto the target's by character offsets" \
@@ -68,6 +71,14 @@ def resolve_draft(
             "draft from the target's model family."
         )
     return draft
+
+
+def crosses_tokenizers(cross_tokenizer: bool | None, draft: "LoadedModel", target: "LoadedModel") -> bool:
+    """Whether a stage maps ``draft``'s tokens onto ``target``'s by text: as ``cross_tokenizer`` says, or (None)
+    exactly when their vocabularies differ."""
+    if cross_tokenizer is None:
+        return draft is not target and not same_vocabulary(draft.tokenizer, target.tokenizer)
+    return cross_tokenizer
 
 
 def retokenize(ids: torch.Tensor, source, target) -> torch.Tensor:

@@ -64,15 +64,12 @@ def document(args: argparse.Namespace, lm: LoadedModel) -> tuple[str, Passage, l
 
 
 def draft_options(method: str, lm: LoadedModel, draft: str | None) -> dict:
-    """A draft-based method's draft: --draft, else the registry's pairing, across tokenizers where it has to be
-    (SpecPC's cross_tokenizer mode); {} for other methods."""
+    """A draft-based method's draft: --draft, else the registry's pairing when the method can use it (SpecPC and
+    SpecKV map a draft of another tokenizer by text; RAPID cannot); {} for other methods."""
     spec = METHODS.get(method)
     if spec is None or not spec.takes_draft:
         return {}
-    if draft is None and paired_draft(lm.name) is None and "cross_tokenizer" in spec.options:
-        draft = paired_draft(lm.name, cross_tokenizer=True)
-        return {"draft": draft, "cross_tokenizer": True} if draft else {}
-    return {"draft": draft}
+    return {"draft": draft or paired_draft(lm.name, cross_tokenizer="cross_tokenizer" in spec.options)}
 
 
 def main(argv: list[str] | None = None, lm: LoadedModel | None = None) -> int:

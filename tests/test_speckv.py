@@ -128,7 +128,8 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_lm, tiny_tokenizer):
     tokenizer.add_tokens(["zzqxword"])
     other = make_tiny_lm(tokenizer, layers=1, name="other-vocab")
     with pytest.raises(InputError, match="does not share the tokenizer"):
-        speckv_state(tiny_lm, random_ids(N, seed=25), SpecKV(draft=other, budget=BUDGET, window=WINDOW))
+        speckv_state(tiny_lm, random_ids(N, seed=25),
+                     SpecKV(draft=other, budget=BUDGET, window=WINDOW, cross_tokenizer=False))
 
 
 @pytest.mark.parametrize("kwargs", [dict(window=0), dict(kernel=6), dict(lookahead=-1)])
@@ -169,13 +170,14 @@ def counted_target(tiny_tokenizer):
     return make_tiny_lm(tiny_tokenizer, seed=3, name="counted-target")
 
 
-def test_a_draft_with_another_tokenizer_answers_in_its_tokens_and_hands_the_text_over(tiny_lm, bpe_lm):
-    """SpecKV with cross_tokenizer=True: the draft (byte-level BPE) reads the prompt's text in its own tokens;
+@pytest.mark.parametrize("cross_tokenizer", [True, None])  # asked for, or by default for another vocabulary
+def test_a_draft_with_another_tokenizer_answers_in_its_tokens_and_hands_the_text_over(tiny_lm, bpe_lm, cross_tokenizer):
+    """SpecKV across tokenizers: the draft (byte-level BPE) reads the prompt's text in its own tokens;
     its greedy answer reaches the target re-tokenized by the target's tokenizer; scoring and pruning as before."""
     lookahead, budget, window = 4, 40, 8
     prompt = Pipeline(tiny_lm).build_prompt(QUESTION, as_passages(CONTEXT))
     run = make_run(tiny_lm)
-    stage = SpecKV(draft=bpe_lm, budget=budget, window=window, lookahead=lookahead, cross_tokenizer=True)
+    stage = SpecKV(draft=bpe_lm, budget=budget, window=window, lookahead=lookahead, cross_tokenizer=cross_tokenizer)
     request = stage.attention_request(prompt, run)
     with capture_attention(tiny_lm.model, request):
         state = prefill(tiny_lm.model, prompt.input_ids)
@@ -200,7 +202,8 @@ def test_speckv_pc_across_tokenizers_runs_end_to_end(tiny_lm, bpe_lm):
 
 def test_a_draft_with_another_tokenizer_fails_before_the_targets_prefill(counted_target, bpe_lm):
     calls = count_forwards(counted_target)
-    pipe = Pipeline(counted_target, stages=[SpecKV(draft=bpe_lm, budget=40, window=8)], max_new_tokens=2)
+    stage = SpecKV(draft=bpe_lm, budget=40, window=8, cross_tokenizer=False)
+    pipe = Pipeline(counted_target, stages=[stage], max_new_tokens=2)
     with pytest.raises(InputError, match="cross_tokenizer=True"):
         pipe.ask(QUESTION, context=CONTEXT)
     assert calls == []  # no target forward ran before the refusal

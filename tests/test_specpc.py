@@ -195,7 +195,11 @@ def test_knobs_and_registry(tiny_lm, bpe_lm):
     with pytest.raises(InputError, match="first_layer"):
         SpecPC(budget=30).select(prompt, make_run(tiny_lm))  # 4-layer draft, first layer 8
     with pytest.raises(InputError, match="cross_tokenizer=True"):
-        SpecPC(draft=bpe_lm, budget=30, first_layer=1).select(prompt, make_run(tiny_lm))
+        SpecPC(draft=bpe_lm, budget=30, first_layer=1, cross_tokenizer=False).select(prompt, make_run(tiny_lm))
+    # by default a draft of another vocabulary is mapped by text, exactly as when asked for
+    mapped = SpecPC(draft=bpe_lm, budget=30, first_layer=1).select(prompt, make_run(tiny_lm))
+    asked = SpecPC(draft=bpe_lm, budget=30, first_layer=1, cross_tokenizer=True).select(prompt, make_run(tiny_lm))
+    assert len(mapped) < len(prompt) and torch.equal(mapped.input_ids, asked.input_ids)
     with pytest.raises(InputError, match="window"):
         SpecPC(window=0)
     assert build_stages("specpc", 0.25, window=16, lookahead=2) == [SpecPC(budget=0.25, window=16, lookahead=2)]

@@ -14,12 +14,13 @@ furiosa-ai/draft-based-approx-llm [C].
    draft tokens and the last prompt token. [C] The decode loop feeds the last prompt token again at its
    ORIGINAL position n-1; stored keys keep their original rotation. [C]
 
-Cross-tokenizer drafts (``cross_tokenizer=True``; ctxopt's extension, as SpecPC's, beyond [P][C], which use a draft
-sharing the target's tokenizer): the draft reads the text of the prompt's tokens (the rendered target chat prompt,
-SpecPC's ``text_tiles``) in its own tokens, and its greedy answer goes back to the target as text re-tokenized by
-the target's tokenizer (``drafts.retokenize``). Scoring is unchanged: it is the TARGET's attention from the window
-and those answer tokens, so no score crosses tokenizers; the lookahead counts draft tokens. The draft and the
-mapping are checked in ``attention_request``, before the target's prefill, so a draft that cannot draft fails fast.
+Cross-tokenizer drafts (``cross_tokenizer``, as SpecPC's: None, the default, maps when the vocabularies differ;
+ctxopt's extension beyond [P][C], which use a draft sharing the target's tokenizer): the draft reads the text of
+the prompt's tokens (the rendered target chat prompt, SpecPC's ``text_tiles``) in its own tokens, and its greedy
+answer goes back to the target as text re-tokenized by the target's tokenizer (``drafts.retokenize``). Scoring is
+unchanged: it is the TARGET's attention from the window and those answer tokens, so no score crosses tokenizers;
+the lookahead counts draft tokens. The draft and the mapping are checked in ``attention_request``, before the
+target's prefill, so a draft that cannot draft fails fast.
 
 Deviations from [C]: the window holds the last ``window`` prompt tokens (the code's window has one more,
 ``window + 1``), so the cache holds budget - 1 positions per head and budget once the last prompt token is
@@ -39,7 +40,7 @@ import torch
 from ..attention import AttentionCapture, WindowAttention, capture_attention
 from ..cache import cache_length, crop_cache, keep_per_head, num_layers
 from ..decoding import GenerationConfig, Prefill, decode, forward, prefill
-from ..drafts import resolve_draft, retokenize
+from ..drafts import crosses_tokenizers, resolve_draft, retokenize
 from ..errors import InputError
 from ..stages import CacheStage, Run, Stage, tokens_to_keep
 from ..types import Prompt
@@ -72,7 +73,7 @@ class SpecKV(CacheStage):
     window: int = 32
     kernel: int = 7
     lookahead: int | None = None
-    cross_tokenizer: bool = False
+    cross_tokenizer: bool | None = None
 
     name = "speckv"
 
@@ -98,7 +99,7 @@ class SpecKV(CacheStage):
     def draft_input(self, prompt: Prompt, run: Run, draft: "LoadedModel") -> torch.Tensor:
         """The prompt as the draft reads it: its own token ids, or, across tokenizers, the draft's tokens of the
         prompt's text (SpecPC's ``text_tiles``: the kept tokens' text of the rendered target prompt)."""
-        if not self.cross_tokenizer:
+        if not crosses_tokenizers(self.cross_tokenizer, draft, run.lm):
             return prompt.input_ids
         text, _ = text_tiles(prompt, run.lm.tokenizer)
         return torch.tensor(draft.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -121,8 +122,8 @@ class SpecKV(CacheStage):
                 config = GenerationConfig(max_new_tokens=lookahead)
                 result = decode(draft.model, draft.tokenizer, start, config, draft.eos_token_ids)
                 ids = torch.tensor(result.token_ids, dtype=torch.long)
-                return retokenize(ids, draft.tokenizer, run.lm.tokenizer) if self.cross_tokenizer and not itself \
-                    else ids
+                crossed = not itself and crosses_tokenizers(self.cross_tokenizer, draft, run.lm)
+                return retokenize(ids, draft.tokenizer, run.lm.tokenizer) if crossed else ids
 
             ids, seconds, shared = run.shared(("speckv draft", draft.model, lookahead), prompt.input_ids, answer)
             run.draft_answer = ids
@@ -164,7 +165,7 @@ class SpecKV(CacheStage):
 
 def speckv_pc(
     budget: int | float, draft: "LoadedModel | str | None" = None, window: int = 32, kernel: int = 7,
-    lookahead: int | None = None, cross_tokenizer: bool = False,
+    lookahead: int | None = None, cross_tokenizer: bool | None = None,
 ) -> list[Stage]:
     """The ``speckv-pc`` method: SpecPC at 2048 tokens (its other knobs at their defaults), then SpecKV
     at ``budget``; SpecPC's draft also writes the answer (``lookahead``, None = the whole answer) that SpecKV

@@ -28,7 +28,9 @@ clipped (the code raises); probabilities stay float32 (the code casts them to th
 ``keep_question=True`` (ctxopt's option, off as in [C]) keeps template and question tokens first, counted in
 the budget.
 
-ctxopt's extension, beyond the paper: a draft with a DIFFERENT tokenizer (``cross_tokenizer=True``). The
+ctxopt's extension, beyond the paper: a draft with a DIFFERENT tokenizer (``cross_tokenizer``: None, the
+default, maps when the draft's vocabulary differs from the target's, as for the registry's SmolLM2 draft of
+Qwen2.5-Coder-0.5B; True always maps; False refuses such a draft). The
 draft reads the text of the prompt's tokens (``prompt.text``, the rendered target chat prompt) tokenized by
 its own tokenizer. Each token's character range is widened to run to the next token's start, so both
 tokenizations tile the text; each draft token stands for the target tokens whose ranges overlap its own.
@@ -46,7 +48,7 @@ import torch
 from ..attention import AttentionCapture, WindowAttention, capture_attention
 from ..checks import require_int
 from ..decoding import GenerationConfig, decode, forward, prefill
-from ..drafts import resolve_draft, retokenize
+from ..drafts import crosses_tokenizers, resolve_draft, retokenize
 from ..errors import InputError
 from ..stages import Run, TokenStage, tokens_to_keep
 from ..types import Prompt
@@ -206,7 +208,7 @@ class SpecPC(TokenStage):
     kernel: int | None = None
     lookahead: int | None = 0
     keep_question: bool = False
-    cross_tokenizer: bool = False
+    cross_tokenizer: bool | None = None
     # A floor on the kept tokens whatever the budget (SpecKV-PC's first stage keeps at least 2048).
     at_least: int = field(default=0, metadata={"option": False})
     name = "specpc"
@@ -233,8 +235,9 @@ class SpecPC(TokenStage):
         if keep is None:
             return prompt
         draft = self.load_draft(run)
+        cross = crosses_tokenizers(self.cross_tokenizer, draft, run.lm)
         forced = forced_tokens(prompt, self.keep_question, keep, self.name)
-        if self.cross_tokenizer:
+        if cross:
             text, target_tiles = text_tiles(prompt, run.lm.tokenizer)
             encoded = draft.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             draft_ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
@@ -243,7 +246,7 @@ class SpecPC(TokenStage):
             draft_ids = prompt.input_ids
             ranges = torch.stack([torch.arange(len(prompt)), torch.arange(1, len(prompt) + 1)], dim=1)
         lookahead = run.config.max_new_tokens if self.lookahead is None else self.lookahead
-        given = self._given_answer(run, draft) if lookahead else None
+        given = self._given_answer(run, draft, cross) if lookahead else None
         given_key = None if given is None else tuple(given.tolist())
         key = ("specpc", draft.model, self.window, self.first_layer, lookahead, given_key)
         (scores, answer), scoring_seconds, reused = run.shared(
@@ -251,8 +254,8 @@ class SpecPC(TokenStage):
         )
         began = time.perf_counter()
         if answer is not None and given is None:
-            run.draft_answer = self._to_target(answer, run, draft)
-        top = None if self.cross_tokenizer else keep  # a draft token may stand for no new target token
+            run.draft_answer = retokenize(answer, draft.tokenizer, run.lm.tokenizer) if cross else answer
+        top = None if cross else keep  # a draft token may stand for no new target token
         order = selection_order(scores, self.kernel or default_kernel(draft), self.window, top)
         kept, units = cut_to_budget(order, ranges, keep, forced)
         run.report(
@@ -266,12 +269,9 @@ class SpecPC(TokenStage):
         )
         return prompt.select(kept)
 
-    def _given_answer(self, run: Run, draft: "LoadedModel") -> torch.Tensor | None:
+    def _given_answer(self, run: Run, draft: "LoadedModel", cross: bool) -> torch.Tensor | None:
         """``run.draft_answer`` (target tokens) as draft tokens, or None when absent."""
         ids = run.draft_answer
-        if ids is None or not self.cross_tokenizer:
+        if ids is None or not cross:
             return ids
         return retokenize(ids, run.lm.tokenizer, draft.tokenizer)
-
-    def _to_target(self, answer: torch.Tensor, run: Run, draft: "LoadedModel") -> torch.Tensor:
-        return retokenize(answer, draft.tokenizer, run.lm.tokenizer) if self.cross_tokenizer else answer

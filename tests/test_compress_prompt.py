@@ -70,6 +70,7 @@ def test_default_method_on_the_packaged_model_keeps_the_answer(smollm):
     from importlib import resources
 
     text = (resources.files("ctxopt") / "data" / "demo" / "corpus" / "harbour_museum.md").read_text()
-    result = ctxopt.compress_prompt(text, "What is the vault code?", budget=0.3)  # extractive, smollm2-135m
+    # extractive, smollm2-135m; the budget is of the whole prompt, whose fixed part (template, question) is ~30%
+    result = ctxopt.compress_prompt(text, "What is the vault code?", budget=0.4)
     assert "4817" in result.compressed_context and result.compressed_context_tokens < result.origin_context_tokens
     assert result.compressed_prompt.startswith("<|im_start|>")

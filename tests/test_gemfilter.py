@@ -234,7 +234,9 @@ def test_smollm_keeps_the_needle_and_answers(smollm):
     from ctxopt.bench.datasets import load_needle
 
     (sample,) = load_needle([600], [0.5], smollm.tokenizer)
-    pipe = Pipeline(smollm, stages=[GemFilter(budget=192)], system=sample.instruction, max_new_tokens=12)
+    # Layer 12 (the 0.4-depth rule) keeps this short needle; SmolLM2's screened default, 21, chosen on 4K prompts
+    # at budgets 512-1024, does not keep it at 192 of 600 tokens (benchmarks/JOURNAL.md, issue 28's defaults).
+    pipe = Pipeline(smollm, stages=[GemFilter(budget=192, layer=12)], system=sample.instruction, max_new_tokens=12)
     answer = pipe.ask(sample.question, context=sample.context)
     assert len(answer.prompt) == 192 and answer.stats.get("gemfilter").extra["selection_layer"] == 12
     assert sample.metadata["needle"] in answer.prompt.kept_text(0)

@@ -39,25 +39,25 @@ from langchain_core.callbacks import (
 )
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from .. import __version__
+from ..chat import ChatTurn, plain_prompt, split_chat
 from ..compress import GAP as GAP  # re-exported: the marker between the kept pieces of one document
 from ..compress import INPUT_KEY, MODEL_LOCK, compress_texts, text_stages
 from ..errors import InputError
 from ..generators.local import LocalGenerator
-from ..measure import measure
 from ..methods import build_stages
 from ..models import DEFAULT_GENERATOR, LoadedModel
 from ..pipeline import Pipeline
 from ..prompting import validate_question
 from ..retrievers import FaissStore
 from ..text import StreamTrimmer
-from ..types import Answer, Passage, Stats
+from ..types import Answer, Passage
 
 CONTEXT_MARK = "ctxopt_context"  # additional_kwargs key: this message (a system message too) is context
 STRICT = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # an unknown constructor argument is an error
@@ -225,17 +225,12 @@ def split_messages(messages: Sequence[BaseMessage]) -> tuple[str, list[Passage],
             f"CtxoptChatModel answers the last message, which must be a human message holding the question; got {last}."
         )
     question = validate_question("".join(message_texts(messages[-1])))
-    passages, system = [], []
-    for i, message in enumerate(messages[:-1]):
-        texts = message_texts(message)
-        if isinstance(message, SystemMessage) and not message.additional_kwargs.get(CONTEXT_MARK):
-            system += [text for text in texts if text.strip()]
-            continue
-        for j, text in enumerate(texts):
-            if text.strip():
-                source = f"{message.type}[{i}]" + (f".block[{j}]" if len(texts) > 1 else "")
-                passages.append(Passage(text=text, source=source))
-    return question, passages, "\n\n".join(system) or None
+    turns = [
+        ChatTurn(m.type, message_texts(m), f"{m.type}[{i}]", as_context=bool(m.additional_kwargs.get(CONTEXT_MARK)))
+        for i, m in enumerate(messages[:-1])
+    ]
+    passages, system = split_chat(turns, part="block")
+    return question, passages, system
 
 
 def as_context_passages(documents: Sequence[Document | str]) -> list[Passage]:
@@ -383,13 +378,11 @@ class CtxoptChatModel(BaseChatModel):
             pipe.system = system  # this call's system prompt: every prompt of this pipeline is built under the lock
             try:
                 if passages:
-                    original = len(pipe.build_prompt(question, passages))
                     prompt = pipe.compress(question, passages, **generation)
+                    original = prompt.prompt_tokens  # the uncompressed prompt's length, measured by compress()
                 else:
-                    with measure("prompt", pipe.lm.device) as record:
-                        prompt = pipe.build_prompt(question, [])
-                        record.tokens_out = original = len(prompt)
-                    prompt.stats = Stats(stages=[record])
+                    prompt = plain_prompt(pipe, question)
+                    original = len(prompt)
             finally:
                 pipe.system = None
         # Not under the lock: the local generator takes it for its prefill and cache stages (share_decoding) and

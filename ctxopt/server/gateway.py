@@ -495,10 +495,7 @@ class Gateway:
                 original = len(prompt)
             else:
                 prompt = pipe.compress(question, passages, **generation)
-                if [record.stage for record in prompt.stats.stages] == ["prompt"]:
-                    original = len(prompt)  # nothing but the template ran: the prompt is the uncompressed one
-                else:
-                    original = len(pipe.build_prompt(question, passages))
+                original = prompt.prompt_tokens  # the uncompressed prompt's length, measured by compress()
         finally:
             pipe.system = None
         prepared = Prepared(pipe, prompt, original, generation, context_from, queued_seconds=started - job.began,

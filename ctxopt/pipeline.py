@@ -261,10 +261,12 @@ class Pipeline:
     def ask_many(self, questions: Sequence[str], context: Context = None, **generation) -> list[Answer]:
         """Answer several questions over one context (or each over its own retrieved passages).
 
-        Each question is compressed on its own (``compress``), so every stage sees its own question. When the
-        generator can share a prefill (no input or cache stage) and the prompts start alike, their common
-        start -- the template and the context before the question -- is prefilled once and each question
-        continues from a copy of that cache (the kvpress way); the answers equal ``ask``'s.
+        Each question is compressed on its own (``compress``), so every stage sees its own question; the
+        generator then answers them together (``generate_many``): with the local generator the questions decode
+        in one batch, and when no input or cache stage runs and the prompts start alike, their common start --
+        the template and the context before the question -- is prefilled once and, where the model allows it,
+        its cache is held once and read once per step for all questions (Hydragen's shared-prefix attention).
+        The answers equal ``ask``'s.
         """
         prompts = [self.compress(question, context, **generation) for question in questions]
         runs = [self._run_for(prompt, generation) for prompt in prompts]

@@ -11,11 +11,13 @@ also needs equal logit widths.
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import InputError
+from .models.registry import paired_draft, registry_entry
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -43,12 +45,10 @@ def resolve_draft(
 ) -> "LoadedModel":
     """The draft as a LoadedModel, refused with a one-line error when it cannot draft for ``target`` in ``stage``.
     ``"self"``: the target. None: the registry's smaller draft for the target, else the target with a warning
-    (``models.registry.default_draft``). ``cross_tokenizer``: the stage's setting (see the module's docstring);
+    (``default_draft``). ``cross_tokenizer``: the stage's setting (see the module's docstring);
     anything but False lets a draft of another vocabulary through."""
     maps_text = cross_tokenizer is not False
     if draft is None or draft == "self":
-        from .models.registry import default_draft
-
         draft = target if draft else default_draft(target, stage, maps_text)
     if isinstance(draft, str):
         from .models import load_model
@@ -71,6 +71,22 @@ def resolve_draft(
             "draft from the target's model family."
         )
     return draft
+
+
+def default_draft(target: "LoadedModel", stage: str, cross_tokenizer: bool = False) -> "LoadedModel | str":
+    """The draft a draft-based method uses when given none: the registry's pairing for ``target`` (a name) when
+    ``stage`` can use it (``cross_tokenizer``: the stage maps a draft of another tokenizer), else the target itself,
+    with a warning saying so and how to ask for self-drafting."""
+    name = paired_draft(target.name, cross_tokenizer)
+    if name is not None:
+        return name
+    entry = registry_entry(target.name)
+    other = f" ({entry.draft} has another tokenizer, which {stage} cannot use here)" if entry and entry.draft else ""
+    warnings.warn(f"{stage}: {target.name} has no smaller registered draft that {stage} can use{other}, so it "
+                  "drafts with itself, and a draft as large as its target cannot save time. Pass draft='self' "
+                  "(--draft self) to ask for self-drafting, or draft=NAME for a smaller model of its family.",
+                  stacklevel=4)
+    return target
 
 
 def crosses_tokenizers(cross_tokenizer: bool | None, draft: "LoadedModel", target: "LoadedModel") -> bool:

@@ -12,18 +12,13 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import ModelLoadError
 from ..fileutil import sha256_file
 from .convert import cache_dir, check_magic, convert_gguf, is_converted
 from .fetch import download_and_assemble, downloaded_versions
-
-if TYPE_CHECKING:
-    from .loading import LoadedModel
 
 DEFAULT_GENERATOR = "smollm2-135m"
 # The model of `ctxopt demo` and the examples: the smallest registry model that answers the three demo questions
@@ -138,22 +133,6 @@ def paired_draft(target: str, cross_tokenizer: bool = False) -> str | None:
     entry = registry_entry(target)
     draft = registry_entry(entry.draft) if entry and entry.draft else None
     return draft.name if draft and (cross_tokenizer or draft.tokenizer == entry.tokenizer) else None
-
-
-def default_draft(target: "LoadedModel", stage: str, cross_tokenizer: bool = False) -> "LoadedModel | str":
-    """The draft a draft-based method uses when given none: the registry's pairing for ``target`` (a name) when
-    ``stage`` can use it, else the target itself, with a warning saying so and how to ask for self-drafting."""
-    name = paired_draft(target.name, cross_tokenizer)
-    if name is not None:
-        return name
-    entry = registry_entry(target.name)
-    other = f" ({entry.draft} has another tokenizer: add cross_tokenizer=True where {stage} takes it)" \
-        if entry and entry.draft else ""
-    warnings.warn(f"{stage}: {target.name} has no smaller registered draft that {stage} can use{other}, so it "
-                  "drafts with itself, and a draft as large as its target cannot save time. Pass draft='self' "
-                  "(--draft self) to ask for self-drafting, or draft=NAME for a smaller model of its family.",
-                  stacklevel=4)
-    return target
 
 
 def known_names() -> str:

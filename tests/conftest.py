@@ -30,6 +30,15 @@ def minilm_folder() -> str:
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models in a module: a second torch thread only adds contention (and these CPUs are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())

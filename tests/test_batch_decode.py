@@ -28,12 +28,7 @@ QUESTIONS = ["What colour is box 3?", "Which box is red?", "What does sentence 1
              "Colour of box 39?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(n: int, seed: int) -> torch.Tensor:

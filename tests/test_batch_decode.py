@@ -2,6 +2,8 @@
 replaced, for every method's prefilled state; a batch against each request alone; requests joining mid-run;
 shared-prefix (Hydragen) attention against attention over the concatenated keys and against plain batched
 decoding; ``ask_many`` through it."""
+import threading
+
 import pytest
 import torch
 from conftest import make_tiny_lm
@@ -26,6 +28,20 @@ from ctxopt.pipeline import Pipeline
 DOC = " ".join(f"Sentence {i} says the colour of box {i} is {'red' if i % 7 == 3 else 'blue'}." for i in range(40))
 QUESTIONS = ["What colour is box 3?", "Which box is red?", "What does sentence 12 say about its box?",
              "Colour of box 39?"]
+
+
+def run_joined(shared, call, n: int) -> list[threading.Thread]:
+    """Run ``call(i)`` for i < n in threads that all queue their request before the shared batch's first step
+    (the step lock is held until all n are queued), so they all join it; wait for them and return them."""
+    with shared._step_lock:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for thread in threads:
+            thread.start()
+        while len(shared._queued) < n:
+            threading.Event().wait(0.001)
+    for thread in threads:
+        thread.join()
+    return threads
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -394,8 +410,6 @@ def test_ask_many_with_a_cache_stage_decodes_the_pruned_caches_together(tiny_lm)
 
 # -- concurrent callers share decode steps ------------------------------------------------------------------
 def test_concurrent_decodes_share_steps_and_equal_each_alone(tiny_lm):
-    import threading
-
     from ctxopt.decoding import SharedDecoder
 
     states = [prefill(tiny_lm.model, _ids(n, seed)) for seed, n in enumerate([30, 12, 45, 21])]
@@ -412,14 +426,7 @@ def test_concurrent_decodes_share_steps_and_equal_each_alone(tiny_lm):
 
         results[i] = shared.decode(states[i].copy(), configs[i], on_text)
 
-    with shared._step_lock:  # every caller queues its request before the first step: they all join it
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        while len(shared._queued) < 4:
-            threading.Event().wait(0.001)
-    for thread in threads:
-        thread.join()
+    threads = run_joined(shared, call, 4)
     assert [r.token_ids for r in results] == [a.token_ids for a in alone]
     assert all(r.extra["batch_size"] == 4 for r in results)
     assert ["".join(s) for s in streamed] == [r.text for r in results]
@@ -446,8 +453,6 @@ def test_a_failed_step_fails_every_request_of_the_batch(tiny_lm, monkeypatch):
 def test_a_caller_that_gives_up_leaves_the_batch(tiny_lm):
     """An on_text that raises (a server's cancelled request) ends that caller's decode and frees its row; the
     others in the batch go on to the answers they get alone."""
-    import threading
-
     from ctxopt.decoding import SharedDecoder
 
     states = [prefill(tiny_lm.model, _ids(n, seed)) for seed, n in enumerate([20, 31, 14])]
@@ -465,14 +470,7 @@ def test_a_caller_that_gives_up_leaves_the_batch(tiny_lm):
         except ConnectionAbortedError as error:
             outcome[i] = error
 
-    with shared._step_lock:
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
-        while len(shared._queued) < 3:
-            threading.Event().wait(0.001)
-    for thread in threads:
-        thread.join()
+    run_joined(shared, call, 3)
     assert isinstance(outcome[1], ConnectionAbortedError)
     assert [outcome[0], outcome[2]] == [alone[0], alone[2]]
     assert shared._decoder is None  # an empty batch is dropped, its slots with it

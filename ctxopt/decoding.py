@@ -103,11 +103,13 @@ def prefill(
     positions: torch.Tensor | None = None,
     cache=None,
     chunk_size: int | None = None,
+    room: int = 0,
 ) -> Prefill:
     """Run the prompt through the model into a (new or given) cache; return the cache and last logits.
 
-    A new cache is a one-row :class:`SlotCache` with slots for the prompt (a transformers cache on a model with
-    sliding-window layers). ``chunk_size`` bounds attention memory on long prompts by feeding the prompt in pieces.
+    A new cache is a one-row :class:`SlotCache` with slots for the prompt and ``room`` more (for an answer decoded
+    in place, as RAPID's verifier does; a transformers cache on a model with sliding-window layers).
+    ``chunk_size`` bounds attention memory on long prompts by feeding the prompt in pieces.
     """
     source = input_ids if input_ids is not None else inputs_embeds
     if source is None or source.shape[0] == 0:
@@ -118,7 +120,7 @@ def prefill(
     if cache is None:
         # A new cache is one row of preallocated slots (cache stages then compact it in place), except on a model
         # with sliding-window layers, whose transformers cache keeps each layer's window.
-        cache = new_cache(model) if windowed_layer_types(model) else SlotCache.for_model(model, round_up(n))
+        cache = new_cache(model) if windowed_layer_types(model) else SlotCache.for_model(model, round_up(n + room))
     step = chunk_size or n
     began = time.perf_counter()
     with torch.inference_mode():

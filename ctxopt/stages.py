@@ -173,13 +173,14 @@ class Decoder(Stage):
 @dataclass
 class TokenPrefill(InputStage):
     """The default input stage: the model runs the prompt's token ids at positions 0..n-1 (``chunk_size``
-    tokens per forward when set, to bound attention memory on long prompts)."""
+    tokens per forward when set, to bound attention memory on long prompts). The cache has slots for the answer
+    after the prompt's, so a decoder that extends it in place (RAPID's verifier) needs no copy."""
 
     chunk_size: int | None = None
     name = "prefill"
 
     def prefill(self, prompt: Prompt, run: Run) -> Prefill:
-        return prefill(run.lm.model, prompt.input_ids, chunk_size=self.chunk_size)
+        return prefill(run.lm.model, prompt.input_ids, chunk_size=self.chunk_size, room=run.config.max_new_tokens)
 
 
 class StepDecoder(Decoder):

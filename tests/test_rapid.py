@@ -66,6 +66,24 @@ def test_greedy_eta0_equals_target_greedy_with_a_different_drafter(tiny_lm, near
     assert extra["target_forwards"] == result.forward_passes < 16
 
 
+def test_decodes_in_the_prefills_own_slots(tiny_lm, near_drafter):
+    """With room left by the prefill (as the pipeline's TokenPrefill and RAPID's drafter prefill leave it), both
+    caches are extended in place: the prompt's entries are never copied, and the answer is the target's."""
+    ids = _ids(50)
+    config = GenerationConfig(max_new_tokens=16)
+    reference = decode(tiny_lm.model, tiny_lm.tokenizer, prefill(tiny_lm.model, ids), config)
+    gamma = 4
+    target_state = prefill(tiny_lm.model, ids, room=config.max_new_tokens)
+    draft_state = prefill(near_drafter.model, ids, room=config.max_new_tokens + gamma)
+    caches = [target_state.cache, draft_state.cache]
+    buffers = [[t.data_ptr() for t in c.keys + c.values] for c in caches]
+    result = RAPID(gamma=gamma, eta=0).speculate(tiny_lm, target_state, near_drafter, draft_state, config)
+    assert result.token_ids == reference.token_ids
+    assert [target_state.cache, draft_state.cache] == caches
+    assert [[t.data_ptr() for t in c.keys + c.values] for c in caches] == buffers
+    assert cache_length(target_state.cache) == len(ids) + len(result.token_ids) - 1
+
+
 def test_target_prefill_with_pending_ids(tiny_lm, near_drafter):
     """A cache stage may hand over a prefill without logits and the last prompt token still to feed."""
     ids = _ids(50)
@@ -139,21 +157,22 @@ def test_rollback_leaves_both_caches_as_a_fresh_prefill(tiny_lm, near_drafter, t
 
 
 def test_rollback_is_a_length_change_equal_to_a_fresh_prefill(tiny_lm):
-    """The cursor's cache is a row of preallocated slots: drafts fed, then rejected, then others fed leave the
-    same entries as a fresh prefill of the prompt and the kept tokens, in the same buffer (no crop, no copy)."""
+    """The cursor decodes in the prefill's own row of slots: drafts fed, then rejected, then others fed leave the
+    same entries as a fresh prefill of the prompt and the kept tokens, in the prefill's buffer (no copy of the
+    prompt's entries, no crop)."""
     from ctxopt.speculative.rapid import _Cursor
 
     ids = _ids(30, seed=6)
-    state = prefill(tiny_lm.model, ids)
+    state = prefill(tiny_lm.model, ids, room=8)
+    buffer = state.cache.keys[0].data_ptr()
     cursor = _Cursor(tiny_lm.model, state)
-    buffer = cursor.cache.keys[0].data_ptr()
+    assert cursor.cache is state.cache
     first = cursor.logits_after([], [101, 102, 103, 104])  # four drafts verified in one forward
     assert first.shape[0] == 5 and cursor.fed == 4
     cursor.rollback(2)  # drafts 103 and 104 rejected
     assert cursor.cache.lengths == [32] and cursor.logits is None
     again = cursor.logits_after([101, 102, 105], [106])  # the round's emitted token, then a new draft
     assert cursor.cache.keys[0].data_ptr() == buffer and cursor.fed == 4
-    cursor.release()
     fresh = prefill(tiny_lm.model, torch.cat([ids, torch.tensor([101, 102, 105, 106])]))
     _assert_cache_equal(state.cache, fresh.cache)
     assert torch.allclose(again[-1], fresh.logits, atol=1e-4)

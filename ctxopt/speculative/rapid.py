@@ -62,7 +62,7 @@ from typing import ClassVar
 
 import torch
 
-from ..cache import SlotCache, cache_length, kv_bytes, layer_kv, num_layers, set_layer_kv
+from ..cache import SlotCache, cache_length, kv_bytes, layer_kv, num_layers
 from ..compressors.rag import top_chunks
 from ..decoding import (
     DecodeResult,
@@ -145,9 +145,11 @@ class _Cursor:
 
     ``sequence`` arguments are the tokens after the prompt (the Prefill's pending ids, then the answer).
     ``fed`` of them are in the cache, including draft tokens not yet verified; ``rollback`` drops those by
-    shortening the row (the cache is a one-row ``SlotCache``: nothing is reallocated or copied). The state's own
-    cache points at the row's entries from the start (its tensors are released) and ``release`` leaves it holding
-    what the row holds at the end, as a fresh prefill of the prompt and the kept tokens would.
+    shortening the row. The cache is the state's own one-row ``SlotCache``, extended in place in the slots the
+    prefill left for the answer (grown only when those run out): nothing is copied, and rollback reallocates
+    nothing. A state that holds another cache (a transformers cache given by the caller) has its entries copied
+    into a new one-row SlotCache once, which then becomes the state's cache. At the end the state holds what a
+    fresh prefill of the prompt and the kept tokens would.
     """
 
     def __init__(self, model: torch.nn.Module, state: Prefill):
@@ -155,12 +157,14 @@ class _Cursor:
         self.prefix = [] if state.pending_ids is None else state.pending_ids.tolist()
         if not self.prefix and state.logits is None:
             raise InputError("The prefill carries neither logits nor pending ids to start decoding from.")
-        layers = [layer_kv(state.cache, layer) for layer in range(num_layers(state.cache))]
-        self.start_length = cache_length(state.cache)
-        self.cache = SlotCache.like(layers, 1, 0)
-        self.cache.add_row(layers, round_up(self.start_length + len(self.prefix) + 64))
-        del layers
-        self.release()
+        if not (isinstance(state.cache, SlotCache) and state.cache.rows == 1):
+            length = cache_length(state.cache)
+            layers = [layer_kv(state.cache, layer) for layer in range(num_layers(state.cache))]
+            state.cache = SlotCache.like(layers, 1, 0)
+            state.cache.add_row(layers, round_up(length + len(self.prefix) + 64))
+            del layers
+        self.cache = state.cache
+        self.start_length = self.cache.lengths[0]
         self.start_position = state.next_position
         self.fed = 0
         self.logits = state.logits  # predicts the token after the cache's last one; None after a rollback
@@ -177,7 +181,7 @@ class _Cursor:
         start = self.start_position + self.fed
         needed = self.cache.lengths[0] + len(tokens)
         if needed > self.cache.capacity:
-            self.cache.reserve(1, round_up(max(needed, self.cache.capacity * 3 // 2)))
+            self.cache.reserve(1, round_up(needed + max(64, self.cache.capacity // 8)))
         rows = slot_forward(self.model, self.cache, [tokens], [list(range(start, start + len(tokens)))],
                             logits_to_keep=len(drafts) + 1 - len(held))[0].float()
         self.fed, self.forwards, self.logits = self.fed + len(tokens), self.forwards + 1, rows[-1]
@@ -188,11 +192,6 @@ class _Cursor:
         if length < self.fed:
             self.cache.set_length(0, self.start_length + length)
             self.fed, self.logits = length, None
-
-    def release(self) -> None:
-        """Point the state's cache at the row's entries (views of the slots)."""
-        for layer, (keys, values) in enumerate(self.cache.row_layers(0)):
-            set_layer_kv(self.state.cache, layer, keys, values)
 
 
 # -- the decoder -----------------------------------------------------------------------------------------
@@ -246,7 +245,7 @@ class RAPID(Decoder):
         passages = self.draft_passages(prompt.question, prompt.passages, run)
         retrieved = time.perf_counter()
         draft_prompt = reframe_prompt(drafter.tokenizer, prompt, passages)
-        draft_state = prefill(drafter.model, draft_prompt.input_ids)
+        draft_state = prefill(drafter.model, draft_prompt.input_ids, room=run.config.max_new_tokens + self.gamma)
         return draft_prompt, draft_state, retrieved - began, time.perf_counter() - retrieved
 
     def decode(
@@ -305,8 +304,6 @@ class RAPID(Decoder):
                 if first_token_seconds is None:
                     first_token_seconds = time.perf_counter() - began
             stopper.finish()
-            checker.release()
-            draft.release()
         return DecodeResult(
             token_ids=stopper.ids,
             text=stopper.text,

@@ -29,6 +29,18 @@ def test_a_model_with_no_smaller_draft_drafts_for_itself_only_when_asked(tiny_lm
         assert resolve_draft("self", tiny_lm, "specpc") is tiny_lm
 
 
+def test_self_drafting_speckv_warns_once_per_ask(tiny_lm):
+    """SpecKV checks its draft before the target's prefill and uses it after: one warning, not one per use."""
+    from ctxopt.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_lm, method="speckv", budget=48, max_new_tokens=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.ask("What colour is box 3?", context=" ".join(f"Box {i} is blue." for i in range(40)))
+    drafts = [w for w in caught if "no smaller registered draft" in str(w.message)]
+    assert len(drafts) == 1 and "speckv" in str(drafts[0].message)
+
+
 def test_the_default_draft_is_the_pairing_the_stage_can_use(tiny_lm):
     qwen15, qwen05 = replace(tiny_lm, name="qwen2.5-coder-1.5b"), replace(tiny_lm, name="qwen2.5-coder-0.5b")
     assert default_draft(qwen15, "rapid") == "qwen2.5-coder-0.5b"

@@ -31,7 +31,8 @@ prompt a second time (the same greedy answer).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,8 @@ class SpecKV(CacheStage):
     kernel: int = 7
     lookahead: int | None = None
     cross_tokenizer: bool | None = None
+    _drafts_by_target: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False, metadata={"option": False})
 
     name = "speckv"
 
@@ -87,10 +90,19 @@ class SpecKV(CacheStage):
         if tokens_to_keep(self.name, self.budget, len(prompt), run, self.window, note=False) is None:
             return None
         if self._drafts(run):
-            draft = resolve_draft(self.draft, run.lm, self.name, cross_tokenizer=self.cross_tokenizer)
+            draft = self._draft_model(run)
             if draft.model is not run.lm.model:
                 self.draft_input(prompt, run, draft)
         return AttentionCapture(window=self.window, reducer=max_scores)
+
+    def _draft_model(self, run: Run) -> "LoadedModel":
+        """The draft for this run's target, resolved (checked, loaded, its default warned about) once per target."""
+        found = self._drafts_by_target.get(run.lm.model)
+        if found is None:
+            found = resolve_draft(self.draft, run.lm, self.name, cross_tokenizer=self.cross_tokenizer)
+            # The target itself is kept as "self": a value holding the key would keep the model alive.
+            self._drafts_by_target[run.lm.model] = "self" if found is run.lm else found
+        return run.lm if found == "self" else found
 
     def _drafts(self, run: Run) -> bool:
         """Whether this run's draft model will answer (no answer to reuse, a lookahead above 0)."""
@@ -114,7 +126,7 @@ class SpecKV(CacheStage):
         elif lookahead == 0:
             ids = torch.zeros(0, dtype=torch.long)
         else:
-            draft = resolve_draft(self.draft, run.lm, self.name, cross_tokenizer=self.cross_tokenizer)
+            draft = self._draft_model(run)
             itself = draft.model is run.lm.model
 
             def answer() -> torch.Tensor:

@@ -261,6 +261,25 @@ def test_concurrent_requests_all_answered_each_with_its_own_context(server, tiny
     assert replies == [expected(tiny_lm, message_passages(c)).text for c in contexts]
 
 
+def test_a_request_decodes_beside_a_long_running_one_not_after_it(tiny_lm):
+    """Without an engine, requests share the model's decode batch: a short request admitted while a long
+    answer streams is answered (exactly as alone) while that answer is still running, instead of queueing
+    behind its 3,000 tokens."""
+    other = " ".join(f"Crate {j} holds {3 * j} apples." for j in range(30))
+    alone = expected(tiny_lm, message_passages(other), max_new_tokens=16).text
+    with gateway(model=tiny_lm) as server:
+        with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", timeout=60,
+                          json=good(stream=True, max_tokens=LONG)) as running:
+            lines = running.iter_lines()
+            next(lines)  # the long answer is decoding now
+            short = post(server, good(messages=chat(other), max_tokens=16))
+            assert short.status_code == 200 and short.json()["choices"][0]["message"]["content"] == alone
+            assert health(server).json()["admitted"] == 1  # the long one is still running
+            running.close()
+        wait_idle(server)
+        assert samples(server)[("ctxopt_requests_total", (("method", "full"), ("status", "499")))] == 1
+
+
 # -- bad input ------------------------------------------------------------------------------------------------
 def good(**changes) -> dict:
     return {"model": "tiny-llama", "messages": chat(), **changes}
@@ -347,7 +366,7 @@ def test_unknown_route_is_an_openai_404(server):
 
 # -- admission, cancellation, time limits ---------------------------------------------------------------------
 def test_full_queue_answers_429_with_retry_after(tiny_lm):
-    with gateway(model=tiny_lm, max_queue=1) as server:  # one running + one waiting
+    with gateway(model=tiny_lm, concurrency=1, max_queue=1) as server:  # one running + one waiting
         with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", timeout=60,
                           json=good(stream=True, max_tokens=LONG)) as running:
             assert running.status_code == 200
@@ -459,7 +478,8 @@ def test_metrics_count_requests_tokens_and_latency(tiny_lm):
         assert value("ctxopt_request_seconds_count", method=method) == 1
         assert value("ctxopt_time_to_first_token_seconds_count", method=method) == 1
         assert value("ctxopt_prepare_seconds_count", method=method) == 1
-    assert value("ctxopt_requests_admitted") == 0 and value("ctxopt_requests_admitted_limit") == 17
+    assert value("ctxopt_requests_admitted") == 0
+    assert value("ctxopt_requests_admitted_limit") == 16 + 16  # concurrency + max_queue
 
 
 class BrokenEngine(BaseHTTPRequestHandler):

@@ -43,7 +43,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests that may wait for a worker; more get 429 (default 16)")
     parser.add_argument("--concurrency", type=int, default=16,
-                        help="with --engine: generations in flight at once (default 16)")
+                        help="generations in flight at once (default 16): with --engine, requests streaming from it; "
+                             "without, requests decoding together in one batch")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
     parser.add_argument("--drain-seconds", type=float, default=30.0,

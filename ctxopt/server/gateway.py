@@ -1,14 +1,18 @@
 """The gateway's core, apart from HTTP: the model and pipelines, admission, and the jobs that answer requests.
 
-Threads. Every pass of ctxopt's own models (retrieval, compression, the template, and without an engine the
-whole generation) runs on ONE model thread, in arrival order: the models and stages are not safe for concurrent
-use, and the event loop must never wait on a model. With an engine, generation is only an HTTP stream, so each
-request's generation runs on its own engine thread and requests reach the engine concurrently (it batches them);
-an input stage that computes embeddings for the engine (REFRAG) still runs on the model thread.
+Threads. ctxopt's own passes (retrieval, compression, the template) run on ONE model thread, in arrival order:
+the models and stages are not safe for concurrent use, and the event loop must never wait on a model. Each
+request's generation then runs on a generation thread of its own (``concurrency`` of them). With an engine it is
+only an HTTP stream, so requests reach the engine concurrently (it batches them); an input stage that computes
+embeddings for the engine (REFRAG) still runs on the model thread. Without one, ctxopt's local generator runs
+its prefill and cache stages under the gateway's ``model_lock`` (which the model thread's work holds too, so
+one pass of the model runs at a time) and decodes outside it, in the model's decode batch that concurrent
+requests share (``ctxopt.generators.local.shared_decoder``, continuous batching); a RAPID decoder, which runs
+forwards of its own, decodes under the lock.
 
-Admission. At most ``workers + max_queue`` requests are admitted at once (workers: 1 without an engine, else
-``concurrency``); the next one gets 429 with ``Retry-After``. A request stays admitted until the threads working
-for it have returned, so an abandoned request's model work still counts: the backlog is bounded by construction.
+Admission. At most ``concurrency + max_queue`` requests are admitted at once; the next one gets 429 with
+``Retry-After``. A request stays admitted until the threads working for it have returned, so an abandoned
+request's model work still counts: the backlog is bounded by construction.
 
 Cancellation. A job's ``closed`` event is set when its client goes away, when it times out, or when the server
 shuts down; the decode loop (local or engine) then stops at its next piece of text (``on_text`` raises), which
@@ -32,6 +36,7 @@ from typing import Any
 from ..chat import plain_prompt
 from ..checks import require_int
 from ..errors import ContextTooLongError, CtxoptError, EngineError, InputError
+from ..generators import LocalGenerator
 from ..methods import METHODS, build_stages
 from ..models import DEFAULT_GENERATOR, LoadedModel
 from ..pipeline import Pipeline, check_engine_stages, order_stages
@@ -223,7 +228,7 @@ class Gateway:
         self.config = config
         self.metrics = GatewayMetrics()
         self.engine = config.engine
-        self.workers = config.concurrency if self.engine else 1
+        self.workers = config.concurrency
         self.limit = self.workers + config.max_queue
         self.metrics.admit_limit.set(self.limit)
         stages = build_stages(config.method, config.budget, **config.options)  # a bad method or option fails now
@@ -236,8 +241,8 @@ class Gateway:
             raise InputError(error.message) from None
         self.default = Settings(config.method, config.budget, dict(config.options), config.k)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="ctxopt-model")
-        self.engine_threads = ThreadPoolExecutor(self.workers, thread_name_prefix="ctxopt-engine") \
-            if self.engine else None
+        self.generate_threads = ThreadPoolExecutor(self.workers, thread_name_prefix="ctxopt-generate")
+        self.model_lock = threading.RLock()  # one pass of the model at a time (decode steps aside)
         self.retriever = config.retriever
         self.state = "loading"
         self.error: str | None = None
@@ -303,8 +308,7 @@ class Gateway:
         for job in list(self._jobs):
             job.cancel()
         self.model_thread.shutdown(wait=False, cancel_futures=True)
-        if self.engine_threads is not None:
-            self.engine_threads.shutdown(wait=False, cancel_futures=True)
+        self.generate_threads.shutdown(wait=False, cancel_futures=True)
         if self._probe is not None:
             await self._probe.aclose()
 
@@ -426,7 +430,7 @@ class Gateway:
         try:
             prepared = await job.in_thread(self.model_thread, self._prepare, job)
             if prepared.answer is None:
-                prepared.answer = await job.in_thread(self.engine_threads, self._generate, job, prepared)
+                prepared.answer = await job.in_thread(self.generate_threads, self._generate, job, prepared)
         except asyncio.CancelledError:
             job.events.put_nowait(("error", Cancelled()))
         except Exception as error:
@@ -452,6 +456,7 @@ class Gateway:
             engine_model=self.config.engine_model,
             engine_api_key=self.config.engine_api_key,
         )
+        self._share_decoding(pipe)
         self._pipelines[settings.key] = pipe
         while len(self._pipelines) > self.config.pipeline_cache:
             self._pipelines.popitem(last=False)
@@ -476,11 +481,23 @@ class Gateway:
             self._plain = Pipeline(self.lm, instruction="", max_new_tokens=self.config.max_new_tokens,
                                    engine=self.engine, engine_model=self.config.engine_model,
                                    engine_api_key=self.config.engine_api_key)
+            self._share_decoding(self._plain)
         return self._plain
 
+    def _share_decoding(self, pipe: Pipeline) -> None:
+        """A local generator runs its prefill and cache stages under ``model_lock`` and decodes in the model's
+        shared batch (an engine generator has nothing to share)."""
+        if isinstance(pipe.generator, LocalGenerator):
+            pipe.generator.prepare_lock = self.model_lock
+
     def _prepare(self, job: Job) -> Prepared:
-        """Model thread: context, compression, the uncompressed count; and the answer when ctxopt generates.
-        With no context the question is answered as a plain chat, as CtxoptChatModel does."""
+        """Model thread: context, compression, the uncompressed count (under ``model_lock``); and the answer when an
+        input stage feeds an engine (REFRAG). With no context the question is answered as a plain chat, as
+        CtxoptChatModel does."""
+        with self.model_lock:
+            return self._prepare_locked(job)
+
+    def _prepare_locked(self, job: Job) -> Prepared:
         started = time.perf_counter()
         if job.closed.is_set():
             raise Cancelled
@@ -500,7 +517,7 @@ class Gateway:
             pipe.system = None
         prepared = Prepared(pipe, prompt, original, generation, context_from, queued_seconds=started - job.began,
                             prepare_seconds=time.perf_counter() - started, retrieve_seconds=retrieve_seconds)
-        if pipe.engine is None or pipe.generator.input_stage is not None:
+        if pipe.engine is not None and pipe.generator.input_stage is not None:
             prepared.answer = self._generate(job, prepared)
         return prepared
 

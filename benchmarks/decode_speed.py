@@ -3,7 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/decode_speed.py                       # SmolLM2-135M, ~2K-token context
     OMP_NUM_THREADS=1 python benchmarks/decode_speed.py --smoke               # tiny random model: checks it runs
     OMP_NUM_THREADS=1 python benchmarks/decode_speed.py --only concurrent --context-tokens 8192   # SnapKV, 1/4/16
-    python benchmarks/decode_speed.py --device cuda --dtype bfloat16 --context-tokens 8192   # a GPU machine
+    # a GPU machine (no model weights travel there): Llama-3.1-8B's shapes with random weights
+    python benchmarks/decode_speed.py --model random-llama-3.1-8b --device cuda --dtype bfloat16 \
+        --context-tokens 1024 --only sweep --sweep 1,16
+    python benchmarks/decode_speed.py --model random-llama-3.1-8b --device cuda --dtype bfloat16 \
+        --context-tokens 131072 --prefill-chunk 8192 --only sweep --sweep 1,16
 
 Measurements (the first two are each the median of its runs):
 
@@ -21,8 +25,12 @@ Measurements (the first two are each the median of its runs):
   calls shared every step). Prefill dominates at 8K: the decode seconds are given apart.
 - ``sweep`` (needs the batched decoder): decode steps of B questions over the context for B in ``--sweep``,
   with the context's KV held once (shared-prefix attention, on a GROUPED_SDPA model) and copied into every row:
-  milliseconds per step and tokens per second, after the questions' prefill and one warm-up step. On a GPU this
-  is the row set to run: ``--device cuda --dtype bfloat16 --context-tokens 8192 --sweep 1,8,32,128``.
+  milliseconds per step and tokens per second, after the questions' prefill and one warm-up step. A mode that
+  runs out of memory (16 copies of a 128K context's KV) records the error and the sweep goes on.
+
+``--model random-llama-3.1-8b`` is Llama-3.1-8B's shapes with random weights and a word-level tokenizer
+(``benchmarks/gpu_speed.py``'s), for a GPU machine that cannot fetch weights: the timings are real, the answers
+meaningless. With ``--smoke`` it has tiny shapes (a CPU check that the path runs).
 
 The context is synthetic (numbered facts "The vault code of building N is ..."); the questions ask about 16 of
 them. By default no token ends an answer, so every answer runs to ``--new-tokens`` and both sides decode the
@@ -75,15 +83,27 @@ def synthetic_context(tokenizer, tokens: int, seed: int = 0) -> tuple[str, list[
     return " ".join(facts), [f"What is the vault code of building {i}, and what colour is its roof?" for i in picks]
 
 
+def random_word_context(vocab_size: int, tokens: int, seed: int = 0) -> tuple[str, list[str]]:
+    """For the word-level tokenizer of a random-weight model: ``tokens`` random words "w<i>" (one token each) and
+    16 questions of 24 random words (their answers mean nothing; only the timings count)."""
+    rng = random.Random(seed)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(1, vocab_size)}" for _ in range(n))
+
+    return words(tokens), [words(24) for _ in range(16)]
+
+
 def median_of(repeats: int, run, warm_up=None) -> tuple[float, list]:
     (warm_up or run)()
     values = [run() for _ in range(repeats)]
     return statistics.median(v[0] for v in values), values
 
 
-def bench_batch1(lm: LoadedModel, context: str, question: str, new_tokens: int, repeats: int) -> dict:
+def bench_batch1(lm: LoadedModel, context: str, question: str, new_tokens: int, repeats: int,
+                 chunk: int | None = None) -> dict:
     prompt = Pipeline(lm).compress(question, context)
-    state = prefill(lm.model, prompt.input_ids)
+    state = prefill(lm.model, prompt.input_ids, chunk_size=chunk)
     config = GenerationConfig(max_new_tokens=new_tokens)
 
     def once():
@@ -146,12 +166,11 @@ def bench_ask_many(pipe: Pipeline, context: str, questions: list[str], repeats: 
     }
 
 
-def bench_sweep(lm: LoadedModel, context: str, questions: list[str], sizes: list[int], new_tokens: int) -> list[dict]:
+def bench_sweep(lm: LoadedModel, context: str, questions: list[str], sizes: list[int], new_tokens: int,
+                chunk: int | None = None) -> list[dict]:
     """Decode steps of B questions over one context, B in ``sizes``: the batch with the context's KV held once
     (shared-prefix attention) and with a copy of it per row. Milliseconds per step, tokens per second."""
     from ctxopt.attention.kernels import runs_grouped_sdpa
-    from ctxopt.attention.shared_prefix import SharedPrefix
-    from ctxopt.decoding import BatchDecoder, Prefill
     from ctxopt.generators.local import common_prefix_length
 
     pipe = Pipeline(lm)
@@ -159,45 +178,62 @@ def bench_sweep(lm: LoadedModel, context: str, questions: list[str], sizes: list
     for size in sizes:
         prompts = [pipe.compress(questions[i % len(questions)], context).input_ids for i in range(size)]
         shared = common_prefix_length(prompts) - 1 if size > 1 else len(prompts[0]) - 8
-        base = prefill(lm.model, prompts[0][:shared])
+        base = prefill(lm.model, prompts[0][:shared], chunk_size=chunk)
         for mode in ("shared_prefix", "copied_prefix"):
             if mode == "shared_prefix" and not runs_grouped_sdpa(lm.model):
                 continue
-            prefix = SharedPrefix.from_cache(base.cache) if mode == "shared_prefix" else None
-            decoder = BatchDecoder(lm.model, lm.tokenizer, prefix=prefix)
-            config = GenerationConfig(max_new_tokens=new_tokens)
-            for p in prompts:
-                decoder.submit(Prefill(cache=None if prefix else base.cache, next_position=shared,
-                                       pending_ids=p[shared:]), config)
-            decoder.admit()
-            decoder.step()  # the first step (warm-up)
-            if lm.device.type == "cuda":
-                torch.cuda.synchronize()
-            began, cpu, steps = time.perf_counter(), time.process_time(), 0
-            while decoder.busy:
-                decoder.step()
-                steps += 1
-            if lm.device.type == "cuda":
-                torch.cuda.synchronize()
-            wall, cpu = time.perf_counter() - began, time.process_time() - cpu
-            rows.append({"what": "sweep", "mode": mode, "batch": size, "prompt_tokens": len(prompts[0]),
-                         "shared_tokens": shared, "steps": steps, "ms_per_step": wall / steps * 1000,
-                         "cpu_ms_per_step": cpu / steps * 1000, "tokens_per_s": size * steps / wall})
+            try:
+                rows.append(sweep_step_times(lm, base, prompts, shared, mode, new_tokens))
+            except torch.OutOfMemoryError as error:  # e.g. 16 copies of a 128K context's KV
+                rows.append({"what": "sweep", "mode": mode, "batch": size, "prompt_tokens": len(prompts[0]),
+                             "error": f"out of memory: {str(error).splitlines()[0]}"})
+                print(f"sweep batch {size:3d} {mode:13s}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
             r = rows[-1]
             print(f"sweep batch {size:3d} {mode:13s}: {r['ms_per_step']:.2f} ms/step ({r['cpu_ms_per_step']:.2f} "
                   f"CPU), {r['tokens_per_s']:.1f} tok/s", flush=True)
     return rows
 
 
+def sweep_step_times(lm: LoadedModel, base, prompts: list[torch.Tensor], shared: int, mode: str,
+                     new_tokens: int) -> dict:
+    """One sweep row: the prompts' rests prefilled after ``base`` (the shared start), one warm-up step, then the
+    timed decode steps."""
+    from ctxopt.attention.shared_prefix import SharedPrefix
+    from ctxopt.decoding import BatchDecoder, Prefill
+
+    prefix = SharedPrefix.from_cache(base.cache) if mode == "shared_prefix" else None
+    decoder = BatchDecoder(lm.model, lm.tokenizer, prefix=prefix)
+    config = GenerationConfig(max_new_tokens=new_tokens)
+    for p in prompts:
+        decoder.submit(Prefill(cache=None if prefix else base.cache, next_position=shared,
+                               pending_ids=p[shared:]), config)
+    decoder.admit()
+    decoder.step()  # the first step (warm-up)
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+    began, cpu, steps = time.perf_counter(), time.process_time(), 0
+    while decoder.busy:
+        decoder.step()
+        steps += 1
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+    return {"what": "sweep", "mode": mode, "batch": len(prompts), "prompt_tokens": len(prompts[0]),
+            "shared_tokens": shared, "steps": steps, "ms_per_step": wall / steps * 1000,
+            "cpu_ms_per_step": cpu / steps * 1000, "tokens_per_s": len(prompts) * steps / wall}
+
+
 def bench_concurrent(lm: LoadedModel, context: str, questions: list[str], levels: list[int], new_tokens: int,
-                     method: str, budget: float) -> list[dict]:
+                     method: str, budget: float, chunk: int | None = None) -> list[dict]:
     """C concurrent ``Pipeline.ask`` calls (threads), C in ``levels``, C requests per level: requests per second,
     CPU seconds, and how far their decode steps were shared (the largest batch, the decode records' seconds)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ctxopt.methods import build_stages
 
-    pipe = Pipeline(lm, stages=build_stages(method, budget), max_new_tokens=new_tokens)
+    pipe = Pipeline(lm, stages=build_stages(method, budget), max_new_tokens=new_tokens, prefill_chunk=chunk)
     pipe.ask(questions[0], context=context[:2000])  # warm-up on a short context
     rows = []
     for level in levels:
@@ -239,9 +275,24 @@ def tiny_model() -> LoadedModel:
     return LoadedModel(model, tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
 
 
+RANDOM_8B = "random-llama-3.1-8b"
+
+
+def random_8b_model(device: str | None, dtype: str | None, smoke: bool) -> LoadedModel:
+    """Llama-3.1-8B's shapes (tiny ones with ``smoke``), random weights, gpu_speed.py's word-level tokenizer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_speed import SMOKE_TARGET, TARGET, random_model, word_tokenizer
+
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_ = getattr(torch, dtype) if dtype else (torch.bfloat16 if device_.type == "cuda" else torch.float32)
+    shape = SMOKE_TARGET if smoke else TARGET
+    return random_model(shape, word_tokenizer(shape["vocab_size"]), f"{RANDOM_8B}{' (smoke)' if smoke else ''}",
+                        device_, dtype_, seed=0)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help=f"a registry name or folder, or {RANDOM_8B}")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--context-tokens", type=int, default=2048)
@@ -257,18 +308,25 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", default="1,4,16", help="batch sizes of the sweep (comma-separated)")
     parser.add_argument("--label", default="", help="a name for this run in the output (e.g. before/after)")
     parser.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, short context: checks it runs")
     args = parser.parse_args(argv)
     if args.smoke:
-        lm = tiny_model()
         args.context_tokens, args.new_tokens, args.repeats, args.many_repeats = min(args.context_tokens, 256), 8, 1, 1
+    if args.model == RANDOM_8B:
+        lm = random_8b_model(args.device, args.dtype, args.smoke)
+    elif args.smoke:
+        lm = tiny_model()
     else:
         from ctxopt.models import load_model
 
         lm = load_model(args.model, args.device, args.dtype, progress=False)
     if not args.stop_at_eos:
         lm = NoEosModel(lm.model, lm.tokenizer, lm.name, lm.device, lm.dtype)
-    context, questions = synthetic_context(lm.tokenizer, args.context_tokens)
+    if args.model == RANDOM_8B:
+        context, questions = random_word_context(lm.model.config.vocab_size, args.context_tokens)
+    else:
+        context, questions = synthetic_context(lm.tokenizer, args.context_tokens)
     questions = (questions * (args.questions // len(questions) + 1))[:args.questions]
     header = {"label": args.label, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype), "threads": torch.get_num_threads(),
@@ -276,13 +334,13 @@ def main(argv=None) -> None:
               "commit": os.popen("git rev-parse --short HEAD").read().strip()}
     rows = []
     if args.only in (None, "batch1"):
-        rows.append(bench_batch1(lm, context, questions[0], args.new_tokens, args.repeats))
+        rows.append(bench_batch1(lm, context, questions[0], args.new_tokens, args.repeats, args.prefill_chunk))
         r = rows[-1]
         print(f"batch1: {r['ms_per_token']:.2f} ms/token wall, {r['cpu_ms_per_token']:.2f} CPU, over a "
               f"{r['prompt_tokens']}-token prompt ({args.new_tokens} tokens; runs "
               f"{', '.join(f'{v:.2f}/{c:.2f}' for v, c in zip(r['runs_ms'], r['runs_cpu_ms']))})", flush=True)
     if args.only in (None, "ask_many"):
-        pipe = Pipeline(lm, max_new_tokens=args.new_tokens)
+        pipe = Pipeline(lm, max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk)
         rows.append(bench_ask_many(pipe, context, questions, args.many_repeats))
         r = rows[-1]
         print(f"ask_many x{r['questions']} ({r['prompt_tokens']}-token prompts, {r['generated_tokens']} tokens, "
@@ -294,10 +352,11 @@ def main(argv=None) -> None:
     if args.only == "concurrent":
         levels = [int(c) for c in args.concurrency.split(",")]
         budget = int(args.budget) if args.budget >= 1 else args.budget
-        rows += bench_concurrent(lm, context, questions, levels, args.new_tokens, args.method, budget)
+        rows += bench_concurrent(lm, context, questions, levels, args.new_tokens, args.method, budget,
+                                 args.prefill_chunk)
     if args.only == "sweep" or (args.only is None and args.sweep):
         sizes = [int(b) for b in args.sweep.split(",")]
-        rows += bench_sweep(lm, context, questions, sizes, args.new_tokens)
+        rows += bench_sweep(lm, context, questions, sizes, args.new_tokens, args.prefill_chunk)
     if args.out:
         with open(args.out, "a") as f:
             for row in rows:

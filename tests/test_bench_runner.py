@@ -348,6 +348,29 @@ def test_dump_samples_matches_the_runner_inputs(tiny_tokenizer, tmp_path):
     assert len(records[2]["passages"]) == 10 and records[2]["passages"][0]["title"]
 
 
+def test_the_gpu_decode_script_runs_every_step_at_smoke_shapes(tmp_path):
+    """benchmarks/gpu_decode.sh, the one call a lent GPU gets for the decode loop (random Llama-3.1-8B shapes: no
+    weights travel there), runs end to end at tiny shapes on the CPU: batch-1 decode and the batch sweep (context
+    KV held once and copied) at both context sizes, then RAPID against target-only."""
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_decode.sh"), "--smoke"], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
+                                                           OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"random-llama-3.1-8b (smoke)"}
+    lengths = sorted({r["prompt_tokens"] for r in rows})
+    assert len(lengths) == 2
+    for length in lengths:
+        here = [r for r in rows if r["prompt_tokens"] == length]
+        (batch1,) = [r for r in here if r["what"] == "batch1"]
+        assert batch1["ms_per_token"] > 0 and batch1["new_tokens"] == 8
+        sweep = {(r["mode"], r["batch"]): r for r in here if r["what"] == "sweep"}
+        assert set(sweep) == {(m, b) for m in ("shared_prefix", "copied_prefix") for b in (1, 16)}
+        assert all(r["steps"] >= 6 and r["ms_per_step"] > 0 for r in sweep.values())  # 8 tokens, one warm-up
+    speed = json.loads((tmp_path / "gpu_speed.json").read_text())["results"]
+    assert {r["method"] for r in speed} >= {"full", "rapid", "rapid-self"} and not [r for r in speed if r.get("error")]
+
+
 def test_gpu_speed_smoke(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path))
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_speed.py"), "--smoke"], env=env,

@@ -66,7 +66,7 @@ def sample_rows(lm, drafters, embedder, sample, etas, gammas, rag_tokens, max_ne
     prompt = pipe.build_prompt(question, passages, answer_prefix)
     config = GenerationConfig(max_new_tokens=sample_max_new_tokens(sample, max_new_tokens))
     tick = time.perf_counter()
-    state = prefill(lm.model, prompt.input_ids, chunk_size=pipe.prefill_chunk)
+    state = prefill(lm.model, prompt.input_ids, chunk_size=pipe.prefill_chunk, room=config.max_new_tokens)
     prefill_s = time.perf_counter() - tick
     base = dict(task=sample.task, sample_id=sample.id, prefill_s=prefill_s, prompt_tokens=len(prompt))
     if costs_to is not None:

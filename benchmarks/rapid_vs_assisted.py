@@ -68,7 +68,7 @@ def main() -> None:
     prompt = build_prompt(lm.tokenizer, QUESTION, [Passage(context, source="essays")])
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
     tick = time.perf_counter()
-    state = prefill(lm.model, prompt.input_ids)
+    state = prefill(lm.model, prompt.input_ids, room=config.max_new_tokens)
     prefill_seconds = time.perf_counter() - tick
     print(f"{lm.name}: prompt {len(prompt)} tokens, target prefill {prefill_seconds:.1f}s, "
           f"torch threads {torch.get_num_threads()}")

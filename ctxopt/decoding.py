@@ -372,6 +372,7 @@ class DecodeRequest:
         self.forward_passes = 0
         self.batch_size = 0  # the most requests that decoded together with it, itself included
         self.hand_over = False  # BatchDecoder.hand_over
+        self.release = False  # drop the state's cache once copied into the batch (SharedDecoder.decode's release)
         self.result: DecodeResult | None = None
         self.error: BaseException | None = None  # a failed step's error (SharedDecoder)
 
@@ -506,6 +507,8 @@ class BatchDecoder:
                 self.active.append(request)
                 if request.hand_over:
                     self._point(request.state.cache, self.cache.row_layers(row))
+                elif request.release:  # the caller handed its cache over: free the prefill's buffer now
+                    request.state.cache = None
                 else:  # the row holds a copy: the request keeps no reference to the state's cache
                     request.state = dataclasses.replace(request.state, cache=None)
             del own
@@ -629,11 +632,15 @@ class SharedDecoder:
         config: GenerationConfig,
         on_text: Callable[[str], None] | None = None,
         eos_ids: Sequence[int] | None = None,
+        release: bool = False,
     ) -> DecodeResult:
-        """Decode ``state`` in the shared batch (joining at its next step); the state's cache is left as it is."""
+        """Decode ``state`` in the shared batch (joining at its next step). The state's cache is left as it is, or,
+        with ``release``, dropped from the state (``state.cache = None``) once copied into the batch, so that the
+        prefill's buffer is freed while the answer decodes instead of when the caller returns."""
         texts: queue.SimpleQueue | None = queue.SimpleQueue() if on_text is not None else None
         request = DecodeRequest(state, config, self.tokenizer, self.eos_ids if eos_ids is None else eos_ids,
                                 None if texts is None else texts.put)
+        request.release = release
         with self._queue_lock:
             self._queued.append(request)
         try:

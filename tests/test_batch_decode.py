@@ -476,6 +476,32 @@ def test_a_caller_that_gives_up_leaves_the_batch(tiny_lm):
     assert shared._decoder is None  # an empty batch is dropped, its slots with it
 
 
+def test_a_released_cache_is_freed_once_copied_into_the_batch(tiny_lm):
+    """With release=True (how the local generator decodes) the prefill's buffer is dropped from the state when
+    the request joins the batch, so it is freed while the answer decodes, not when the caller returns; the answer
+    is unchanged. Without it the state keeps its cache."""
+    import gc
+    import weakref
+
+    from ctxopt.decoding import SharedDecoder
+
+    config = GenerationConfig(max_new_tokens=12)
+    expected = decode(tiny_lm.model, tiny_lm.tokenizer, prefill(tiny_lm.model, _ids(30, 3)), config).token_ids
+    shared = SharedDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    for release in (True, False):
+        state = prefill(tiny_lm.model, _ids(30, 3))
+        buffer = weakref.ref(state.cache)
+        alive_while_decoding = []
+
+        def on_text(text, buffer=buffer, seen=alive_while_decoding):
+            gc.collect()
+            seen.append(buffer() is not None)
+
+        result = shared.decode(state, config, on_text, release=release)
+        assert result.token_ids == expected and alive_while_decoding
+        assert (state.cache is None, any(alive_while_decoding)) == (release, not release)
+
+
 def test_pipeline_calls_from_threads_share_the_generators_decode_batch(tiny_lm):
     from concurrent.futures import ThreadPoolExecutor
 

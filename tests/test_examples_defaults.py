@@ -9,6 +9,7 @@ import pytest
 from ctxopt.bench.compare import MethodRow, method_notes, method_table
 from ctxopt.compressors.gemfilter import GemFilter, registry_layer
 from ctxopt.drafts import default_draft, resolve_draft
+from ctxopt.errors import ModelLoadError
 from ctxopt.models.registry import EXAMPLE_MODEL, REGISTRY, paired_draft
 
 
@@ -39,6 +40,9 @@ def test_self_drafting_speckv_warns_once_per_ask(tiny_lm):
         pipe.ask("What colour is box 3?", context=" ".join(f"Box {i} is blue." for i in range(40)))
     drafts = [w for w in caught if "no smaller registered draft" in str(w.message)]
     assert len(drafts) == 1 and "speckv" in str(drafts[0].message)
+    pipe.generator.cache_stages[0].draft = "/no/such/draft"  # a changed draft is resolved again, not remembered
+    with pytest.raises(ModelLoadError, match="/no/such/draft"):
+        pipe.ask("What colour is box 4?", context=" ".join(f"Box {i} is blue." for i in range(40)))
 
 
 def test_the_default_draft_is_the_pairing_the_stage_can_use(tiny_lm):

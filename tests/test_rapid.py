@@ -74,7 +74,7 @@ def test_decodes_in_the_prefills_own_slots(tiny_lm, near_drafter):
     reference = decode(tiny_lm.model, tiny_lm.tokenizer, prefill(tiny_lm.model, ids), config)
     gamma = 4
     target_state = prefill(tiny_lm.model, ids, room=config.max_new_tokens)
-    draft_state = prefill(near_drafter.model, ids, room=config.max_new_tokens + gamma)
+    draft_state = prefill(near_drafter.model, ids, room=config.max_new_tokens)
     caches = [target_state.cache, draft_state.cache]
     buffers = [[t.data_ptr() for t in c.keys + c.values] for c in caches]
     result = RAPID(gamma=gamma, eta=0).speculate(tiny_lm, target_state, near_drafter, draft_state, config)
@@ -165,7 +165,7 @@ def test_rollback_is_a_length_change_equal_to_a_fresh_prefill(tiny_lm):
     ids = _ids(30, seed=6)
     state = prefill(tiny_lm.model, ids, room=8)
     buffer = state.cache.keys[0].data_ptr()
-    cursor = _Cursor(tiny_lm.model, state)
+    cursor = _Cursor(tiny_lm.model, state, room=8)
     assert cursor.cache is state.cache
     first = cursor.logits_after([], [101, 102, 103, 104])  # four drafts verified in one forward
     assert first.shape[0] == 5 and cursor.fed == 4
@@ -178,6 +178,23 @@ def test_rollback_is_a_length_change_equal_to_a_fresh_prefill(tiny_lm):
     assert torch.allclose(again[-1], fresh.logits, atol=1e-4)
     assert torch.allclose(first[2], prefill(tiny_lm.model, torch.cat([ids, torch.tensor([101, 102])])).logits,
                           atol=1e-4)
+
+
+def test_a_row_compacted_far_below_its_buffer_moves_to_a_right_sized_one(tiny_lm):
+    """After a cache stage keeps 40 of a 200-token prompt's entries in place, the cursor copies those 40 into a
+    row sized for them and the answer (the state's cache then), instead of decoding in the prompt's buffer."""
+    from ctxopt.speculative.rapid import _Cursor
+
+    ids = _ids(200, seed=8)
+    state = prefill(tiny_lm.model, ids, room=8)
+    state.cache.set_length(0, 40)  # as a cache stage leaves it: the kept entries at the front
+    state.logits, state.pending_ids, state.next_position = None, ids[40:41], 40
+    kept = [(k.clone(), v.clone()) for k, v in state.cache.row_layers(0)]
+    cursor = _Cursor(tiny_lm.model, state, room=8)
+    assert cursor.cache is state.cache and state.cache.capacity == 64 and state.cache.lengths == [40]
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(state.cache.row_layers(0), kept))
+    logits = cursor.logits_after([int(ids[40])], [])
+    assert torch.allclose(logits[-1], prefill(tiny_lm.model, ids[:41]).logits, atol=1e-4)
 
 
 # -- sampling: the verification rule on fixed vectors --------------------------------------------------

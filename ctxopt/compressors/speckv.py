@@ -96,13 +96,18 @@ class SpecKV(CacheStage):
         return AttentionCapture(window=self.window, reducer=max_scores)
 
     def _draft_model(self, run: Run) -> "LoadedModel":
-        """The draft for this run's target, resolved (checked, loaded, its default warned about) once per target."""
-        found = self._drafts_by_target.get(run.lm.model)
-        if found is None:
+        """The draft for this run's target, resolved (checked, loaded, its default warned about) once per target
+        and setting of ``draft`` and ``cross_tokenizer``."""
+        # A draft given as a model is remembered by identity (holding it could hold the target's model: the key).
+        draft = self.draft if self.draft is None or isinstance(self.draft, str) else id(self.draft)
+        asked = (draft, self.cross_tokenizer)
+        memo = self._drafts_by_target.get(run.lm.model)
+        if memo is None or memo[0] != asked:
             found = resolve_draft(self.draft, run.lm, self.name, cross_tokenizer=self.cross_tokenizer)
             # The target itself is kept as "self": a value holding the key would keep the model alive.
-            self._drafts_by_target[run.lm.model] = "self" if found is run.lm else found
-        return run.lm if found == "self" else found
+            memo = (asked, "self" if found.model is run.lm.model else found)
+            self._drafts_by_target[run.lm.model] = memo
+        return run.lm if memo[1] == "self" else memo[1]
 
     def _drafts(self, run: Run) -> bool:
         """Whether this run's draft model will answer (no answer to reuse, a lookahead above 0)."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import weakref
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -92,8 +93,8 @@ class LocalGenerator:
         """The decoder's answer. The default decoder decodes in this generator's shared batch for the model, so
         calls from several threads share their decode steps (``SharedDecoder``); alone, a call is a batch of one."""
         with measure(self.decoder.record_name, run.lm.device) as record:
-            if self.decodes_shared:
-                result = shared_decoder(run.lm).decode(state, run.config, on_text, run.lm.eos_token_ids)
+            if self.decodes_shared:  # the cache is handed over: freed once copied into the batch
+                result = shared_decoder(run.lm).decode(state, run.config, on_text, run.lm.eos_token_ids, release=True)
             else:
                 result = self.decoder.decode(state, prompt, run, on_text)
         run.add_record(decode_record(record, result, state))
@@ -106,13 +107,25 @@ class LocalGenerator:
 
     # -- the Generator protocol ---------------------------------------------------------------------------
     def generate(self, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None = None) -> DecodeResult:
-        with self.prepare_lock or nullcontext():
+        with self._prepare_locked(run):
             asker, request = self.attention_request(prompt, run)
             state = self.prefill(prompt, run, request)
             state = self.compress_cache(state, prompt, run, asker, request)
             if not self.decodes_shared:
                 return self.decode(state, prompt, run, on_text)
         return self.decode(state, prompt, run, on_text)
+
+    @contextmanager
+    def _prepare_locked(self, run: Run) -> Iterator[None]:
+        """Hold ``prepare_lock`` (when set) for the block; the time spent waiting for it goes into the run as a
+        ``wait`` record, so TTFT counts it."""
+        if self.prepare_lock is None:
+            yield
+            return
+        began = time.perf_counter()
+        with self.prepare_lock:
+            run.add_record(StageStats("wait", seconds=time.perf_counter() - began))
+            yield
 
     @property
     def shares_prefixes(self) -> bool:

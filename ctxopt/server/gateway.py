@@ -137,6 +137,8 @@ class Prepared:
     prepare_seconds: float
     retrieve_seconds: float | None = None
     answer: Answer | None = None
+    ready_at: float = field(default_factory=time.perf_counter)  # when the model thread was done with it
+    generate_queued_seconds: float | None = None  # waiting for a generation thread (None: generated in place)
 
 
 class Job:
@@ -430,7 +432,7 @@ class Gateway:
         try:
             prepared = await job.in_thread(self.model_thread, self._prepare, job)
             if prepared.answer is None:
-                prepared.answer = await job.in_thread(self.generate_threads, self._generate, job, prepared)
+                prepared.answer = await job.in_thread(self.generate_threads, self._generate_queued, job, prepared)
         except asyncio.CancelledError:
             job.events.put_nowait(("error", Cancelled()))
         except Exception as error:
@@ -505,7 +507,9 @@ class Gateway:
         pipe = self._pipeline(job.settings) if passages else self._plain_pipeline()
         generation = {"max_new_tokens": self.config.max_new_tokens, **job.request.generation}
         question = job.request.question
-        pipe.system = job.request.system  # this request's system prompt: pipelines are used on this thread only
+        # This request's system prompt, read only while the prompt is built: pipelines build prompts on this thread
+        # only (generation threads read the prompt's own copy).
+        pipe.system = job.request.system
         try:
             if not passages:
                 prompt = plain_prompt(pipe, question)
@@ -520,6 +524,11 @@ class Gateway:
         if pipe.engine is not None and pipe.generator.input_stage is not None:
             prepared.answer = self._generate(job, prepared)
         return prepared
+
+    def _generate_queued(self, job: Job, prepared: Prepared) -> Answer:
+        """A generation thread: the answer, after noting how long the request waited for this thread."""
+        prepared.generate_queued_seconds = time.perf_counter() - prepared.ready_at
+        return self._generate(job, prepared)
 
     def _generate(self, job: Job, prepared: Prepared) -> Answer:
         if job.closed.is_set():
@@ -544,6 +553,8 @@ class Gateway:
         stages = [{"stage": "queue", "seconds": prepared.queued_seconds}]
         if prepared.retrieve_seconds is not None:
             stages.append({"stage": "retrieve", "seconds": prepared.retrieve_seconds})
+        if prepared.generate_queued_seconds is not None:
+            stages.append({"stage": "queue_generate", "seconds": prepared.generate_queued_seconds})
         stages += [{"stage": r.stage, "seconds": r.seconds, "tokens_in": r.tokens_in, "tokens_out": r.tokens_out}
                    for r in stats.stages]
         ttft = job.first_text_at - job.began if job.first_text_at is not None else None

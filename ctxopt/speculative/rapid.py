@@ -147,22 +147,25 @@ class _Cursor:
     ``fed`` of them are in the cache, including draft tokens not yet verified; ``rollback`` drops those by
     shortening the row. The cache is the state's own one-row ``SlotCache``, extended in place in the slots the
     prefill left for the answer (grown only when those run out): nothing is copied, and rollback reallocates
-    nothing. A state that holds another cache (a transformers cache given by the caller) has its entries copied
-    into a new one-row SlotCache once, which then becomes the state's cache. At the end the state holds what a
-    fresh prefill of the prompt and the kept tokens would.
+    nothing. Two cases copy the entries in use once into a new one-row SlotCache of the size the answer needs
+    (``room`` more slots), which then becomes the state's cache: a state holding another kind of cache, and a row
+    more than twice that size (a cache stage compacted a long prompt's row in place; decoding in it would keep
+    the whole prompt's buffer for the answer). At the end the state holds what a fresh prefill of the prompt and
+    the kept tokens would.
     """
 
-    def __init__(self, model: torch.nn.Module, state: Prefill):
+    def __init__(self, model: torch.nn.Module, state: Prefill, room: int):
         self.model, self.state = model, state
         self.prefix = [] if state.pending_ids is None else state.pending_ids.tolist()
         if not self.prefix and state.logits is None:
             raise InputError("The prefill carries neither logits nor pending ids to start decoding from.")
-        if not (isinstance(state.cache, SlotCache) and state.cache.rows == 1):
-            length = cache_length(state.cache)
-            layers = [layer_kv(state.cache, layer) for layer in range(num_layers(state.cache))]
+        cache = state.cache
+        needed = round_up(cache_length(cache) + len(self.prefix) + room)
+        if not (isinstance(cache, SlotCache) and cache.rows == 1 and cache.capacity <= 2 * needed):
+            layers = [layer_kv(cache, layer) for layer in range(num_layers(cache))]
             state.cache = SlotCache.like(layers, 1, 0)
-            state.cache.add_row(layers, round_up(length + len(self.prefix) + 64))
-            del layers
+            state.cache.add_row(layers, needed)
+            del layers, cache
         self.cache = state.cache
         self.start_length = self.cache.lengths[0]
         self.start_position = state.next_position
@@ -245,7 +248,7 @@ class RAPID(Decoder):
         passages = self.draft_passages(prompt.question, prompt.passages, run)
         retrieved = time.perf_counter()
         draft_prompt = reframe_prompt(drafter.tokenizer, prompt, passages)
-        draft_state = prefill(drafter.model, draft_prompt.input_ids, room=run.config.max_new_tokens + self.gamma)
+        draft_state = prefill(drafter.model, draft_prompt.input_ids, room=run.config.max_new_tokens)
         return draft_prompt, draft_state, retrieved - began, time.perf_counter() - retrieved
 
     def decode(
@@ -280,7 +283,8 @@ class RAPID(Decoder):
         began = time.perf_counter()
         generator = make_generator(config)
         eos = set(target.eos_token_ids)
-        checker, draft = _Cursor(target.model, state), _Cursor(drafter.model, draft_state)
+        checker = _Cursor(target.model, state, room=config.max_new_tokens)
+        draft = _Cursor(drafter.model, draft_state, room=config.max_new_tokens)
         stopper = StopChecker(target.tokenizer, target.eos_token_ids, config.stop_strings, on_text)
         answer: list[int] = []
         proposed = accepted = 0

@@ -146,6 +146,6 @@ class REFRAG(InputStage):
         return inputs
 
     def prefill(self, prompt: Prompt, run: Run) -> Prefill:
-        state = prefill(run.lm.model, inputs_embeds=self.inputs_embeds(prompt, run))
+        state = prefill(run.lm.model, inputs_embeds=self.inputs_embeds(prompt, run), room=run.config.max_new_tokens)
         run.report(prefill_seconds=state.seconds)
         return state

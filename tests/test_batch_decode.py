@@ -513,6 +513,44 @@ def test_pipeline_calls_from_threads_share_the_generators_decode_batch(tiny_lm):
     assert all(a.stats.get("decode").extra["batch_size"] >= 1 for a in answers)
 
 
+def test_pipeline_calls_from_threads_prefill_one_at_a_time_and_count_their_wait(tiny_lm):
+    """Concurrent calls on one model take the model's prepare lock: never two prefills at once (peak memory of
+    one prefill, not one per call), a call that waited has a ``wait`` record counted in its TTFT, and a call
+    alone has none."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ctxopt.stages import TokenPrefill
+
+    inside, most = [0], [0]
+    guard = threading.Lock()
+
+    class CountingPrefill(TokenPrefill):
+        def prefill(self, prompt, run):
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)  # long enough for the other threads to arrive
+            try:
+                return super().prefill(prompt, run)
+            finally:
+                with guard:
+                    inside[0] -= 1
+
+    pipe = Pipeline(tiny_lm, max_new_tokens=8)
+    alone = pipe.ask(QUESTIONS[0], context=DOC)
+    assert [r.stage for r in alone.stats.stages] == ["prompt", "prefill", "decode"]
+    pipe.generator.input_stage = CountingPrefill()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda q: pipe.ask(q, context=DOC), QUESTIONS))
+    assert most[0] == 1
+    waits = [a.stats.get("wait") for a in answers]
+    assert any(w is not None and w.seconds > 0 for w in waits)
+    waited = next(a for a, w in zip(answers, waits) if w is not None)
+    before_decode = waited.stats.stages.index(waited.stats.get("decode"))
+    assert waited.stats.ttft_seconds >= sum(r.seconds for r in waited.stats.stages[:before_decode])
+
+
 def test_a_model_with_sliding_window_layers_is_refused_with_a_reason(tiny_tokenizer):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 

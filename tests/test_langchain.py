@@ -279,7 +279,7 @@ def test_chat_model_without_context_is_a_plain_chat_model(tiny_lm):
     assert meta["ctxopt"]["context_from"] == "none" and meta["ctxopt"]["sources"] == []
     assert reply.usage_metadata["input_tokens"] == len(expected.prompt) == meta["prompt_tokens_original"]
     assert meta["tokens_saved"] == 0
-    assert [s["stage"] for s in meta["ctxopt"]["stats"]["stages"]] == ["prompt", "wait", "prefill", "decode"]
+    assert [s["stage"] for s in meta["ctxopt"]["stats"]["stages"]] == ["prompt", "prefill", "decode"]
 
     system = "You are a terse assistant who answers in digits."
     with_system = chat.invoke([SystemMessage(system), HumanMessage(QUESTION)])

@@ -124,7 +124,7 @@ def test_openai_client_gets_the_pipelines_answer(server, tiny_lm):
     assert extra["prompt_tokens_original"] == len(want.prompt) and extra["tokens_saved"] == 0
     assert extra["sources"] == [{"source": "messages[0]", "id": want.sources[0].id, "span": [0, len(CONTEXT)],
                                  "metadata": {"role": "user"}}]
-    assert [s["stage"] for s in extra["stages"]] == ["queue", "queue_generate", "prompt", "wait", "prefill", "decode"]
+    assert [s["stage"] for s in extra["stages"]] == ["queue", "queue_generate", "prompt", "prefill", "decode"]
     assert all(s["seconds"] >= 0 for s in extra["stages"]) and extra["ttft_seconds"] > 0
 
 

@@ -3,8 +3,9 @@
 Each step leaves a Stats record in the run: the prefill (``prefill`` or the input stage's name), each cache
 stage, and the decoder (``decode``, or ``decode:<name>`` for a decoder stage such as RAPID).
 
-The default decoder runs ``ctxopt.decoding.BatchDecoder`` (one decode loop for everything): ``generate`` decodes
-in a batch shared by concurrent calls on the same model, from any generator (``SharedDecoder``, one per model),
+The default decoder runs ``ctxopt.decoding.BatchDecoder`` (one decode loop for everything): concurrent ``generate``
+calls on one model prefill one at a time (``prepare_lock``, one per model) and decode in a batch they share, from
+any generator (``SharedDecoder``, one per model),
 ``generate_many`` decodes its prompts together, with the shared start of their prompts held once (Hydragen)
 where the model allows it.
 """
@@ -43,9 +44,11 @@ class LocalGenerator:
         self.input_stage = input_stage or TokenPrefill()
         self.cache_stages = list(cache_stages)
         self.decoder = decoder or StepDecoder()
-        # Held, when set, around each call's prefill and cache stages, and around its decode unless that runs in
-        # the shared batch (another decoder, RAPID, runs forwards of its own): for callers that run ``generate``
-        # from several threads with stages that are not safe to run concurrently (the LangChain chat model).
+        # Held around each call's prefill and cache stages, and around its decode unless that runs in the shared
+        # batch (another decoder, RAPID, runs forwards of its own). None: the model's own lock (``prepare_lock``),
+        # so that calls from several threads prefill one at a time -- their peak memory is one prefill's, not one
+        # per call, and one core gains nothing from two prefills at once -- and decode together. Callers whose
+        # other passes must exclude these too set their own (the LangChain chat model, the gateway).
         self.prepare_lock: threading.RLock | None = None
 
     # -- steps -------------------------------------------------------------------------------------------
@@ -117,15 +120,17 @@ class LocalGenerator:
 
     @contextmanager
     def _prepare_locked(self, run: Run) -> Iterator[None]:
-        """Hold ``prepare_lock`` (when set) for the block; the time spent waiting for it goes into the run as a
-        ``wait`` record, so TTFT counts it."""
-        if self.prepare_lock is None:
-            yield
-            return
-        began = time.perf_counter()
-        with self.prepare_lock:
+        """Hold ``prepare_lock`` (the model's own when None) for the block. When another call holds it, the time
+        spent waiting goes into the run as a ``wait`` record, so TTFT counts it."""
+        lock = self.prepare_lock or prepare_lock(run.lm)
+        if not lock.acquire(blocking=False):
+            began = time.perf_counter()
+            lock.acquire()
             run.add_record(StageStats("wait", seconds=time.perf_counter() - began))
+        try:
             yield
+        finally:
+            lock.release()
 
     @property
     def shares_prefixes(self) -> bool:
@@ -210,6 +215,16 @@ class LocalGenerator:
 
 _SHARED_LOCK = threading.Lock()
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its SharedDecoder
+_PREPARE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its prepare lock
+
+
+def prepare_lock(lm) -> threading.RLock:
+    """The lock under which ``generate`` calls on ``lm``'s model prefill (one per model, dropped with it)."""
+    with _SHARED_LOCK:
+        found = _PREPARE_LOCKS.get(lm.model)
+        if found is None:
+            found = _PREPARE_LOCKS[lm.model] = threading.RLock()
+        return found
 
 
 def shared_decoder(lm) -> SharedDecoder:

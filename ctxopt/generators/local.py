@@ -3,11 +3,10 @@
 Each step leaves a Stats record in the run: the prefill (``prefill`` or the input stage's name), each cache
 stage, and the decoder (``decode``, or ``decode:<name>`` for a decoder stage such as RAPID).
 
-The default decoder runs ``ctxopt.decoding.BatchDecoder`` (one decode loop for everything): concurrent ``generate``
-calls on one model prefill one at a time (``prepare_lock``, one per model) and decode in a batch they share, from
-any generator (``SharedDecoder``, one per model),
-``generate_many`` decodes its prompts together, with the shared start of their prompts held once (Hydragen)
-where the model allows it.
+The default decoder runs ``ctxopt.decoding.BatchDecoder`` (one decode loop for everything). Concurrent ``generate``
+calls on one model, from any generator, prefill one at a time (``prepare_lock``, one per model) and decode in a
+batch they share (``SharedDecoder``, one per model). ``generate_many`` decodes its prompts together, with the
+shared start of their prompts held once (Hydragen) where the model allows it.
 """
 from __future__ import annotations
 

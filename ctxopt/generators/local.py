@@ -4,7 +4,7 @@ Each step leaves a Stats record in the run: the prefill (``prefill`` or the inpu
 stage, and the decoder (``decode``, or ``decode:<name>`` for a decoder stage such as RAPID).
 
 The default decoder runs ``ctxopt.decoding.BatchDecoder`` (one decode loop for everything). Concurrent ``generate``
-calls on one model, from any generator, prefill one at a time (``prepare_lock``, one per model) and decode in a
+calls on one model, from any generator, prefill one at a time (``model_prepare_lock``, one per model) and decode in a
 batch they share (``SharedDecoder``, one per model). ``generate_many`` decodes its prompts together, with the
 shared start of their prompts held once (Hydragen) where the model allows it.
 """
@@ -44,7 +44,7 @@ class LocalGenerator:
         self.cache_stages = list(cache_stages)
         self.decoder = decoder or StepDecoder()
         # Held around each call's prefill and cache stages, and around its decode unless that runs in the shared
-        # batch (another decoder, RAPID, runs forwards of its own). None: the model's own lock (``prepare_lock``),
+        # batch (another decoder, RAPID, runs forwards of its own). None: the model's own (``model_prepare_lock``),
         # so that calls from several threads prefill one at a time -- their peak memory is one prefill's, not one
         # per call, and one core gains nothing from two prefills at once -- and decode together. Callers whose
         # other passes must exclude these too set their own (the LangChain chat model, the gateway).
@@ -121,7 +121,7 @@ class LocalGenerator:
     def _prepare_locked(self, run: Run) -> Iterator[None]:
         """Hold ``prepare_lock`` (the model's own when None) for the block. When another call holds it, the time
         spent waiting goes into the run as a ``wait`` record, so TTFT counts it."""
-        lock = self.prepare_lock or prepare_lock(run.lm)
+        lock = self.prepare_lock or model_prepare_lock(run.lm)
         if not lock.acquire(blocking=False):
             began = time.perf_counter()
             lock.acquire()
@@ -217,7 +217,7 @@ _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its
 _PREPARE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its prepare lock
 
 
-def prepare_lock(lm) -> threading.RLock:
+def model_prepare_lock(lm) -> threading.RLock:
     """The lock under which ``generate`` calls on ``lm``'s model prefill (one per model, dropped with it)."""
     with _SHARED_LOCK:
         found = _PREPARE_LOCKS.get(lm.model)

@@ -84,10 +84,7 @@ def clone_cache(cache):
     values are copied compactly: a layer that views a larger buffer (a decoder's slots) copies only its entries;
     a one-row SlotCache's copy has the same room in new slots."""
     if _one_row(cache) is not None:
-        layers = cache.row_layers(0)
-        copy_ = SlotCache.like(layers, 1, 0)
-        copy_.add_row(layers, cache.capacity)
-        return copy_
+        return SlotCache.holding(cache.row_layers(0), cache.capacity)
     memo = {}
     for entry in _layers(cache):
         for tensor in (getattr(entry, "keys", None), getattr(entry, "values", None)):
@@ -172,6 +169,13 @@ class SlotCache:
         keys = [k.new_zeros(row_capacity, k.shape[1], capacity, k.shape[3]) for k, _ in layers]
         values = [v.new_zeros(row_capacity, v.shape[1], capacity, v.shape[3]) for _, v in layers]
         return cls(keys, values)
+
+    @classmethod
+    def holding(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> "SlotCache":
+        """A one-row cache holding a copy of one sequence's ``layers`` in ``capacity`` slots."""
+        cache = cls.like(layers, 1, 0)
+        cache.add_row(layers, capacity)
+        return cache
 
     @property
     def rows(self) -> int:

@@ -217,23 +217,24 @@ _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its
 _PREPARE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its prepare lock
 
 
-def model_prepare_lock(lm) -> threading.RLock:
-    """The lock under which ``generate`` calls on ``lm``'s model prefill (one per model, dropped with it)."""
+def _per_model(registry: weakref.WeakKeyDictionary, lm, make: Callable[[], object]):
+    """``registry``'s object for ``lm``'s model, made on first use (dropped with the model)."""
     with _SHARED_LOCK:
-        found = _PREPARE_LOCKS.get(lm.model)
+        found = registry.get(lm.model)
         if found is None:
-            found = _PREPARE_LOCKS[lm.model] = threading.RLock()
+            found = registry[lm.model] = make()
         return found
 
 
 def shared_decoder(lm) -> SharedDecoder:
     """The decode batch that concurrent ``generate`` calls on ``lm``'s model join, whichever generator (pipeline,
     chat model) they come through: one per model, dropped with the model."""
-    with _SHARED_LOCK:
-        found = _SHARED.get(lm.model)
-        if found is None:
-            found = _SHARED[lm.model] = SharedDecoder(lm.model, lm.tokenizer, lm.eos_token_ids)
-        return found
+    return _per_model(_SHARED, lm, lambda: SharedDecoder(lm.model, lm.tokenizer, lm.eos_token_ids))
+
+
+def model_prepare_lock(lm) -> threading.RLock:
+    """The lock under which ``generate`` calls on ``lm``'s model prefill (one per model, dropped with it)."""
+    return _per_model(_PREPARE_LOCKS, lm, threading.RLock)
 
 
 def decode_record(record: StageStats, result: DecodeResult, state: Prefill) -> StageStats:

@@ -162,10 +162,8 @@ class _Cursor:
         cache = state.cache
         needed = round_up(cache_length(cache) + len(self.prefix) + room)
         if not (isinstance(cache, SlotCache) and cache.rows == 1 and cache.capacity <= 2 * needed):
-            layers = [layer_kv(cache, layer) for layer in range(num_layers(cache))]
-            state.cache = SlotCache.like(layers, 1, 0)
-            state.cache.add_row(layers, needed)
-            del layers, cache
+            state.cache = SlotCache.holding([layer_kv(cache, layer) for layer in range(num_layers(cache))], needed)
+            del cache
         self.cache = state.cache
         self.start_length = self.cache.lengths[0]
         self.start_position = state.next_position

@@ -9,7 +9,9 @@
     python benchmarks/decode_speed.py --model random-llama-3.1-8b --device cuda --dtype bfloat16 \
         --context-tokens 131072 --prefill-chunk 8192 --only sweep --sweep 1,16
 
-Measurements (the first two are each the median of its runs):
+Measurements (the first two are each the median of its runs). ``--step dynamic,fixed,compile`` (or ``graph`` on
+CUDA) runs batch1 and the sweep in each decode step mode side by side (``ctxopt.decoding.FixedStep``), one
+prefill shared by the modes; batch1 records whether each mode's tokens are the first mode's.
 
 - ``batch1`` (``--repeats`` runs after a warm-up run): decode milliseconds per token of one request, from a
   prefilled context of about ``--context-tokens`` tokens: ``ctxopt.decoding.decode`` for ``--new-tokens``
@@ -41,6 +43,7 @@ Results go to ``--out`` as JSON (one object per run) and to stdout as a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -55,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctxopt.decoding import GenerationConfig, decode, prefill  # noqa: E402
+from ctxopt.decoding import DECODE_STEPS, GenerationConfig, decode, decode_step_mode, prefill  # noqa: E402
 from ctxopt.models import LoadedModel  # noqa: E402
 from ctxopt.pipeline import Pipeline  # noqa: E402
 
@@ -101,7 +104,8 @@ def median_of(repeats: int, run, warm_up=None) -> tuple[float, list]:
 
 
 def bench_batch1(lm: LoadedModel, context: str, question: str, new_tokens: int, repeats: int,
-                 chunk: int | None = None) -> dict:
+                 chunk: int | None = None, steps: tuple[str, ...] = ("dynamic",)) -> list[dict]:
+    """Batch-1 decode from one prefill, in each decode step mode of ``steps`` (a row each)."""
     prompt = Pipeline(lm).compress(question, context)
     state = prefill(lm.model, prompt.input_ids, chunk_size=chunk)
     config = GenerationConfig(max_new_tokens=new_tokens)
@@ -112,12 +116,39 @@ def bench_batch1(lm: LoadedModel, context: str, question: str, new_tokens: int, 
         result = decode(lm.model, lm.tokenizer, copy, config, ())
         cpu = time.process_time() - cpu
         passes = max(1, result.forward_passes)
-        return result.seconds / passes * 1000, cpu / passes * 1000
+        return result.seconds / passes * 1000, cpu / passes * 1000, result.token_ids
 
-    ms, values = median_of(repeats, once)
-    return {"what": "batch1", "prompt_tokens": len(prompt), "new_tokens": new_tokens, "ms_per_token": ms,
-            "runs_ms": [v[0] for v in values], "cpu_ms_per_token": statistics.median(v[1] for v in values),
-            "runs_cpu_ms": [v[1] for v in values]}
+    rows = []
+    for step in steps:
+        with step_mode(step):
+            ms, values = median_of(repeats, once)
+        rows.append({"what": "batch1", "step": step, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
+                     "ms_per_token": ms, "runs_ms": [v[0] for v in values],
+                     "cpu_ms_per_token": statistics.median(v[1] for v in values),
+                     "runs_cpu_ms": [v[1] for v in values], "token_ids": values[-1][2]})
+        r = rows[-1]
+        print(f"batch1 ({step} step): {r['ms_per_token']:.2f} ms/token wall, {r['cpu_ms_per_token']:.2f} CPU, "
+              f"over a {r['prompt_tokens']}-token prompt ({new_tokens} tokens; runs "
+              f"{', '.join(f'{v:.2f}/{c:.2f}' for v, c in zip(r['runs_ms'], r['runs_cpu_ms']))})", flush=True)
+        if rows[0] is not r:  # the same greedy tokens as the first mode's (bf16 rounding may flip a few)
+            r["same_tokens_as"], r["same_tokens"] = rows[0]["step"], r["token_ids"] == rows[0]["token_ids"]
+            print(f"batch1 tokens, {step} against {rows[0]['step']}: {'same' if r['same_tokens'] else 'DIFFERENT'}",
+                  flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def step_mode(step: str):
+    """Within the block, every BatchDecoder made runs ``step`` (one reads $CTXOPT_DECODE_STEP when made)."""
+    before = os.environ.get("CTXOPT_DECODE_STEP")
+    os.environ["CTXOPT_DECODE_STEP"] = step
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CTXOPT_DECODE_STEP"]
+        else:
+            os.environ["CTXOPT_DECODE_STEP"] = before
 
 
 def bench_ask_many(pipe: Pipeline, context: str, questions: list[str], repeats: int) -> dict:
@@ -167,9 +198,10 @@ def bench_ask_many(pipe: Pipeline, context: str, questions: list[str], repeats: 
 
 
 def bench_sweep(lm: LoadedModel, context: str, questions: list[str], sizes: list[int], new_tokens: int,
-                chunk: int | None = None) -> list[dict]:
+                chunk: int | None = None, steps: tuple[str, ...] = ("dynamic",)) -> list[dict]:
     """Decode steps of B questions over one context, B in ``sizes``: the batch with the context's KV held once
-    (shared-prefix attention) and with a copy of it per row. Milliseconds per step, tokens per second."""
+    (shared-prefix attention, whose steps run dynamic in every mode: timed once) and with a copy of it per row,
+    in each decode step mode of ``steps``. Milliseconds per step, tokens per second."""
     from ctxopt.attention.kernels import runs_grouped_sdpa
     from ctxopt.generators.local import common_prefix_length
 
@@ -179,20 +211,20 @@ def bench_sweep(lm: LoadedModel, context: str, questions: list[str], sizes: list
         prompts = [pipe.compress(questions[i % len(questions)], context).input_ids for i in range(size)]
         shared = common_prefix_length(prompts) - 1 if size > 1 else len(prompts[0]) - 8
         base = prefill(lm.model, prompts[0][:shared], chunk_size=chunk)
-        for mode in ("shared_prefix", "copied_prefix"):
-            if mode == "shared_prefix" and not runs_grouped_sdpa(lm.model):
-                continue
+        runs = [("dynamic", "shared_prefix")] if runs_grouped_sdpa(lm.model) else []
+        for step, mode in runs + [(step, "copied_prefix") for step in steps]:
             try:
-                rows.append(sweep_step_times(lm, base, prompts, shared, mode, new_tokens))
+                with step_mode(step):
+                    rows.append({**sweep_step_times(lm, base, prompts, shared, mode, new_tokens), "step": step})
             except torch.OutOfMemoryError as error:  # e.g. 16 copies of a 128K context's KV
-                rows.append({"what": "sweep", "mode": mode, "batch": size, "prompt_tokens": len(prompts[0]),
-                             "error": f"out of memory: {str(error).splitlines()[0]}"})
-                print(f"sweep batch {size:3d} {mode:13s}: out of memory", flush=True)
+                rows.append({"what": "sweep", "mode": mode, "step": step, "batch": size,
+                             "prompt_tokens": len(prompts[0]), "error": f"out of memory: {str(error).splitlines()[0]}"})
+                print(f"sweep batch {size:3d} {mode:13s} ({step} step): out of memory", flush=True)
                 torch.cuda.empty_cache()
                 continue
             r = rows[-1]
-            print(f"sweep batch {size:3d} {mode:13s}: {r['ms_per_step']:.2f} ms/step ({r['cpu_ms_per_step']:.2f} "
-                  f"CPU), {r['tokens_per_s']:.1f} tok/s", flush=True)
+            print(f"sweep batch {size:3d} {mode:13s} ({step} step): {r['ms_per_step']:.2f} ms/step "
+                  f"({r['cpu_ms_per_step']:.2f} CPU), {r['tokens_per_s']:.1f} tok/s", flush=True)
     return rows
 
 
@@ -310,7 +342,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="append results as JSON lines to this file")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, short context: checks it runs")
+    parser.add_argument("--step", default=None,
+                        help="decode step modes batch1 and the sweep run in, side by side (comma-separated: "
+                             f"{', '.join(DECODE_STEPS)}); default $CTXOPT_DECODE_STEP or dynamic")
     args = parser.parse_args(argv)
+    steps = tuple(decode_step_mode(step) for step in (args.step or decode_step_mode()).split(","))
     if args.smoke:
         args.context_tokens, args.new_tokens, args.repeats, args.many_repeats = min(args.context_tokens, 256), 8, 1, 1
     if args.model == RANDOM_8B:
@@ -334,11 +370,7 @@ def main(argv=None) -> None:
               "commit": os.popen("git rev-parse --short HEAD").read().strip()}
     rows = []
     if args.only in (None, "batch1"):
-        rows.append(bench_batch1(lm, context, questions[0], args.new_tokens, args.repeats, args.prefill_chunk))
-        r = rows[-1]
-        print(f"batch1: {r['ms_per_token']:.2f} ms/token wall, {r['cpu_ms_per_token']:.2f} CPU, over a "
-              f"{r['prompt_tokens']}-token prompt ({args.new_tokens} tokens; runs "
-              f"{', '.join(f'{v:.2f}/{c:.2f}' for v, c in zip(r['runs_ms'], r['runs_cpu_ms']))})", flush=True)
+        rows += bench_batch1(lm, context, questions[0], args.new_tokens, args.repeats, args.prefill_chunk, steps)
     if args.only in (None, "ask_many"):
         pipe = Pipeline(lm, max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk)
         rows.append(bench_ask_many(pipe, context, questions, args.many_repeats))
@@ -356,12 +388,12 @@ def main(argv=None) -> None:
                                  args.prefill_chunk)
     if args.only == "sweep" or (args.only is None and args.sweep):
         sizes = [int(b) for b in args.sweep.split(",")]
-        rows += bench_sweep(lm, context, questions, sizes, args.new_tokens, args.prefill_chunk)
+        rows += bench_sweep(lm, context, questions, sizes, args.new_tokens, args.prefill_chunk, steps)
     if args.out:
         with open(args.out, "a") as f:
             for row in rows:
                 f.write(json.dumps({**header, **row}) + "\n")
-    if any(not r.get("same_tokens", True) for r in rows):
+    if any(not r.get("same_tokens", True) for r in rows if r["what"] == "ask_many"):
         sys.exit("ask_many's answers differ from the separate asks'")
 
 

@@ -5,9 +5,11 @@
 #   bash benchmarks/gpu_decode.sh            # on the GPU machine: about 6-9 minutes on an H100/H200
 #   bash benchmarks/gpu_decode.sh --smoke    # tiny shapes on the CPU: checks that every step runs
 #
-# 1. decode ms/token at batch 1 over a 1K and a ~128K cache;
+# 1. decode ms/token at batch 1 over a 1K and a ~128K cache, with each decode step mode side by side: dynamic
+#    (eager, shapes growing), fixed (eager, fixed shapes) and graph (the fixed step replayed as a CUDA graph);
 # 2. decode steps of batch 1 and 16 over one 1K and one ~128K context: the context's KV held once (shared-prefix
-#    attention) and copied per row (at 128K, 16 copies do not fit: that row records out of memory);
+#    attention, dynamic step) and copied per row, in each step mode (at 128K, 16 copies do not fit: that row
+#    records out of memory);
 # 3. RAPID against target-only decoding at 32K and 128K (gpu_speed.py: tokens/s of rapid, rapid-self and
 #    rapid-self-agree next to full).
 set -euo pipefail
@@ -17,13 +19,14 @@ mkdir -p "$OUT"
 python="${PYTHON:-python}"
 if [[ "${1:-}" == "--smoke" ]]; then
     decode=("$python" benchmarks/decode_speed.py --model random-llama-3.1-8b --smoke --device cpu)
-    long=(--context-tokens 256 --prefill-chunk 64)
-    short=(--context-tokens 128)
+    # (no CUDA graphs on the CPU: the fixed step they capture stands in)
+    long=(--context-tokens 256 --prefill-chunk 64 --step dynamic,fixed)
+    short=(--context-tokens 128 --step dynamic,fixed)
     speed=("$python" benchmarks/gpu_speed.py --smoke --contexts 512 --methods full,rapid)
 else
     decode=("$python" benchmarks/decode_speed.py --model random-llama-3.1-8b --device cuda --dtype bfloat16)
-    long=(--context-tokens 130000 --prefill-chunk 8192)
-    short=(--context-tokens 1024)
+    long=(--context-tokens 130000 --prefill-chunk 8192 --step dynamic,graph)
+    short=(--context-tokens 1024 --step dynamic,fixed,graph)
     speed=("$python" benchmarks/gpu_speed.py --contexts 32768,131072 --methods full,rapid --prefill-chunk 8192
            --time-budget 240)
 fi

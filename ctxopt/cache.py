@@ -328,6 +328,23 @@ class SlotCache:
         self.causal = max(lengths) == 0 and min(counts) == width
         return mask[:, None]
 
+    def fixed_step_mask(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Prepare a decode step of fixed shapes: one new token for each of rows ``0 .. len(lengths) - 1``, written
+        at slot ``lengths[r]`` and reading every slot of the capacity, the mask (rows, 1, 1, capacity) allowing
+        each row its own entries and the new one. ``lengths`` is a tensor on the cache's device and nothing here
+        reads its values on the host, so a step prepared this way has the same shapes and work at every call (a
+        CUDA graph replays it; ``ctxopt.decoding.FixedStep``). The host's ``lengths`` are not read either: the
+        caller checks that the slots fit and calls ``advance`` after the forward."""
+        rows = lengths.shape[0]
+        slots = lengths.view(rows, 1, 1, 1)
+        heads, key_dim = self.keys[0].shape[1], self.keys[0].shape[3]
+        value_heads, value_dim = self.values[0].shape[1], self.values[0].shape[3]
+        self._write = (slots.expand(-1, heads, 1, key_dim), slots.expand(-1, value_heads, 1, value_dim))
+        self._span = (0, rows, self.capacity)
+        self.unmasked = self.causal = False
+        seen = torch.arange(self.capacity, device=lengths.device)
+        return (seen <= lengths[:, None])[:, None, None, :]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the step's keys and values after each row's entries; return the slots the step reads."""
         start, stop, extent = self._span

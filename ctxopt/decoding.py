@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import queue
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention.kernels import attention_override, grouped_sdpa_attention, runs_grouped_sdpa
+from .attention.kernels import attention_override, grouped_sdpa_attention, one_query_attention, runs_grouped_sdpa
 from .cache import SlotCache, clone_cache, layer_kv, new_cache, num_layers, set_layer_kv
 from .checks import require_int
 from .errors import InputError
@@ -394,10 +395,16 @@ class BatchDecoder:
     pending), and attention is split into a batched part over the prefix and a per-request part over its own
     entries (Hydragen). That needs the model to run ``GROUPED_SDPA``.
 
+    ``step`` is how a decode step (one token per row) runs: ``"dynamic"`` reads each step's slots up to the
+    longest row, shapes growing step by step; ``"fixed"``, ``"graph"`` and ``"compile"`` run :class:`FixedStep`
+    (fixed shapes; replayed as a CUDA graph; through ``torch.compile``). The default is ``$CTXOPT_DECODE_STEP`` or
+    ``"dynamic"`` (:func:`decode_step_mode`). Forwards that feed several tokens a row (a joining request's
+    pending ids) and shared-prefix steps always run dynamic.
+
     A request decoded in a batch gets the tokens it gets alone, up to the rounding of batched arithmetic.
     """
 
-    def __init__(self, model, tokenizer, eos_ids: Sequence[int] = (), prefix=None):
+    def __init__(self, model, tokenizer, eos_ids: Sequence[int] = (), prefix=None, step: str | None = None):
         if prefix is not None and not runs_grouped_sdpa(model):
             raise InputError("Shared-prefix decoding needs a model that runs GROUPED_SDPA (as load_model's do).")
         windowed = windowed_layer_types(model)
@@ -407,6 +414,8 @@ class BatchDecoder:
                 f"{', '.join(windowed)} layers (a sliding window), which it does not support yet."
             )
         self.model, self.tokenizer, self.eos_ids, self.prefix = model, tokenizer, list(eos_ids), prefix
+        step = decode_step_mode(step)
+        self.fixed_step = FixedStep.for_model(model, step) if step != "dynamic" and prefix is None else None
         self.cache: SlotCache | None = None
         self.active: list[DecodeRequest] = []  # active[r] decodes in row r of the cache
         self.waiting: list[DecodeRequest] = []
@@ -592,9 +601,13 @@ class BatchDecoder:
 
     def _feed(self) -> None:
         """One forward: every active request's last token at its position; their next logits."""
-        tokens = [r.pending for r in self.active]
-        positions = [[r.position] for r in self.active]
-        logits = self._forward(tokens, positions, [1] * len(self.active), 0)
+        if self.fixed_step is not None:
+            logits = self.fixed_step(self.cache, [r.pending[0] for r in self.active], [r.position for r in self.active])
+            self._counted(len(self.active), 0)
+        else:
+            tokens = [r.pending for r in self.active]
+            positions = [[r.position] for r in self.active]
+            logits = self._forward(tokens, positions, [1] * len(self.active), 0)
         for request, row_logits in zip(self.active, logits):
             request.position += 1
             request.pending, request.logits = [], row_logits
@@ -602,10 +615,13 @@ class BatchDecoder:
     def _forward(self, tokens: list[list[int]], positions: list[list[int]], counts: list[int], first: int):
         """Feed rows ``first ..`` their (left-padded) tokens; the logits after each row's last token."""
         logits = slot_forward(self.model, self.cache, tokens, positions, counts, first, self.prefix)
-        self.steps += 1
-        for request in self.active[first:first + len(tokens)]:
-            request.forward_passes += 1
+        self._counted(len(tokens), first)
         return logits[:, -1].float()
+
+    def _counted(self, rows: int, first: int) -> None:
+        self.steps += 1
+        for request in self.active[first:first + rows]:
+            request.forward_passes += 1
 
 
 class SharedDecoder:
@@ -754,6 +770,116 @@ def unmasked_attention(module, query, key, value, attention_mask, dropout=0.0, s
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return output.transpose(1, 2).contiguous(), None
+
+
+DECODE_STEPS = ("dynamic", "fixed", "graph", "compile")
+
+
+def decode_step_mode(step: str | None = None) -> str:
+    """``step``, or ``$CTXOPT_DECODE_STEP``, or ``"dynamic"``: how a :class:`BatchDecoder` runs its decode steps."""
+    step = step or os.environ.get("CTXOPT_DECODE_STEP") or "dynamic"
+    if step not in DECODE_STEPS:
+        raise InputError(f"Unknown decode step {step!r}; choose one of {', '.join(DECODE_STEPS)}.")
+    return step
+
+
+class FixedStep:
+    """The decode step with the same shapes at every call, so that it can be captured once and replayed.
+
+    One new token for each row of a :class:`ctxopt.cache.SlotCache` in use, reading all of the cache's slots under
+    a mask that the step builds on the device from the rows' lengths (``SlotCache.fixed_step_mask``), the new
+    entries written where the lengths point. No value of a tensor is read on the host inside it, and the inputs
+    are copied into the same buffers each time, which is what CUDA graph capture needs: the launch-bound eager
+    step (one kernel launch after another, 20-35 ms per token for 8B shapes on an H200) becomes one graph launch.
+    Modes: ``"fixed"`` runs it eagerly (the reference, and for measuring what reading every slot costs);
+    ``"graph"`` captures it as a CUDA graph per batch size (CUDA only), captured again when the cache's buffers
+    are reallocated; ``"compile"`` runs it through ``torch.compile`` (fixed shapes: compiled once per batch size
+    and capacity). The tokens are those of the dynamic step (tests compare them); the attention reads the
+    capacity's free slots too, masked out, which costs little when the cache is sized for the answer, as the
+    decoder sizes it.
+    """
+
+    def __init__(self, model, mode: str):
+        if mode not in ("fixed", "graph", "compile"):
+            raise InputError(f"A fixed step runs 'fixed', 'graph' or 'compile', not {mode!r}.")
+        if mode == "graph" and model.device.type != "cuda":
+            raise InputError(f"A CUDA graph needs a model on a CUDA device; this one is on {model.device}.")
+        self._model, self.mode = weakref.ref(model), mode  # (held per model, weakly keyed: no strong reference)
+        self._graphs: dict[int, tuple] = {}  # batch size -> (graph, its input buffers, its logits buffer)
+        self._buffers: tuple | None = None  # the cache buffers (addresses, capacity) the graphs write into
+        self._cache_kwarg = _cache_kwarg(type(model))
+        self._compiled = torch.compile(self._run) if mode == "compile" else None
+
+    @classmethod
+    def for_model(cls, model, mode: str) -> "FixedStep":
+        """The model's fixed step for ``mode``: one per model and mode, so that its graphs (or compiled code) serve
+        every decoder of the model."""
+        with _FIXED_STEPS_LOCK:
+            steps = _FIXED_STEPS.setdefault(model, {})
+            if mode not in steps:
+                steps[mode] = cls(model, mode)
+            return steps[mode]
+
+    def __call__(self, cache: SlotCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Feed row r of ``cache`` the token ``tokens[r]`` at ``positions[r]``; the rows' next logits (float)."""
+        rows = len(tokens)
+        if rows != cache.rows or len(positions) != rows:
+            raise ValueError(f"a fixed step feeds every row in use ({cache.rows}); got {rows} tokens")
+        if max(cache.lengths) >= cache.capacity:
+            raise ValueError(f"a row holds {max(cache.lengths)} of {cache.capacity} slots: no room for a step")
+        device = cache.keys[0].device
+        inputs = (torch.tensor(tokens, device=device).view(rows, 1),
+                  torch.tensor(positions, device=device).view(rows, 1),
+                  torch.tensor(cache.lengths, device=device))
+        with torch.inference_mode():
+            if self.mode == "graph":
+                logits = self._replay(cache, *inputs)
+            else:
+                logits = (self._compiled or self._run)(cache, *inputs)
+        cache.advance([1] * rows)
+        return logits.float()
+
+    def _run(self, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
+        model = self._model()
+        mask = model_mask(model, cache.fixed_step_mask(lengths))
+        # Compiled, GROUPED_SDPA runs one_query_attention unasked (ctxopt_attention): compiled code reads no
+        # context variables, and the override sets one.
+        override = runs_grouped_sdpa(model) and not torch.compiler.is_compiling()
+        with attention_override(one_query_attention) if override else nullcontext():
+            out = model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                        **{self._cache_kwarg: cache})
+        return out.logits[:, -1]
+
+    def _replay(self, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
+        buffers = (cache.capacity, *(t.data_ptr() for t in cache.keys + cache.values))
+        if buffers != self._buffers:  # another cache, or this one reallocated: the graphs write into old buffers
+            self._graphs.clear()
+            self._buffers = buffers
+        rows = ids.shape[0]
+        if rows in self._graphs:
+            graph, inputs, logits = self._graphs[rows]
+            for buffer, value in zip(inputs, (ids, positions, lengths)):
+                buffer.copy_(value)
+            graph.replay()
+            return logits.clone()
+        # Warm up on a side stream (as capture requires), then capture. Both warm-up runs are this step itself:
+        # running it again writes the same entries to the same slots, so the cache is right whatever runs.
+        inputs = (ids, positions, lengths)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                result = self._run(cache, *inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._run(cache, *inputs)
+        self._graphs[rows] = (graph, inputs, logits)
+        return result.clone()
+
+
+_FIXED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {mode: FixedStep}
+_FIXED_STEPS_LOCK = threading.Lock()
 
 
 def round_up(n: int, multiple: int = 32) -> int:

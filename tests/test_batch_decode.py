@@ -21,7 +21,7 @@ from ctxopt.cache import (
     new_cache,
     num_layers,
 )
-from ctxopt.decoding import BatchDecoder, GenerationConfig, Prefill, decode, forward, prefill
+from ctxopt.decoding import BatchDecoder, GenerationConfig, Prefill, decode, forward, prefill, slot_forward
 from ctxopt.methods import build_stages
 from ctxopt.pipeline import Pipeline
 
@@ -302,6 +302,92 @@ def test_slot_cache_rows_move_and_lengths_roll_back():
     assert cache.lengths == [2, 1] and cache.row_bytes(1) == 2 * 2 * 4 * 4
     with pytest.raises(ValueError):
         cache.set_length(1, 4)
+
+
+# -- the fixed-shape decode step (graph capture) -------------------------------------------------------------
+@pytest.mark.parametrize("step, grouped", [("fixed", False), ("fixed", True), ("compile", True)])
+def test_the_fixed_step_decodes_what_the_dynamic_step_does(tiny_lm, grouped_lm, method_states, step, grouped):
+    """Every method's state in one batch (rows of different lengths joining with pending ids or logits, leaving
+    at different steps): the fixed-shape step, eager or compiled, gives each row the tokens of the dynamic step."""
+    lm = grouped_lm if grouped else tiny_lm
+    states = [s for name in METHODS for s in method_states[name]]
+    configs = [GenerationConfig(max_new_tokens=4 + 3 * (i % 4)) for i in range(len(states))]
+    answers = {}
+    for mode in ("dynamic", step):
+        decoder = BatchDecoder(lm.model, lm.tokenizer, step=mode)
+        requests = [decoder.submit(s.copy(), c) for s, c in zip(states, configs)]
+        decoder.run()
+        answers[mode] = [r.result.token_ids for r in requests]
+        assert (decoder.fixed_step is None) is (mode == "dynamic")
+    assert answers[step] == answers["dynamic"]
+
+
+def test_the_fixed_step_is_one_graph_that_lengths_do_not_change(grouped_lm):
+    """What graph capture needs: the whole step traces as ONE graph (no break back to Python) and the same graph
+    serves the next steps, the rows' lengths changing (no value is read on the host). Its logits are the eager
+    fixed step's and the dynamic step's."""
+    from ctxopt.decoding import FixedStep
+
+    lm = grouped_lm
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    rows = [prefill(lm.model, _ids(n, n), room=8).cache for n in (30, 12, 45)]
+    cache = SlotCache.like(rows[0].row_layers(0), 0, 0)
+    dynamic = SlotCache.like(rows[0].row_layers(0), 0, 0)
+    for row in rows:
+        cache.add_row(row.row_layers(0), 64)
+        dynamic.add_row(row.row_layers(0), 64)
+    eager = FixedStep(lm.model, "fixed")
+    traced = torch.compile(eager._run, backend=count_graphs, fullgraph=True)
+    tokens, positions = [101, 202, 303], [30, 12, 45]
+    with torch.inference_mode():
+        for _ in range(4):
+            lengths = torch.tensor(cache.lengths)
+            logits = traced(cache, torch.tensor(tokens).view(3, 1), torch.tensor(positions).view(3, 1), lengths)
+            cache.advance([1, 1, 1])
+            reference = slot_forward(lm.model, dynamic, [[t] for t in tokens], [[p] for p in positions])[:, -1]
+            assert torch.allclose(logits, reference, atol=1e-4)
+            tokens = logits.argmax(-1).tolist()
+            positions = [p + 1 for p in positions]
+    assert len(graphs) == 1
+    assert cache.lengths == dynamic.lengths == [34, 16, 49]
+
+
+def test_the_decode_step_is_chosen_by_the_environment(tiny_lm, monkeypatch):
+    from ctxopt.decoding import FixedStep
+    from ctxopt.errors import InputError
+
+    monkeypatch.setenv("CTXOPT_DECODE_STEP", "fixed")
+    assert isinstance(BatchDecoder(tiny_lm.model, tiny_lm.tokenizer).fixed_step, FixedStep)
+    assert BatchDecoder(tiny_lm.model, tiny_lm.tokenizer, step="dynamic").fixed_step is None
+    monkeypatch.setenv("CTXOPT_DECODE_STEP", "graph")
+    with pytest.raises(InputError, match="CUDA"):  # the CPU has no CUDA graphs
+        BatchDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    with pytest.raises(InputError, match="dynamic, fixed, graph, compile"):
+        BatchDecoder(tiny_lm.model, tiny_lm.tokenizer, step="graphs")
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (6, 3), (4, 4)])
+def test_one_query_attention_equals_attention_with_the_heads_repeated(heads, kv_heads):
+    from ctxopt.attention.kernels import one_query_attention
+
+    generator = torch.Generator().manual_seed(heads)
+    query = torch.randn(3, heads, 1, 8, generator=generator)
+    key, value = torch.randn(3, kv_heads, 20, 8, generator=generator), torch.randn(3, kv_heads, 20, 8,
+                                                                                    generator=generator)
+    mask = (torch.arange(20) <= torch.tensor([4, 19, 11])[:, None])[:, None, None, :]
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    ours, _ = one_query_attention(module, query, key, value, mask, scaling=0.4)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(heads // kv_heads, 1), value.repeat_interleave(heads // kv_heads, 1),
+        attn_mask=mask, scale=0.4)
+    assert ours.shape == (3, 1, heads, 8)
+    assert torch.allclose(ours, reference.transpose(1, 2), atol=1e-6)
 
 
 # -- shared-prefix (Hydragen) attention ---------------------------------------------------------------------

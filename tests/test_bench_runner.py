@@ -351,7 +351,8 @@ def test_dump_samples_matches_the_runner_inputs(tiny_tokenizer, tmp_path):
 def test_the_gpu_decode_script_runs_every_step_at_smoke_shapes(tmp_path):
     """benchmarks/gpu_decode.sh, the one call a lent GPU gets for the decode loop (random Llama-3.1-8B shapes: no
     weights travel there), runs end to end at tiny shapes on the CPU: batch-1 decode and the batch sweep (context
-    KV held once and copied) at both context sizes, then RAPID against target-only."""
+    KV held once and copied) at both context sizes, each in the dynamic and the fixed decode step (which the GPU
+    run replays as a CUDA graph), then RAPID against target-only."""
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_decode.sh"), "--smoke"], capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
                                                            OMP_NUM_THREADS="1"))
@@ -362,10 +363,13 @@ def test_the_gpu_decode_script_runs_every_step_at_smoke_shapes(tmp_path):
     assert len(lengths) == 2
     for length in lengths:
         here = [r for r in rows if r["prompt_tokens"] == length]
-        (batch1,) = [r for r in here if r["what"] == "batch1"]
-        assert batch1["ms_per_token"] > 0 and batch1["new_tokens"] == 8
-        sweep = {(r["mode"], r["batch"]): r for r in here if r["what"] == "sweep"}
-        assert set(sweep) == {(m, b) for m in ("shared_prefix", "copied_prefix") for b in (1, 16)}
+        dynamic, fixed = [r for r in here if r["what"] == "batch1"]
+        assert (dynamic["step"], fixed["step"]) == ("dynamic", "fixed")
+        assert all(r["ms_per_token"] > 0 and r["new_tokens"] == 8 for r in (dynamic, fixed))
+        assert fixed["same_tokens"] and len(fixed["token_ids"]) == 8  # float32: the same greedy tokens
+        sweep = {(r["mode"], r["step"], r["batch"]): r for r in here if r["what"] == "sweep"}
+        assert set(sweep) == {(m, s, b) for m, s in [("shared_prefix", "dynamic"), ("copied_prefix", "dynamic"),
+                                                     ("copied_prefix", "fixed")] for b in (1, 16)}
         assert all(r["steps"] >= 6 and r["ms_per_step"] > 0 for r in sweep.values())  # 8 tokens, one warm-up
     speed = json.loads((tmp_path / "gpu_speed.json").read_text())["results"]
     assert {r["method"] for r in speed} >= {"full", "rapid", "rapid-self"} and not [r for r in speed if r.get("error")]

@@ -56,6 +56,23 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+def one_query_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """GROUPED_SDPA for ``ctxopt.decoding.FixedStep`` (one new token per row, a mask per row): the query heads
+    that share a KV head attend as that head's queries, so SDPA reads each key and value once under the row's
+    mask. transformers' masked SDPA copies every KV head once per query head instead (the whole cache, each layer,
+    each step), and a grouped-query flag with a mask sends CUDA's SDPA to its math kernel."""
+    special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "sinks", "s_aux"))
+    if dropout or special or query.shape[2] != 1:
+        return grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                              scale=scaling)
+    return output.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
 def lower_right_causal_attention(query, key, value, scaling=None) -> torch.Tensor:
     """Attention of q new tokens that follow a cache: query i sees keys 0 .. n - q + i. Given to SDPA as torch's
     lower-right ``CausalBias`` with its own GQA grouping, so CUDA runs flash attention with no mask and no copy
@@ -132,6 +149,12 @@ def attention_override(attention: Callable) -> Iterator[None]:
 def ctxopt_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The function registered as ``GROUPED_SDPA``: the context's observer (if any) sees the query and key, then
     the context's override (if any) or :func:`grouped_sdpa_attention` runs."""
+    if torch.compiler.is_compiling():
+        # torch.compile cannot read context variables. ctxopt compiles only the fixed decode step
+        # (ctxopt.decoding.FixedStep), which runs no observer and one_query_attention as its override; that is
+        # also right for any forward (it runs grouped SDPA for more than one query).
+        return one_query_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   **kwargs)
     observer = _OBSERVER.get()
     if observer is not None:
         observer(module, query, key, scaling)

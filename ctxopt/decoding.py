@@ -792,11 +792,11 @@ class FixedStep:
     are copied into the same buffers each time, which is what CUDA graph capture needs: the launch-bound eager
     step (one kernel launch after another, 20-35 ms per token for 8B shapes on an H200) becomes one graph launch.
     Modes: ``"fixed"`` runs it eagerly (the reference, and for measuring what reading every slot costs);
-    ``"graph"`` captures it as a CUDA graph per batch size (CUDA only), captured again when the cache's buffers
-    are reallocated; ``"compile"`` runs it through ``torch.compile`` (fixed shapes: compiled once per batch size
-    and capacity). The tokens are those of the dynamic step (tests compare them); the attention reads the
-    capacity's free slots too, masked out, which costs little when the cache is sized for the answer, as the
-    decoder sizes it.
+    ``"graph"`` captures it as a CUDA graph per batch size (CUDA only; one cache's buffers at a time: captured again
+    when the step meets other buffers, a reallocated or another decoder's cache); ``"compile"`` runs it through
+    ``torch.compile`` (compiled again for a new batch size or capacity, with torch's default dynamic shapes).
+    The tokens are those of the dynamic step (tests compare them); the attention reads the capacity's free slots
+    too, masked out, which costs little when the cache is sized for the answer, as the decoder sizes it.
     """
 
     def __init__(self, model, mode: str):
@@ -806,6 +806,7 @@ class FixedStep:
             raise InputError(f"A CUDA graph needs a model on a CUDA device; this one is on {model.device}.")
         self._model, self.mode = weakref.ref(model), mode  # (held per model, weakly keyed: no strong reference)
         self._graphs: dict[int, tuple] = {}  # batch size -> (graph, its input buffers, its logits buffer)
+        self._graph_lock = threading.Lock()  # decoders of the model on several threads share the graphs
         self._buffers: tuple | None = None  # the cache buffers (addresses, capacity) the graphs write into
         self._cache_kwarg = _cache_kwarg(type(model))
         self._compiled = torch.compile(self._run) if mode == "compile" else None
@@ -833,7 +834,8 @@ class FixedStep:
                   torch.tensor(cache.lengths, device=device))
         with torch.inference_mode():
             if self.mode == "graph":
-                logits = self._replay(cache, *inputs)
+                with self._graph_lock:
+                    logits = self._replay(cache, *inputs)
             else:
                 logits = (self._compiled or self._run)(cache, *inputs)
         cache.advance([1] * rows)
@@ -872,7 +874,8 @@ class FixedStep:
                 result = self._run(cache, *inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads may run CUDA work meanwhile (a concurrent request's prefill)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             logits = self._run(cache, *inputs)
         self._graphs[rows] = (graph, inputs, logits)
         return result.clone()

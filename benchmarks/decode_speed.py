@@ -120,21 +120,34 @@ def bench_batch1(lm: LoadedModel, context: str, question: str, new_tokens: int, 
 
     rows = []
     for step in steps:
+        captures = graph_captures(lm, step)
         with step_mode(step):
             ms, values = median_of(repeats, once)
         rows.append({"what": "batch1", "step": step, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
                      "ms_per_token": ms, "runs_ms": [v[0] for v in values],
                      "cpu_ms_per_token": statistics.median(v[1] for v in values),
-                     "runs_cpu_ms": [v[1] for v in values], "token_ids": values[-1][2]})
+                     "runs_cpu_ms": [v[1] for v in values], "token_ids": values[-1][2],
+                     "graph_captures": graph_captures(lm, step) - captures})
         r = rows[-1]
         print(f"batch1 ({step} step): {r['ms_per_token']:.2f} ms/token wall, {r['cpu_ms_per_token']:.2f} CPU, "
               f"over a {r['prompt_tokens']}-token prompt ({new_tokens} tokens; runs "
               f"{', '.join(f'{v:.2f}/{c:.2f}' for v, c in zip(r['runs_ms'], r['runs_cpu_ms']))})", flush=True)
-        if rows[0] is not r:  # the same greedy tokens as the first mode's (bf16 rounding may flip a few)
-            r["same_tokens_as"], r["same_tokens"] = rows[0]["step"], r["token_ids"] == rows[0]["token_ids"]
-            print(f"batch1 tokens, {step} against {rows[0]['step']}: {'same' if r['same_tokens'] else 'DIFFERENT'}",
+        # The same greedy tokens as the first mode's (bf16 rounding may flip a few); a graph replays the fixed
+        # step's kernels, so against the fixed step's tokens it must match exactly.
+        against = next((row for row in rows if row["step"] == "fixed"), rows[0]) if step == "graph" else rows[0]
+        if against is not r:
+            r["same_tokens_as"], r["same_tokens"] = against["step"], r["token_ids"] == against["token_ids"]
+            print(f"batch1 tokens, {step} against {against['step']}: {'same' if r['same_tokens'] else 'DIFFERENT'}",
                   flush=True)
     return rows
+
+
+def graph_captures(lm: LoadedModel, step: str) -> int:
+    """CUDA graphs the model's graph step has captured so far (0 for other modes): a batch-1 ``decode`` captures
+    once per call (each call's cache is new), which its ms/token then includes; the sweep's timed steps do not."""
+    from ctxopt.decoding import FixedStep
+
+    return FixedStep.for_model(lm.model, step).captures if step == "graph" else 0
 
 
 @contextlib.contextmanager
@@ -214,8 +227,10 @@ def bench_sweep(lm: LoadedModel, context: str, questions: list[str], sizes: list
         runs = [("dynamic", "shared_prefix")] if runs_grouped_sdpa(lm.model) else []
         for step, mode in runs + [(step, "copied_prefix") for step in steps]:
             try:
+                captures = graph_captures(lm, step)
                 with step_mode(step):
                     rows.append({**sweep_step_times(lm, base, prompts, shared, mode, new_tokens), "step": step})
+                rows[-1]["graph_captures"] = graph_captures(lm, step) - captures
             except torch.OutOfMemoryError as error:  # e.g. 16 copies of a 128K context's KV
                 rows.append({"what": "sweep", "mode": mode, "step": step, "batch": size,
                              "prompt_tokens": len(prompts[0]), "error": f"out of memory: {str(error).splitlines()[0]}"})

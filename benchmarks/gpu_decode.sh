@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_decode.sh --smoke    # tiny shapes on the CPU: checks that every step runs
 #
 # 1. decode ms/token at batch 1 over a 1K and a ~128K cache, with each decode step mode side by side: dynamic
-#    (eager, shapes growing), fixed (eager, fixed shapes) and graph (the fixed step replayed as a CUDA graph);
+#    (eager, shapes growing), fixed (eager, fixed shapes) and graph (the fixed step replayed as a CUDA graph; its
+#    tokens must be the fixed step's: same_tokens in decode.jsonl);
 # 2. decode steps of batch 1 and 16 over one 1K and one ~128K context: the context's KV held once (shared-prefix
 #    attention, dynamic step) and copied per row, in each step mode (at 128K, 16 copies do not fit: that row
 #    records out of memory);
@@ -25,7 +26,7 @@ if [[ "${1:-}" == "--smoke" ]]; then
     speed=("$python" benchmarks/gpu_speed.py --smoke --contexts 512 --methods full,rapid)
 else
     decode=("$python" benchmarks/decode_speed.py --model random-llama-3.1-8b --device cuda --dtype bfloat16)
-    long=(--context-tokens 130000 --prefill-chunk 8192 --step dynamic,graph)
+    long=(--context-tokens 130000 --prefill-chunk 8192 --step dynamic,fixed,graph)
     short=(--context-tokens 1024 --step dynamic,fixed,graph)
     speed=("$python" benchmarks/gpu_speed.py --contexts 32768,131072 --methods full,rapid --prefill-chunk 8192
            --time-budget 240)

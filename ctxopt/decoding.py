@@ -414,8 +414,10 @@ class BatchDecoder:
                 f"{', '.join(windowed)} layers (a sliding window), which it does not support yet."
             )
         self.model, self.tokenizer, self.eos_ids, self.prefix = model, tokenizer, list(eos_ids), prefix
-        step = decode_step_mode(step)
-        self.fixed_step = FixedStep.for_model(model, step) if step != "dynamic" and prefix is None else None
+        mode = decode_step_mode(step)
+        if mode == "graph" and step is None and model.device.type != "cuda":
+            mode = "dynamic"  # $CTXOPT_DECODE_STEP=graph asks for graphs where they run (a CPU draft runs dynamic)
+        self.fixed_step = FixedStep.for_model(model, mode) if mode != "dynamic" and prefix is None else None
         self.cache: SlotCache | None = None
         self.active: list[DecodeRequest] = []  # active[r] decodes in row r of the cache
         self.waiting: list[DecodeRequest] = []
@@ -792,9 +794,10 @@ class FixedStep:
     are copied into the same buffers each time, which is what CUDA graph capture needs: the launch-bound eager
     step (one kernel launch after another, 20-35 ms per token for 8B shapes on an H200) becomes one graph launch.
     Modes: ``"fixed"`` runs it eagerly (the reference, and for measuring what reading every slot costs);
-    ``"graph"`` captures it as a CUDA graph per batch size (CUDA only; one cache's buffers at a time: captured again
-    when the step meets other buffers, a reallocated or another decoder's cache); ``"compile"`` runs it through
-    ``torch.compile`` (compiled again for a new batch size or capacity, with torch's default dynamic shapes).
+    ``"graph"`` captures it as a CUDA graph per batch size (CUDA only; the graphs share one memory pool and serve
+    one cache's buffers at a time: they are captured again when the step meets other buffers, a reallocated or
+    another decoder's cache; ``captures`` counts them); ``"compile"`` runs it through ``torch.compile`` (new
+    shapes recompile until torch marks them dynamic).
     The tokens are those of the dynamic step (tests compare them); the attention reads the capacity's free slots
     too, masked out, which costs little when the cache is sized for the answer, as the decoder sizes it.
     """
@@ -807,6 +810,8 @@ class FixedStep:
         self._model, self.mode = weakref.ref(model), mode  # (held per model, weakly keyed: no strong reference)
         self._graphs: dict[int, tuple] = {}  # batch size -> (graph, its input buffers, its logits buffer)
         self._graph_lock = threading.Lock()  # decoders of the model on several threads share the graphs
+        self._pool = None  # the graphs' shared memory pool (each replay's logits are copied out at once)
+        self.captures = 0
         self._buffers: tuple | None = None  # the cache buffers (addresses, capacity) the graphs write into
         self._cache_kwarg = _cache_kwarg(type(model))
         self._compiled = torch.compile(self._run) if mode == "compile" else None
@@ -844,12 +849,11 @@ class FixedStep:
     def _run(self, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
         model = self._model()
         mask = model_mask(model, cache.fixed_step_mask(lengths))
-        # Compiled, GROUPED_SDPA runs one_query_attention unasked (ctxopt_attention): compiled code reads no
-        # context variables, and the override sets one.
-        override = runs_grouped_sdpa(model) and not torch.compiler.is_compiling()
-        with attention_override(one_query_attention) if override else nullcontext():
-            out = model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                        **{self._cache_kwarg: cache})
+        # GROUPED_SDPA runs one_query_attention, passed down as an argument: a context variable (attention_override)
+        # would break a compiled graph.
+        grouped = {"step_attention": one_query_attention} if runs_grouped_sdpa(model) else {}
+        out = model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                    **{self._cache_kwarg: cache}, **grouped)
         return out.logits[:, -1]
 
     def _replay(self, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
@@ -874,10 +878,12 @@ class FixedStep:
                 result = self._run(cache, *inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
         # thread_local: other threads may run CUDA work meanwhile (a concurrent request's prefill)
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._run(cache, *inputs)
         self._graphs[rows] = (graph, inputs, logits)
+        self.captures += 1
         return result.clone()
 
 

@@ -322,14 +322,21 @@ def test_the_fixed_step_decodes_what_the_dynamic_step_does(tiny_lm, grouped_lm, 
     assert answers[step] == answers["dynamic"]
 
 
-def test_the_fixed_step_is_one_graph_that_lengths_do_not_change(grouped_lm):
+def test_the_fixed_step_is_one_graph_that_lengths_do_not_change(grouped_lm, monkeypatch):
     """What graph capture needs: the whole step traces as ONE graph (no break back to Python) and the same graph
-    serves the next steps, the rows' lengths changing (no value is read on the host). Its logits are the eager
-    fixed step's and the dynamic step's."""
+    serves the next steps, the rows' lengths changing (no value is read on the host). Its logits are the dynamic
+    step's, and every layer runs one_query_attention (passed down through the model's keyword arguments)."""
+    import ctxopt.decoding
+    from ctxopt.attention.kernels import one_query_attention
     from ctxopt.decoding import FixedStep
 
     lm = grouped_lm
-    graphs = []
+    graphs, traced_layers = [], []
+
+    def counted_attention(module, *args, **kwargs):
+        traced_layers.append(module)
+        return one_query_attention(module, *args, **kwargs)
+
 
     def count_graphs(graph_module, example_inputs):
         graphs.append(graph_module)
@@ -345,6 +352,11 @@ def test_the_fixed_step_is_one_graph_that_lengths_do_not_change(grouped_lm):
     traced = torch.compile(eager._run, backend=count_graphs, fullgraph=True)
     tokens, positions = [101, 202, 303], [30, 12, 45]
     with torch.inference_mode():
+        with monkeypatch.context() as patch:  # (eagerly: a traced list append would add guards)
+            patch.setattr(ctxopt.decoding, "one_query_attention", counted_attention)
+            eager._run(cache, torch.tensor(tokens).view(3, 1), torch.tensor(positions).view(3, 1),
+                       torch.tensor(cache.lengths))  # (writes the slots the first step below writes again)
+        assert len(traced_layers) == lm.model.config.num_hidden_layers
         for _ in range(4):
             lengths = torch.tensor(cache.lengths)
             logits = traced(cache, torch.tensor(tokens).view(3, 1), torch.tensor(positions).view(3, 1), lengths)
@@ -364,9 +376,10 @@ def test_the_decode_step_is_chosen_by_the_environment(tiny_lm, monkeypatch):
     monkeypatch.setenv("CTXOPT_DECODE_STEP", "fixed")
     assert isinstance(BatchDecoder(tiny_lm.model, tiny_lm.tokenizer).fixed_step, FixedStep)
     assert BatchDecoder(tiny_lm.model, tiny_lm.tokenizer, step="dynamic").fixed_step is None
-    monkeypatch.setenv("CTXOPT_DECODE_STEP", "graph")
-    with pytest.raises(InputError, match="CUDA"):  # the CPU has no CUDA graphs
-        BatchDecoder(tiny_lm.model, tiny_lm.tokenizer)
+    monkeypatch.setenv("CTXOPT_DECODE_STEP", "graph")  # graphs where they run: a CPU model decodes dynamic
+    assert BatchDecoder(tiny_lm.model, tiny_lm.tokenizer).fixed_step is None
+    with pytest.raises(InputError, match="CUDA"):  # asked for by name, on the CPU: an error
+        BatchDecoder(tiny_lm.model, tiny_lm.tokenizer, step="graph")
     with pytest.raises(InputError, match="dynamic, fixed, graph, compile"):
         BatchDecoder(tiny_lm.model, tiny_lm.tokenizer, step="graphs")
 

@@ -67,9 +67,9 @@ def one_query_attention(module, query, key, value, attention_mask, dropout=0.0, 
                                       **kwargs)
     rows, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
-    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                                              scale=scaling)
+    grouped = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)  # query head h reads KV head h // groups
+    mask = None if attention_mask is None else attention_mask[..., :key.shape[-2]]
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     return output.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
@@ -146,15 +146,14 @@ def attention_override(attention: Callable) -> Iterator[None]:
         _OVERRIDE.reset(token)
 
 
-def ctxopt_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def ctxopt_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, step_attention=None,
+                     **kwargs):
     """The function registered as ``GROUPED_SDPA``: the context's observer (if any) sees the query and key, then
-    the context's override (if any) or :func:`grouped_sdpa_attention` runs."""
-    if torch.compiler.is_compiling():
-        # torch.compile cannot read context variables. ctxopt compiles only the fixed decode step
-        # (ctxopt.decoding.FixedStep), which runs no observer and one_query_attention as its override; that is
-        # also right for any forward (it runs grouped SDPA for more than one query).
-        return one_query_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                   **kwargs)
+    the context's override (if any) or :func:`grouped_sdpa_attention` runs. A forward given ``step_attention=``
+    (an attention function, passed through the model's keyword arguments) runs that instead and reads no context
+    variable: ``torch.compile`` traces it without a break (``ctxopt.decoding.FixedStep``)."""
+    if step_attention is not None:
+        return step_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     observer = _OBSERVER.get()
     if observer is not None:
         observer(module, query, key, scaling)

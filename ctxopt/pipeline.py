@@ -145,7 +145,9 @@ class Pipeline:
                 from .models import LoadedModel, load_model
 
                 spec = self._model_spec
-                self._lm = spec if isinstance(spec, LoadedModel) else load_model(spec, self._device, self._dtype)
+                # With an engine, ctxopt's model only reads prompts: its automatic dtype may differ (bf16 CPUs).
+                self._lm = spec if isinstance(spec, LoadedModel) else load_model(
+                    spec, self._device, self._dtype, prefill_only=self.engine is not None)
             return self._lm
 
     def embedder(self):

@@ -29,7 +29,9 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample draw (default 0)")
     parser.add_argument("--model", default="smollm2-135m", help="registry name, local folder, .gguf file or hub id")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu; with --engine, bf16 on "
+                             "a cpu with native bf16)")
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:

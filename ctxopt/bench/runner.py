@@ -296,7 +296,8 @@ def run_benchmark(
         for method, budget in configs:
             check_engine_stages(order_stages(build_stages(method, budget, **_method_options(method, options, None))))
     command = command or shlex.join(sys.argv)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype,
+                                                                  prefill_only=engine is not None)
     draft_lm = None
     if draft is not None and _uses_draft(m for m, _ in configs):
         draft_lm = draft if isinstance(draft, LoadedModel) else load_model(draft, lm.device, lm.dtype)

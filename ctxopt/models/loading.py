@@ -80,6 +80,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
+    prefill_only: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, with SDPA attention (``attention.GROUPED_SDPA``), on
     ``device`` in ``dtype``.
@@ -90,8 +91,10 @@ def load_model(
 
     The first load in a process also sets torch's CPU thread count (``policy.configure_threads``: $CTXOPT_THREADS,
     $OMP_NUM_THREADS, or the cores other processes leave free), printed to stderr when ``progress`` and on CPU.
+    ``prefill_only`` (a model that only reads prompts: the ctxopt side of a serving engine) may change the
+    automatic dtype (``policy.resolve_device_dtype``).
     """
-    resolved_device, resolved_dtype = resolve_device_dtype(device, dtype)
+    resolved_device, resolved_dtype = resolve_device_dtype(device, dtype, prefill_only)
     configure_threads(announce=progress and resolved_device.type == "cpu")
     with _LOADED_LOCK:
         kind, source = _resolve_source(str(name_or_path), progress)

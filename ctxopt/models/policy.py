@@ -21,6 +21,22 @@ from ..errors import InputError
 #   512 tokens: float32 5.7 s, bfloat16 28.8 s;  2048 tokens: float32 25.8 s, bfloat16 134.0 s.
 # With 2 threads, 512 tokens took 25.1 s vs 70.6 s wall (loaded machine); a decode step 101 vs 131 ms. float32 wins.
 _CPU_DEFAULT_DTYPE = torch.float32
+# For a model that only reads prompts (the ctxopt side of a serving engine: GemFilter's early layers, SpecPC's
+# draft), on a CPU with native bfloat16 products (AVX512-BF16 or AMX), bfloat16 is the default. Measured
+# 2026-12-06 on the 2-core AVX512-BF16 CPU that replaced the one above, 1 thread, CPU seconds: prefill of 2,048
+# tokens SmolLM2-135M float32 8.7 s, bfloat16 5.3 s; 4,096 tokens Qwen2.5-Coder-0.5B 49.6 s against 29.4 s. The
+# selections on RULER-4K qa_2 at 8x (4 samples): SpecPC with the SmolLM2 draft kept the same positions (23 s ->
+# 16 s per compress), GemFilter at Qwen's layer 15 98-99% of them (32 s -> 20 s). A decode step is 2x slower in
+# bfloat16 there (SmolLM2, 2K cache: 95 against 181 ms), so a model that generates answers stays in float32.
+_CPU_PREFILL_DTYPE = torch.bfloat16
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 log = logging.getLogger("ctxopt")
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -31,11 +47,13 @@ _DTYPES: dict[str, torch.dtype] = {
 
 
 def resolve_device_dtype(
-    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, prefill_only: bool = False
 ) -> tuple[torch.device, torch.dtype]:
     """The device and dtype to load on: arguments first, then $CTXOPT_DEVICE / $CTXOPT_DTYPE, then automatic.
 
-    Automatic is CUDA with bfloat16 when a GPU is present, else CPU with the measured CPU default.
+    Automatic is CUDA with bfloat16 when a GPU is present, else CPU with the measured CPU default: float32, or, for
+    a model that only reads prompts (``prefill_only``: the ctxopt side of a serving engine) on a CPU with native
+    bfloat16 products, bfloat16.
     Strings like "cpu", "cuda", "cuda:1", "auto", "bf16", "bfloat16", "float32", "fp16" are accepted.
     """
     device = device if device is not None else os.environ.get("CTXOPT_DEVICE") or None
@@ -55,7 +73,10 @@ def resolve_device_dtype(
         resolved_device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" are one device
 
     if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
-        resolved_dtype = torch.bfloat16 if resolved_device.type == "cuda" else _CPU_DEFAULT_DTYPE
+        if resolved_device.type == "cuda":
+            resolved_dtype = torch.bfloat16
+        else:
+            resolved_dtype = _CPU_PREFILL_DTYPE if prefill_only and native_bf16_cpu() else _CPU_DEFAULT_DTYPE
     elif isinstance(dtype, torch.dtype):
         resolved_dtype = dtype
     else:

@@ -284,7 +284,7 @@ class Gateway:
             else:
                 from ..models import load_model
 
-                lm = load_model(model, self.config.device, self.config.dtype)
+                lm = load_model(model, self.config.device, self.config.dtype, prefill_only=bool(self.engine))
             if self.retriever is None and self.config.index:
                 from ..retrievers import FaissStore
 

@@ -254,8 +254,11 @@ def test_the_slot_cache_holds_each_row_as_a_fresh_prefill_would(tiny_lm):
             assert torch.allclose(values, fresh.layers[layer].values, atol=1e-5)
 
 
-def test_decode_leaves_the_state_holding_what_it_fed(tiny_lm):
-    """As the eager loop did to its DynamicCache: the prompt and every answer token but the last."""
+@pytest.mark.parametrize("step", ["dynamic", "fixed"])
+def test_decode_leaves_the_state_holding_what_it_fed(tiny_lm, monkeypatch, step):
+    """As the eager loop did to its DynamicCache: the prompt and every answer token but the last (the fixed step
+    writes each entry at its row's length, as the dynamic one does)."""
+    monkeypatch.setenv("CTXOPT_DECODE_STEP", step)
     ids = _ids(26, 4)
     state = prefill(tiny_lm.model, ids)
     result = decode(tiny_lm.model, tiny_lm.tokenizer, state, GenerationConfig(max_new_tokens=7))

@@ -28,6 +28,7 @@ _CPU_DEFAULT_DTYPE = torch.float32
 # selections on RULER-4K qa_2 at 8x (4 samples): SpecPC with the SmolLM2 draft kept the same positions (23 s ->
 # 16 s per compress), GemFilter at Qwen's layer 15 98-99% of them (32 s -> 20 s). A decode step is 2x slower in
 # bfloat16 there (SmolLM2, 2K cache: 95 against 181 ms), so a model that generates answers stays in float32.
+# Commands: benchmarks/cpu_dtype.py (prefill, select) and decode_speed.py --dtype; JOURNAL.md 2026-12-06 14:15.
 _CPU_PREFILL_DTYPE = torch.bfloat16
 
 

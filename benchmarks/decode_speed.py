@@ -348,7 +348,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of batch1 (after a warm-up)")
     parser.add_argument("--many-repeats", type=int, default=1, help="runs of ask_many and of the separate asks")
     parser.add_argument("--stop-at-eos", action="store_true", help="let answers end at EOS (default: ignore it)")
-    parser.add_argument("--only", choices=["batch1", "ask_many", "sweep", "concurrent"], default=None)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated runs: batch1, ask_many, sweep, concurrent (default: all but concurrent)")
     parser.add_argument("--concurrency", default="1,4,16", help="concurrent calls of the concurrent run")
     parser.add_argument("--method", default="snapkv", help="the concurrent run's method")
     parser.add_argument("--budget", type=float, default=1024, help="the concurrent run's budget")
@@ -361,6 +362,9 @@ def main(argv=None) -> None:
                         help="decode step modes batch1 and the sweep run in, side by side (comma-separated: "
                              f"{', '.join(DECODE_STEPS)}); default $CTXOPT_DECODE_STEP or dynamic")
     args = parser.parse_args(argv)
+    runs = set(args.only.split(",")) if args.only else {"batch1", "ask_many", "sweep"}
+    if runs - {"batch1", "ask_many", "sweep", "concurrent"}:
+        parser.error(f"--only takes batch1, ask_many, sweep, concurrent; got {args.only}")
     steps = tuple(decode_step_mode(step) for step in (args.step or decode_step_mode()).split(","))
     if args.smoke:
         args.context_tokens, args.new_tokens, args.repeats, args.many_repeats = min(args.context_tokens, 256), 8, 1, 1
@@ -384,9 +388,9 @@ def main(argv=None) -> None:
               "torch": torch.__version__, "host": platform.node(),
               "commit": os.popen("git rev-parse --short HEAD").read().strip()}
     rows = []
-    if args.only in (None, "batch1"):
+    if "batch1" in runs:
         rows += bench_batch1(lm, context, questions[0], args.new_tokens, args.repeats, args.prefill_chunk, steps)
-    if args.only in (None, "ask_many"):
+    if "ask_many" in runs:
         pipe = Pipeline(lm, max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk)
         rows.append(bench_ask_many(pipe, context, questions, args.many_repeats))
         r = rows[-1]
@@ -396,12 +400,12 @@ def main(argv=None) -> None:
               f"({r['separate_seconds']:.2f} s); decode only {r['ask_many_decode_tokens_per_s']:.1f} vs "
               f"{r['separate_decode_tokens_per_s']:.1f} tok/s; CPU {r['ask_many_cpu_seconds']:.2f} vs "
               f"{r['separate_cpu_seconds']:.2f} s", flush=True)
-    if args.only == "concurrent":
+    if "concurrent" in runs:
         levels = [int(c) for c in args.concurrency.split(",")]
         budget = int(args.budget) if args.budget >= 1 else args.budget
         rows += bench_concurrent(lm, context, questions, levels, args.new_tokens, args.method, budget,
                                  args.prefill_chunk)
-    if args.only == "sweep" or (args.only is None and args.sweep):
+    if "sweep" in runs:
         sizes = [int(b) for b in args.sweep.split(",")]
         rows += bench_sweep(lm, context, questions, sizes, args.new_tokens, args.prefill_chunk, steps)
     if args.out:

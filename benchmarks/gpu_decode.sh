@@ -33,7 +33,6 @@ else
 fi
 for size in short long; do
     declare -n context="$size"
-    "${decode[@]}" "${context[@]}" --only batch1 --repeats 3 --out "$OUT/decode.jsonl"
-    "${decode[@]}" "${context[@]}" --only sweep --sweep 1,16 --out "$OUT/decode.jsonl"
+    "${decode[@]}" "${context[@]}" --only batch1,sweep --repeats 3 --sweep 1,16 --out "$OUT/decode.jsonl"
 done
 OUT="$OUT" "${speed[@]}"

@@ -38,6 +38,8 @@ def native_bf16_cpu() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
 log = logging.getLogger("ctxopt")
 
 _DTYPES: dict[str, torch.dtype] = {

@@ -2,7 +2,8 @@
 against each engine-capable method, all in one run against the same engine.
 
 Each request is one ``Pipeline.ask`` with ``engine=``: ctxopt's compression (its own model passes) runs under
-one lock, as in ``CtxoptChatModel`` and ``ctxopt serve`` (ctxopt-side passes are serialised), and the
+one lock, as in ``CtxoptChatModel`` and ``ctxopt serve`` (ctxopt-side passes are serialised, in the dtype an
+engine's ctxopt side loads in: bfloat16 on a CPU that multiplies it natively), and the
 generation requests go to the engine concurrently, where continuous batching serves them together. A method
 row therefore pays its compression passes one after another, then the engine's shorter prefills in a batch.
 Reported per row: requests/s over the wall time of the whole batch, p50/p95 latency of a request (submit to
@@ -51,7 +52,7 @@ def main() -> None:
     from ctxopt.models import load_model
     from ctxopt.pipeline import Pipeline
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, prefill_only=True)  # the ctxopt side of an engine, as Pipeline(engine=) loads it
     samples = load_task(args.task, args.length, lm.tokenizer, args.requests, args.seed)
     lock = threading.Lock()
     rows = []

@@ -28,6 +28,9 @@ _CPU_DEFAULT_DTYPE = torch.float32
 # selections on RULER-4K qa_2 at 8x (4 samples): SpecPC with the SmolLM2 draft kept the same positions (23 s ->
 # 16 s per compress), GemFilter at Qwen's layer 15 98-99% of them (32 s -> 20 s). A decode step is 2x slower in
 # bfloat16 there (SmolLM2, 2K cache: 95 against 181 ms), so a model that generates answers stays in float32.
+# Over 50 samples through the engine (RULER-4K qa_2, JOURNAL.md 2026-12-06 20:45), bfloat16 SpecPC scored
+# 26/26% at 4x/8x against float32's 26/22% (answers differing on 5/10 of 50) at 0.80/0.71x the engine's
+# TTFT against 1.04/0.94x.
 # Commands: benchmarks/cpu_dtype.py (prefill, select) and decode_speed.py --dtype; JOURNAL.md 2026-12-06 14:15.
 _CPU_PREFILL_DTYPE = torch.bfloat16
 

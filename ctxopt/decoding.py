@@ -745,7 +745,9 @@ def model_mask(model, mask: torch.Tensor) -> torch.Tensor:
 def step_attention(model, cache: SlotCache, prefix=None):
     """The attention a prepared slot step runs (``cache.step_mask`` first): the shared prefix's split attention;
     on a GROUPED_SDPA model, SDPA without the mask where it allows everything or is plain causal; else the
-    model's attention under the mask."""
+    model's attention under the mask. A context variable, not FixedStep's ``step_attention=`` argument: under
+    it GROUPED_SDPA still calls ``capture_attention``'s observer first (SpecPC's lookahead and the local prefill
+    capture steps into a SlotCache), which the argument path skips so that a compiled step reads no context."""
     if prefix is not None:
         return attention_override(prefix.attention)
     if runs_grouped_sdpa(model) and cache.unmasked:

@@ -30,7 +30,7 @@ _CPU_DEFAULT_DTYPE = torch.float32
 # bfloat16 there (SmolLM2, 2K cache: 95 against 181 ms), so a model that generates answers stays in float32.
 # Over 50 samples through the engine (RULER-4K qa_2, JOURNAL.md 2026-12-06 20:45), bfloat16 SpecPC scored
 # 26/26% at 4x/8x against float32's 26/22% (answers differing on 5/10 of 50) at 0.80/0.71x the engine's
-# TTFT against 1.04/0.94x.
+# TTFT against 1.04/0.94x; GemFilter 26/28% against 20/30%, at 0.85/0.76x against 1.45/1.35x (21:12).
 # Commands: benchmarks/cpu_dtype.py (prefill, select) and decode_speed.py --dtype; JOURNAL.md 2026-12-06 14:15.
 _CPU_PREFILL_DTYPE = torch.bfloat16
 

@@ -88,7 +88,7 @@ def test_cache_hit_avoids_the_model(tiny_lm, monkeypatch):
     monkeypatch.setattr(color_module, "generate_text", boom)
     again = stage(tiny_lm, max_new_tokens=6).compress("q", PASSAGES)
     assert [p.text for p in again] == [p.text for p in first]
-    cached = SummaryCache(stage(tiny_lm, max_new_tokens=6).fingerprint(tiny_lm))
+    cached = SummaryCache(stage(tiny_lm, max_new_tokens=6).fingerprint(tiny_lm.name))
     assert all(cached.get(p.text) is not None for p in PASSAGES)
 
 
@@ -321,8 +321,8 @@ def test_data_builder_and_trainer_end_to_end(tiny_lm, tmp_path, monkeypatch):
     summarised = []
     original_summaries = color_module.CoLoR.summaries
     monkeypatch.setattr(color_module.CoLoR, "summaries",
-                        lambda stage, texts, lm: summarised.append(stage.compressor) or original_summaries(
-                            stage, texts, lm))
+                        lambda stage, texts, name, write: summarised.append(stage.compressor) or original_summaries(
+                            stage, texts, name, write))
     judged = []
     evidence = training.EvidenceJudge()
     monkeypatch.setitem(training.JUDGES, "evidence",

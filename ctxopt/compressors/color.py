@@ -13,6 +13,9 @@ Deviations, all deliberate:
   adapter ``color-smollm2`` also ships: 2-5x faster on CPU, compresses harder, loses more F1); the paper
   fine-tunes Phi-3-mini fully (see docs/color.md).
 - Summaries are cached on disk per (passage sha256, compressor fingerprint), so a corpus is compressed once.
+- The compressor may run on a serving engine (``compressor_engine``: vLLM with the adapter as a LoRA module) instead
+  of transformers' ``generate``: the same prompt, greedy, with each passage's own length cap; the engine batches
+  the passages. Its summaries are cached apart from local ones (another runtime and dtype can change a token).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,7 +36,8 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..fileutil import sha256_file
-from ..models import LoadedModel, cache_dir, load_model, registry_entry
+from ..generators.engine import EngineGenerator
+from ..models import LoadedModel, cache_dir, load_model, load_tokenizer, registry_entry
 from ..prompting import render_chat
 from ..stages import PassageStage, Run
 from ..text import count_tokens
@@ -87,13 +93,35 @@ def with_adapter(base: LoadedModel, adapter: str | Path) -> LoadedModel:
 
 def summarise(lm: LoadedModel, passages: list[str], max_new_tokens: int, batch_size: int = 8,
               progress: bool = False, temperature: float = 0.0) -> list[str]:
-    """The compressor's summary of each passage (the paper's prompt), capped near the passage's own length: a
-    summary as long as its passage falls back to the passage, so generating far past that is waste; the slack
-    keeps a capped (cut) summary at least as long as its passage after re-tokenisation."""
+    """The compressor's summary of each passage (the paper's prompt), capped near the passage's own length
+    (``summary_caps``; a batch stops at its largest cap)."""
     prompts = [summary_prompt(lm.tokenizer, t) for t in passages]
-    caps = [count_tokens(lm.tokenizer, t) + CAP_SLACK for t in passages]
+    caps = summary_caps(lm.tokenizer, passages, max_new_tokens)
     return generate_text(lm, prompts, max_new_tokens, batch_size, progress=progress, desc="color", max_tokens=caps,
                          temperature=temperature)
+
+
+def summary_caps(tokenizer, passages: list[str], max_new_tokens: int) -> list[int]:
+    """Each passage's summary length limit: its own length plus ``CAP_SLACK``, at most ``max_new_tokens``. A
+    summary as long as its passage falls back to the passage, so generating far past that is waste; the slack
+    keeps a capped (cut) summary at least as long as its passage after re-tokenisation."""
+    return [min(max_new_tokens, count_tokens(tokenizer, t) + CAP_SLACK) for t in passages]
+
+
+def engine_summarise(engine: EngineGenerator, tokenizer, passages: list[str], max_new_tokens: int,
+                     progress: bool = False) -> list[str]:
+    """``summarise`` on a serving engine: each passage's prompt as token ids, greedy, capped at its own
+    ``summary_caps`` limit, up to ``engine.max_concurrency`` requests in flight (the engine batches them)."""
+    prompts = [tokenizer(summary_prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in passages]
+    caps = summary_caps(tokenizer, passages, max_new_tokens)
+    with ThreadPoolExecutor(max_workers=max(1, min(engine.max_concurrency, len(passages)))) as pool, \
+            tqdm(total=len(passages), desc="color (engine)", unit="passage", disable=not progress) as bar:
+        futures = [pool.submit(engine.completion_text, ids, max(1, cap)) for ids, cap in zip(prompts, caps)]
+        outputs = []
+        for future in futures:
+            outputs.append(future.result().strip())
+            bar.update(1)
+    return outputs
 
 
 def generate_text(lm: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
@@ -172,6 +200,11 @@ class CoLoR(PassageStage):
     shipped (SmolLM2-135M), None the untrained prompt. ``fallback``: what replaces an unusable summary (empty,
     or not shorter than the passage): "original" keeps the passage [P], "drop" leaves it out. Source, span,
     id and metadata of every passage are kept; only its text changes.
+
+    ``compressor_engine``: the base URL of an OpenAI-compatible server that serves the compressor with its
+    adapter (vLLM: ``--enable-lora --lora-modules color=<adapter folder>``; name it with
+    ``compressor_engine_model``), which then writes the summaries; only the compressor's tokenizer loads here,
+    and ``adapter`` is ignored (the engine's module is the adapter).
     """
 
     compressor: str | LoadedModel = DEFAULT_COMPRESSOR
@@ -181,8 +214,11 @@ class CoLoR(PassageStage):
     batch_size: int = 8
     cache: bool = True
     progress: bool = True
+    compressor_engine: str | None = None
+    compressor_engine_model: str | None = None
     name = "color"
     _model: LoadedModel | None = field(default=None, init=False, repr=False)
+    _engine: EngineGenerator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.adapter is False:  # ``--option adapter=false``: the untrained prompt
@@ -203,23 +239,66 @@ class CoLoR(PassageStage):
             self._model = with_adapter(base, adapter) if adapter is not None else base
         return self._model
 
-    def fingerprint(self, lm: LoadedModel) -> str:
+    def compressor_tokenizer(self):
+        """The compressor's tokenizer: the loaded compressor's, or only the tokenizer when an engine runs it."""
+        if isinstance(self.compressor, LoadedModel):
+            return self.compressor.tokenizer
+        return load_tokenizer(self.compressor, progress=self.progress)
+
+    def engine(self) -> EngineGenerator:
+        """The compressor's engine client, checked (once) to serve a model with the compressor's tokenizer."""
+        if self._engine is None:
+            engine = EngineGenerator(self.compressor_engine, self.compressor_engine_model)
+            name = self.compressor.name if isinstance(self.compressor, LoadedModel) else self.compressor
+            engine.check_tokenizer(self.compressor_tokenizer(), f"color's compressor {name}")
+            self._engine = engine
+        return self._engine
+
+    def engine_identity(self, engine: EngineGenerator) -> str:
+        """What identifies the engine's compressor for the summary cache: the served model and, for a LoRA
+        module (vLLM's ``root``), its adapter file's hash when that folder is readable here."""
+        entry = engine.served_entry()
+        root = str(entry.get("root") or "")
+        weights = Path(root) / ADAPTER_FILE
+        adapter = sha256_file(weights)[:12] if root and weights.is_file() else root
+        return f"engine:{entry.get('parent') or entry.get('id')}+{entry.get('id')}:{adapter}"
+
+    def fingerprint(self, compressor_name: str) -> str:
         """What a cached summary depends on: compressor (+ adapter hash), prompt and generation length."""
-        key = json.dumps([lm.name, SUMMARY_PROMPT, self.max_new_tokens])
+        key = json.dumps([compressor_name, SUMMARY_PROMPT, self.max_new_tokens])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
-    def summaries(self, texts: list[str], lm: LoadedModel) -> list[str]:
-        """The raw summaries of ``texts``, from the cache where present, else generated in batches."""
-        store = SummaryCache(self.fingerprint(lm)) if self.cache else None
+    def summaries(self, texts: list[str], compressor_name: str,
+                  write: Callable[[list[str]], list[str]]) -> list[str]:
+        """The raw summaries of ``texts``, from the cache where present, else written by ``write`` (the
+        compressor, local or on the engine) and stored."""
+        store = SummaryCache(self.fingerprint(compressor_name)) if self.cache else None
         found = {t: store.get(t) for t in set(texts)} if store else {}
         missing = [t for t in dict.fromkeys(texts) if found.get(t) is None]
         if missing:
-            made = summarise(lm, missing, self.max_new_tokens, self.batch_size, progress=self.progress)
-            for text, summary in zip(missing, made):
+            for text, summary in zip(missing, write(missing)):
                 found[text] = summary
                 if store:
                     store.put(text, summary)
         return [found[t] for t in texts]
+
+    def compressor_identity(self, device=None, dtype=None) -> str:
+        """The compressor's name in the summary cache's fingerprint: the engine's (``engine_identity``) when one
+        is set, else the local compressor's, loaded on ``device`` in ``dtype``."""
+        if self.compressor_engine:
+            return self.engine_identity(self.engine())
+        return self.compressor_model(device, dtype).name
+
+    def summarised(self, texts: list[str], device=None, dtype=None) -> tuple[list[str], object]:
+        """(summaries of ``texts``, the compressor's tokenizer), from the engine when one is set, else from
+        the local compressor on ``device`` in ``dtype``."""
+        if self.compressor_engine:
+            engine, tokenizer = self.engine(), self.compressor_tokenizer()
+            return self.summaries(texts, self.engine_identity(engine), lambda todo: engine_summarise(
+                engine, tokenizer, todo, self.max_new_tokens, progress=self.progress)), tokenizer
+        lm = self.compressor_model(device, dtype)
+        return self.summaries(texts, lm.name, lambda todo: summarise(
+            lm, todo, self.max_new_tokens, self.batch_size, progress=self.progress)), lm.tokenizer
 
     def compress(self, question: str, passages: list[Passage], run: Run | None = None) -> list[Passage]:
         todo = [i for i, p in enumerate(passages) if not precompressed(p)]  # an index may hold the summaries
@@ -228,10 +307,11 @@ class CoLoR(PassageStage):
         out: list[Passage | None] = list(passages)
         fell_back = 0
         if todo:
-            lm = self.compressor_model(*((run.lm.device, run.lm.dtype) if run else (None, None)))
-            for i, summary in zip(todo, self.summaries([passages[i].text for i in todo], lm)):
+            where = (run.lm.device, run.lm.dtype) if run else (None, None)
+            summaries, tokenizer = self.summarised([passages[i].text for i in todo], *where)
+            for i, summary in zip(todo, summaries):
                 passage = passages[i]
-                shorter = count_tokens(lm.tokenizer, summary) < count_tokens(lm.tokenizer, passage.text)
+                shorter = count_tokens(tokenizer, summary) < count_tokens(tokenizer, passage.text)
                 if summary.strip() and shorter:
                     out[i] = passage.replace(text=summary)
                     continue

@@ -102,11 +102,16 @@ class EngineGenerator:
         return [entry.get("id") for entry in data if entry.get("id")]
 
     def check(self, lm: "LoadedModel") -> None:
-        """Refuse an engine that serves another model: the served name must be given or be the only one, and
-        where the engine can tokenize (vLLM's ``POST /tokenize``) a probe text must give ``lm``'s token ids,
-        since ctxopt sends token ids that only mean the same words under the same tokenizer."""
+        """Refuse an engine that serves another model than ``lm`` (``check_tokenizer``), once per model."""
         if self._checked_for is lm:
             return
+        self.check_tokenizer(lm.tokenizer, lm.name, getattr(lm.model, "name_or_path", "") or lm.name)
+        self._checked_for = lm
+
+    def check_tokenizer(self, tokenizer: Any, name: str, folder: str | None = None) -> None:
+        """Refuse an engine that serves another model: the served name must be given or be the only one, and
+        where the engine can tokenize (vLLM's ``POST /tokenize``) a probe text must give ``tokenizer``'s ids,
+        since ctxopt sends token ids that only mean the same words under the same tokenizer."""
         served = self.served_models()
         if self.model is None:
             if len(served) != 1:
@@ -115,15 +120,19 @@ class EngineGenerator:
             self.model = served[0]
         elif self.model not in served:
             raise EngineError(f"The engine at {self.base_url} does not serve {self.model!r}; it serves {served}.")
-        expected = lm.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        expected = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         found = self._engine_tokens(PROBE_TEXT)
         if found is not None and found != expected:
             raise EngineError(
-                f"The engine's model {self.model!r} tokenizes text differently from {lm.name!r}: it is another "
-                f"model. Serve the pipeline's model (its folder: {getattr(lm.model, 'name_or_path', '') or lm.name}) "
-                "or build the Pipeline with the engine's model."
+                f"The engine's model {self.model!r} tokenizes text differently from {name!r}: it is another "
+                f"model. Serve that model (its folder: {folder or name}) or use the engine's model instead."
             )
-        self._checked_for = lm
+
+    def served_entry(self) -> dict[str, Any]:
+        """The engine's ``GET /models`` entry of the served model (vLLM adds ``root``, and ``parent`` for a LoRA
+        module), after ``check_tokenizer`` or ``check`` chose it."""
+        data = self._request("GET", "/models").json().get("data", [])
+        return next((entry for entry in data if entry.get("id") == self.model), {"id": self.model})
 
     def _engine_tokens(self, text: str) -> list[int] | None:
         """The engine's token ids of ``text`` without special tokens, or None if it has no tokenize endpoint."""
@@ -217,6 +226,12 @@ class EngineGenerator:
                    "engine_prompt_tokens": usage.get("prompt_tokens"),
                    "engine_completion_tokens": usage.get("completion_tokens")},
         )
+
+    def completion_text(self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0) -> str:
+        """The text of one completion of a token-id prompt, not streamed (greedy at ``temperature`` 0)."""
+        body = {"model": self.model, "prompt": list(prompt_ids), "max_tokens": max_tokens, "temperature": temperature}
+        choices = self._request("POST", "/completions", json=body).json().get("choices") or [{}]
+        return choices[0].get("text") or ""
 
     # -- the Generator protocol ---------------------------------------------------------------------------
     def generate(self, prompt: Prompt, run: Run, on_text: Callable[[str], None] | None = None) -> DecodeResult:

@@ -9,11 +9,12 @@ Split by job:
 - ``convert``: a GGUF read into a dense transformers model and tokenizer, and the converted-model cache on disk
   (``cache_dir``, the ``ctxopt.json`` marker);
 - ``policy``: the device and dtype to load on ($CTXOPT_DEVICE, $CTXOPT_DTYPE, measured defaults);
-- ``loading``: ``load_model`` and ``LoadedModel``, with the process-wide cache of loaded models.
+- ``loading``: ``load_model`` and ``LoadedModel``, with the process-wide cache of loaded models; ``load_tokenizer``
+  for a model that runs elsewhere.
 """
 from .convert import GGUF_MAGIC, MARKER, cache_dir
 from .fetch import pip_download
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, load_tokenizer
 from .policy import resolve_device_dtype
 from .registry import (
     DEFAULT_GENERATOR,
@@ -32,6 +33,7 @@ __all__ = [
     "RegistryEntry",
     "cache_dir",
     "load_model",
+    "load_tokenizer",
     "pip_download",
     "registry_entry",
     "registry_path",

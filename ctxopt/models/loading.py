@@ -109,6 +109,27 @@ def load_model(
         return _LOADED[key]
 
 
+_TOKENIZERS: dict[str, transformers.PreTrainedTokenizerBase] = {}
+
+
+def load_tokenizer(name_or_path: str, progress: bool = True) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer of a model named as ``load_model`` takes it, without loading the weights (for a model that
+    runs elsewhere: a compressor served by an engine). Loaded once per process."""
+    with _LOADED_LOCK:
+        kind, source = _resolve_source(str(name_or_path), progress)
+        if source in _TOKENIZERS:
+            return _TOKENIZERS[source]
+        if kind == "gguf":
+            tokenizer = gguf_tokenizer(Path(source), "Pass an intact GGUF file.")
+        else:
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+            except Exception as err:
+                raise ModelLoadError(f"could not load the tokenizer of {source!r}: {err}") from err
+        _TOKENIZERS[source] = tokenizer
+        return tokenizer
+
+
 def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, str]:
     """``(kind, source)``: kind is "registry" | "folder" | "gguf" | "hub"; source a resolved path or hub id."""
     if registry_entry(name_or_path) is not None:

@@ -130,7 +130,7 @@ class ShardWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.embedder = load_embedder(spec.embedder, spec.device)
-        self._color = self._compressor = self._adapter = self._decoder_tokenizer = None
+        self._color = self._compressor_name = self._adapter = self._decoder_tokenizer = None
         compression = spec.compression
         if compression is not None and compression.method == "color":
             from ..compressors.color import DEFAULT_COMPRESSOR, CoLoR
@@ -138,7 +138,7 @@ class ShardWorker:
             knobs = dict(compression.options)
             self._color = CoLoR(compressor=compression.compressor or DEFAULT_COMPRESSOR, fallback="original",
                                 cache=False, progress=False, **knobs)
-            self._compressor = self._color.compressor_model(spec.device)
+            self._compressor_name = self._color.compressor_identity(spec.device)  # loads a local compressor now
         if spec.refrag:
             from ..compressors.refrag.cache import decoder_tokenizer
             from ..compressors.refrag.model import DEFAULT_ADAPTER, load_adapter
@@ -153,8 +153,8 @@ class ShardWorker:
         found["compression"] = None
         if compression is not None and compression.method == "color":
             found["compression"] = {
-                "method": "color", "compressor": self._compressor.name,
-                "fingerprint": self._color.fingerprint(self._compressor),
+                "method": "color", "compressor": self._compressor_name,
+                "fingerprint": self._color.fingerprint(self._compressor_name),
             }
         elif compression is not None:
             key = json.dumps(["extractive", "query-free", compression.budget, self.embedder.name])

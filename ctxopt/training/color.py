@@ -306,7 +306,8 @@ def candidate_texts(cases: list[JudgeCase], compressors: list[str], ratios: list
         stage = CoLoR(compressor=name, adapter=None, max_new_tokens=max_new_tokens, batch_size=batch_size)
         lm = stage.compressor_model(target.device, target.dtype)
         if greedy:
-            for i, summary in zip(greedy, stage.summaries([cases[i].passage for i in greedy], lm)):
+            summaries, _ = stage.summarised([cases[i].passage for i in greedy], target.device, target.dtype)
+            for i, summary in zip(greedy, summaries):
                 out[i].append((f"summary:{name}", summary))
         if drawn:
             torch.manual_seed(stable_hash(json.dumps([seed, name, [(cases[i].key, j) for i, j in drawn]])))

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pre-compress every passage: color, color:COMPRESSOR, extractive or extractive:RATIO "
                             "(query-free); the index serves the compressed texts")
     index.add_argument("--compress-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="CoLoR knob for --compress color: max_new_tokens, adapter, batch_size (repeatable)")
+                       help="CoLoR knob for --compress color: max_new_tokens, adapter, batch_size, "
+                            "compressor_engine=URL (the compressor on a serving engine), compressor_engine_model "
+                            "(repeatable)")
     index.add_argument("--add", action="store_true",
                        help="update the index at --out: compute new and changed documents only, drop deleted ones")
     index.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",

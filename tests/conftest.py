@@ -102,14 +102,19 @@ def engine_model_folder() -> Path:
     return registry_path("smollm2-135m", progress=False)
 
 
-@pytest.fixture(scope="session")
-def engine(engine_model_folder):
-    """One vLLM server for the session, accepting token ids and prompt embeddings; stopped at the end."""
+def require_engine_venv() -> None:
+    """Skip (fail under CTXOPT_REQUIRE_ENGINE=1, as CI runs) when the engine's venv is not set up."""
     if engine_python() is None:
         message = f"no serving engine in {engine_venv()}: run `bash scripts/engine.sh`"
         if os.environ.get("CTXOPT_REQUIRE_ENGINE") == "1":
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def engine(engine_model_folder):
+    """One vLLM server for the session, accepting token ids and prompt embeddings; stopped at the end."""
+    require_engine_venv()
     options = {"max_model_len": MAX_MODEL_LEN, "extra_args": ["--enable-prompt-embeds"]}
     with start_engine(engine_model_folder, **options) as server:
         print(f"\nengine start-up: {server.started_s:.1f} s")

@@ -13,9 +13,10 @@ Deviations, all deliberate:
   adapter ``color-smollm2`` also ships: 2-5x faster on CPU, compresses harder, loses more F1); the paper
   fine-tunes Phi-3-mini fully (see docs/color.md).
 - Summaries are cached on disk per (passage sha256, compressor fingerprint), so a corpus is compressed once.
-- The compressor may run on a serving engine (``compressor_engine``: vLLM with the adapter as a LoRA module) instead
-  of transformers' ``generate``: the same prompt, greedy, with each passage's own length cap; the engine batches
-  the passages. Its summaries are cached apart from local ones (another runtime and dtype can change a token).
+- The compressor may run on a serving engine (``compressor_engine``: vLLM serving the compressor with its adapter
+  merged in by ``ctxopt train color-merge``, or the adapter as a LoRA module) instead of transformers'
+  ``generate``: the same prompt, greedy, with each passage's own length cap; the engine batches the passages.
+  Its summaries are cached apart from local ones (another runtime and dtype can change a token).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ PACKAGED_ADAPTERS = {  # compressor -> adapter folder under ctxopt/adapters
     "smollm2-135m": "color-smollm2", "qwen2.5-coder-0.5b": "color-qwen-coder-0.5b"}
 FALLBACKS = ("original", "drop")
 ADAPTER_FILE = "adapter_model.safetensors"
+MERGED_FILE = "ctxopt-color-merge.json"  # what `ctxopt train color-merge` merged into a model folder
 CAP_SLACK = 8  # tokens a summary may run past its passage's length before generation stops
 
 
@@ -202,9 +204,9 @@ class CoLoR(PassageStage):
     id and metadata of every passage are kept; only its text changes.
 
     ``compressor_engine``: the base URL of an OpenAI-compatible server that serves the compressor with its
-    adapter (vLLM: ``--enable-lora --lora-modules color=<adapter folder>``; name it with
-    ``compressor_engine_model``), which then writes the summaries; only the compressor's tokenizer loads here,
-    and ``adapter`` is ignored (the engine's module is the adapter).
+    adapter (the folder ``ctxopt train color-merge`` writes, or vLLM's ``--enable-lora --lora-modules
+    color=<adapter folder>``; ``compressor_engine_model`` names it when the engine serves several), which then
+    writes the summaries; only the compressor's tokenizer loads here, and ``adapter`` is ignored.
     """
 
     compressor: str | LoadedModel = DEFAULT_COMPRESSOR
@@ -255,13 +257,18 @@ class CoLoR(PassageStage):
         return self._engine
 
     def engine_identity(self, engine: EngineGenerator) -> str:
-        """What identifies the engine's compressor for the summary cache: the served model and, for a LoRA
-        module (vLLM's ``root``), its adapter file's hash when that folder is readable here."""
+        """What identifies the engine's compressor for the summary cache, from its folder (vLLM's ``root``) when
+        that is readable here: a merged folder's compressor name (base + adapter hash, from its MERGED_FILE), a
+        LoRA module's adapter file hash; else the served names and the folder's path."""
         entry = engine.served_entry()
-        root = str(entry.get("root") or "")
-        weights = Path(root) / ADAPTER_FILE
-        adapter = sha256_file(weights)[:12] if root and weights.is_file() else root
-        return f"engine:{entry.get('parent') or entry.get('id')}+{entry.get('id')}:{adapter}"
+        root = Path(str(entry.get("root") or ""))
+        if (root / MERGED_FILE).is_file():
+            made = json.loads((root / MERGED_FILE).read_text(encoding="utf-8"))["compressor"]
+        elif (root / ADAPTER_FILE).is_file():
+            made = sha256_file(root / ADAPTER_FILE)[:12]
+        else:
+            made = str(root)
+        return f"engine:{entry.get('parent') or entry.get('id')}+{entry.get('id')}:{made}"
 
     def fingerprint(self, compressor_name: str) -> str:
         """What a cached summary depends on: compressor (+ adapter hash), prompt and generation length."""

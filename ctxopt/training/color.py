@@ -74,7 +74,7 @@ RETRIEVAL_PREFIX = "Final Answer: ["
 
 
 def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """``ctxopt train color-data`` and ``ctxopt train color``."""
+    """``ctxopt train color-data``, ``ctxopt train color`` and ``ctxopt train color-merge``."""
     data = subparsers.add_parser("color-data", help="build CoLoR preference data (chosen/rejected compressions)")
     data.add_argument("--out", required=True, help="folder for candidates.jsonl, train.jsonl, heldout.jsonl")
     data.add_argument("--questions", type=int, default=40, help="HotpotQA train-side questions to draw")
@@ -115,6 +115,14 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     train.set_defaults(handler=cmd_color_train)
+
+    merge = subparsers.add_parser("color-merge", help="write a compressor with its CoLoR adapter merged in: a model "
+                                                      "folder a serving engine loads (CoLoR(compressor_engine=URL))")
+    merge.add_argument("--out", required=True, help="model folder to write")
+    merge.add_argument("--base", default=None, help="compressor model (default: CoLoR's default compressor)")
+    merge.add_argument("--adapter", default="auto", help="adapter folder (default: the one packaged for --base)")
+    merge.add_argument("--dtype", default="bfloat16", help="dtype of the written weights (default: bfloat16)")
+    merge.set_defaults(handler=cmd_color_merge)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -605,4 +613,38 @@ def train_compressor(args, lm=None) -> dict[str, Any]:
 
 def cmd_color_train(args) -> int:
     print(json.dumps(train_compressor(args), indent=2))
+    return 0
+
+
+def merge_compressor(base: str | None, adapter: str, out: str | Path, dtype: str = "bfloat16") -> dict[str, Any]:
+    """Write ``base`` with ``adapter`` merged into its weights (float32 merge, then cast to ``dtype``), its
+    tokenizer and MERGED_FILE (which names both, for ``CoLoR.engine_identity``) to ``out``: the compressor as one
+    plain model, which a serving engine runs faster than the base plus a LoRA module (vLLM's CPU build turns
+    compilation off for LoRA; docs/color.md has the measurement)."""
+    import torch
+
+    from ..compressors.color import DEFAULT_COMPRESSOR, MERGED_FILE, CoLoR, packaged_adapter
+
+    stage = CoLoR(compressor=base or DEFAULT_COMPRESSOR, adapter=None if adapter in ("none", "false") else adapter)
+    if stage.adapter == "auto" and packaged_adapter(stage.compressor) is None:
+        raise InputError(f"No adapter is packaged for {stage.compressor!r}; pass --adapter FOLDER.")
+    target_dtype = getattr(torch, dtype, None)
+    if not isinstance(target_dtype, torch.dtype):
+        raise InputError(f"--dtype must be a torch dtype such as bfloat16 or float32; got {dtype!r}.")
+    merged = stage.compressor_model("cpu", torch.float32)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {name: tensor.to(target_dtype) for name, tensor in merged.model.state_dict().items()}
+    merged.model.save_pretrained(out, state_dict=weights)
+    merged.tokenizer.save_pretrained(out)
+    summary = {"compressor": merged.name, "out": str(out), "dtype": dtype}
+    (out / MERGED_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def cmd_color_merge(args) -> int:
+    summary = merge_compressor(args.base, args.adapter, args.out, args.dtype)
+    print(json.dumps(summary, indent=2))
+    print(f"serve it: bash scripts/serve_engine.sh {summary['out']} 8001; then CoLoR(compressor_engine="
+          f"\"http://127.0.0.1:8001/v1\") or --option compressor_engine=http://127.0.0.1:8001/v1", file=sys.stderr)
     return 0

@@ -40,7 +40,7 @@ def merged_folder(tmp_path_factory, engine_model_folder):
 @pytest.fixture(scope="module")
 def color_engine(merged_folder):
     require_engine_venv()
-    # Summaries need little KV cache: 1 GiB leaves room for the session's engine beside this one.
+    # Summaries need little KV cache: 1 GiB leaves memory for the session's engine, should it be up too.
     with start_engine(merged_folder, served_name="color", max_model_len=2048,
                       env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
         yield server
@@ -86,8 +86,8 @@ def test_engine_summaries_are_cached_apart_from_local_ones(color_engine, private
     assert stage.fingerprint(stage.compressor_identity()) != stage.fingerprint(local_identity)
 
 
-def test_an_engine_serving_another_model_is_refused(tiny_lm, engine):
-    stage = CoLoR(compressor=tiny_lm, compressor_engine=engine.base_url, progress=False)
+def test_an_engine_serving_another_model_is_refused(tiny_lm, color_engine):
+    stage = CoLoR(compressor=tiny_lm, compressor_engine=color_engine.base_url, progress=False)
     with pytest.raises(EngineError, match="tokenizes text differently"):
         stage.compress("", [Passage(PASSAGES[0])])
 

@@ -11,8 +11,9 @@ from engine_server import start_engine
 import ctxopt.compressors.color as color_module
 from ctxopt.cli import main
 from ctxopt.compressors.color import CoLoR
-from ctxopt.errors import EngineError
+from ctxopt.errors import EngineError, InputError
 from ctxopt.models import load_model
+from ctxopt.training.color import merge_compressor
 from ctxopt.types import Passage
 
 pytestmark = pytest.mark.real_model
@@ -56,6 +57,14 @@ def test_color_merge_writes_the_adapted_compressor(merged_folder, engine_model_f
     base = load_model(str(engine_model_folder), "cpu", torch.float32, progress=False).model.state_dict()
     adapted = [name for name in base if not torch.equal(base[name], merged[name])]
     assert adapted and all(".layers." in name for name in adapted)  # the LoRA layers changed, nothing else
+
+
+def test_color_merge_refuses_what_it_cannot_merge(tmp_path):
+    with pytest.raises(InputError, match="holds no adapter_model.safetensors"):
+        merge_compressor("smollm2-135m", str(tmp_path), tmp_path / "out")
+    with pytest.raises(InputError, match="--dtype must be a torch dtype"):
+        merge_compressor("smollm2-135m", "auto", tmp_path / "out", dtype="bf17")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_engines_summaries_are_the_local_compressors(color_engine, merged_folder):

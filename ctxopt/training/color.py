@@ -625,7 +625,7 @@ def merge_compressor(base: str | None, adapter: str, out: str | Path, dtype: str
 
     from ..compressors.color import DEFAULT_COMPRESSOR, MERGED_FILE, CoLoR, packaged_adapter
 
-    stage = CoLoR(compressor=base or DEFAULT_COMPRESSOR, adapter=None if adapter in ("none", "false") else adapter)
+    stage = CoLoR(compressor=base or DEFAULT_COMPRESSOR, adapter=adapter)
     if stage.adapter == "auto" and packaged_adapter(stage.compressor) is None:
         raise InputError(f"No adapter is packaged for {stage.compressor!r}; pass --adapter FOLDER.")
     target_dtype = getattr(torch, dtype, None)

@@ -118,7 +118,7 @@ def engine_summarise(engine: EngineGenerator, tokenizer, passages: list[str], ma
     caps = summary_caps(tokenizer, passages, max_new_tokens)
     with ThreadPoolExecutor(max_workers=max(1, min(engine.max_concurrency, len(passages)))) as pool, \
             tqdm(total=len(passages), desc="color (engine)", unit="passage", disable=not progress) as bar:
-        futures = [pool.submit(engine.completion_text, ids, max(1, cap)) for ids, cap in zip(prompts, caps)]
+        futures = [pool.submit(engine.completion_text, ids, cap) for ids, cap in zip(prompts, caps)]
         outputs = []
         for future in futures:
             outputs.append(future.result().strip())
@@ -221,6 +221,7 @@ class CoLoR(PassageStage):
     name = "color"
     _model: LoadedModel | None = field(default=None, init=False, repr=False)
     _engine: EngineGenerator | None = field(default=None, init=False, repr=False)
+    _engine_identity: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.adapter is False:  # ``--option adapter=false``: the untrained prompt
@@ -248,11 +249,13 @@ class CoLoR(PassageStage):
         return load_tokenizer(self.compressor, progress=self.progress)
 
     def engine(self) -> EngineGenerator:
-        """The compressor's engine client, checked (once) to serve a model with the compressor's tokenizer."""
+        """The compressor's engine client, checked (once) to serve a model with the compressor's tokenizer; its
+        ``engine_identity`` is read at the same time."""
         if self._engine is None:
             engine = EngineGenerator(self.compressor_engine, self.compressor_engine_model)
             name = self.compressor.name if isinstance(self.compressor, LoadedModel) else self.compressor
             engine.check_tokenizer(self.compressor_tokenizer(), f"color's compressor {name}")
+            self._engine_identity = self.engine_identity(engine)
             self._engine = engine
         return self._engine
 
@@ -293,7 +296,8 @@ class CoLoR(PassageStage):
         """The compressor's name in the summary cache's fingerprint: the engine's (``engine_identity``) when one
         is set, else the local compressor's, loaded on ``device`` in ``dtype``."""
         if self.compressor_engine:
-            return self.engine_identity(self.engine())
+            self.engine()
+            return self._engine_identity
         return self.compressor_model(device, dtype).name
 
     def summarised(self, texts: list[str], device=None, dtype=None) -> tuple[list[str], object]:
@@ -301,7 +305,7 @@ class CoLoR(PassageStage):
         the local compressor on ``device`` in ``dtype``."""
         if self.compressor_engine:
             engine, tokenizer = self.engine(), self.compressor_tokenizer()
-            return self.summaries(texts, self.engine_identity(engine), lambda todo: engine_summarise(
+            return self.summaries(texts, self._engine_identity, lambda todo: engine_summarise(
                 engine, tokenizer, todo, self.max_new_tokens, progress=self.progress)), tokenizer
         lm = self.compressor_model(device, dtype)
         return self.summaries(texts, lm.name, lambda todo: summarise(

@@ -32,7 +32,7 @@ def same_vocabulary(a, b) -> bool:
 
 
 def logit_width(lm: "LoadedModel") -> int:
-    return lm.model.config.get_text_config(decoder=True).vocab_size
+    return lm.config.get_text_config(decoder=True).vocab_size
 
 
 def resolve_draft(

@@ -114,6 +114,10 @@ class Stage:
     kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
 
+    def prepare(self, lm: "LoadedModel") -> None:
+        """Load now what this stage reads of the generator ``lm`` that would load on first use (the ctxopt side
+        of a serving engine defers its weights: ``LoadedModel``), so that a timed request does not pay for it."""
+
 
 class PassageStage(Stage):
     """Passages -> shorter passages (text), before the prompt is built."""

@@ -166,7 +166,7 @@ def test_a_reused_selection_pass_is_charged_to_the_stage(tiny_lm):
     first, second = records
     assert first.extra["selection_reused"] is False and second.extra["selection_reused"] is True
     assert first.tokens_out == 16 and second.tokens_out == 32
-    passed = memo.find_pass(("gemfilter", tiny_lm.model, 1), memo._passes[0][1])[1]
+    passed = memo.find_pass(("gemfilter", tiny_lm, 1), memo._passes[0][1])[1]
     assert second.extra["shared_pass_seconds"] == passed.seconds and second.seconds >= passed.seconds
     assert second.extra["selection_seconds"] >= passed.seconds
     assert second.peak_memory_bytes >= passed.peak_memory_bytes

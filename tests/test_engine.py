@@ -45,6 +45,21 @@ def test_engine_capable_methods_send_the_compressed_prompt(smollm, engine, metho
     assert answer.text.strip()
 
 
+
+def test_the_ctxopt_side_of_an_engine_loads_only_what_the_method_reads(engine):
+    """Through an engine, rag/extractive/truncation read only the tokenizer, GemFilter its first layers:
+    the served model's whole weights never load on ctxopt's side for them."""
+    def ask(method):
+        pipe = Pipeline("smollm2-135m", method=method, budget=0.5, engine=engine.base_url, dtype="bfloat16",
+                        max_new_tokens=16)
+        answer = pipe.ask(QUESTION, context=DOC)
+        assert answer.stats.get("decode:engine").extra["engine_prompt_tokens"] == len(answer.prompt)
+        return pipe.lm
+    extractive, gemfilter = ask("extractive"), ask("gemfilter")
+    assert extractive is gemfilter and not gemfilter.loaded
+    layer = gemfilter.first_layers(22)  # SmolLM2's screened layer 21 and the layers before it
+    assert len(layer.model.layers) == 22 and not gemfilter.loaded
+
 def test_refrag_sends_its_chunk_embeddings(smollm, engine):
     answer = engine_pipeline(smollm, engine, "refrag").ask(QUESTION, context=DOC)
     positions = answer.stats.get("refrag").extra["decoder_positions"]

@@ -2,7 +2,6 @@
 benchmarks/JOURNAL.md): the draft pairing of draft-based methods, self-drafting only when asked, GemFilter's
 screened layer, and the examples' model; and the comparison table the examples print."""
 import warnings
-from dataclasses import replace
 
 import pytest
 
@@ -10,6 +9,7 @@ from ctxopt.bench.compare import MethodRow, method_notes, method_table
 from ctxopt.compressors.gemfilter import GemFilter, registry_layer
 from ctxopt.drafts import default_draft, resolve_draft
 from ctxopt.errors import ModelLoadError
+from ctxopt.models import LoadedModel
 from ctxopt.models.registry import EXAMPLE_MODEL, REGISTRY, paired_draft
 
 
@@ -45,8 +45,13 @@ def test_self_drafting_speckv_warns_once_per_ask(tiny_lm):
         pipe.ask("What colour is box 4?", context=" ".join(f"Box {i} is blue." for i in range(40)))
 
 
+
+def renamed(lm: LoadedModel, name: str) -> LoadedModel:
+    """The same model under a registry name (the registry's defaults are looked up by name)."""
+    return LoadedModel(lm.model, lm.tokenizer, name, lm.device, lm.dtype)
+
 def test_the_default_draft_is_the_pairing_the_stage_can_use(tiny_lm):
-    qwen15, qwen05 = replace(tiny_lm, name="qwen2.5-coder-1.5b"), replace(tiny_lm, name="qwen2.5-coder-0.5b")
+    qwen15, qwen05 = renamed(tiny_lm, "qwen2.5-coder-1.5b"), renamed(tiny_lm, "qwen2.5-coder-0.5b")
     assert default_draft(qwen15, "rapid") == "qwen2.5-coder-0.5b"
     assert default_draft(qwen05, "specpc", cross_tokenizer=True) == "smollm2-135m"
     with pytest.warns(UserWarning, match="smollm2-135m has another tokenizer, which rapid cannot use"):
@@ -57,9 +62,9 @@ def test_gemfilter_takes_the_screened_layer_of_a_registry_model(tiny_lm):
     assert registry_layer("smollm2") == REGISTRY["smollm2-135m"].gemfilter_layer == 21
     assert registry_layer("qwen2.5-coder-1.5b") == 16 and registry_layer("/some/folder") is None
     assert GemFilter(budget=64).resolve_layer(tiny_lm) == 2  # not registered: round(0.4 * 4 layers)
-    assert GemFilter(budget=64, layer=1).resolve_layer(replace(tiny_lm, name="smollm2-135m")) == 1  # asked wins
+    assert GemFilter(budget=64, layer=1).resolve_layer(renamed(tiny_lm, "smollm2-135m")) == 1  # asked wins
     with pytest.raises(Exception, match="layer"):  # the screened layer 21 does not exist in a 4-layer model
-        GemFilter(budget=64).resolve_layer(replace(tiny_lm, name="smollm2-135m"))
+        GemFilter(budget=64).resolve_layer(renamed(tiny_lm, "smollm2-135m"))
 
 
 def row(method: str, correct: list, ttft: float, prompt: int, kv: int) -> MethodRow:

@@ -17,6 +17,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from ctxopt import models
 from ctxopt.attention import GROUPED_SDPA
+from ctxopt.compressors.gemfilter import GemFilter, early_layer_scores
 from ctxopt.errors import InputError, ModelLoadError
 from ctxopt.models import convert, fetch, policy, registry
 
@@ -153,6 +154,35 @@ def test_folder_loads(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(lm.model(IDS).logits, original(IDS).logits)
     assert lm.name == str(tmp_path / "tiny") and lm.tokenizer.chat_template == CHAT_TEMPLATE
+
+
+
+def test_a_prefill_only_model_loads_only_the_weights_a_method_reads(tiny, tmp_path):
+    """The ctxopt side of a serving engine: the tokenizer and config load at once, GemFilter's first layers or
+    REFRAG's embeddings alone when asked, the whole model on first use of ``model``; each computes what the
+    whole model does."""
+    original, path = tiny
+    folder = tmp_path / "tiny"
+    original.save_pretrained(folder)
+    models.load_model(str(path), device="cpu", dtype="float32", progress=False).tokenizer.save_pretrained(folder)
+    lm = models.load_model(str(folder), device="cpu", dtype="float32", progress=False, prefill_only=True)
+    assert not lm.loaded
+    assert (lm.num_layers, lm.max_positions, lm.family, lm.config.hidden_size) == (2, 128, "llama", 64)
+    assert lm.tokenizer.chat_template == CHAT_TEMPLATE and lm.tokenizer("cat")["input_ids"]
+
+    GemFilter(budget=4, layer=0).prepare(lm)
+    first = lm.first_layers(1)
+    assert len(first.model.layers) == 1 and not lm.loaded
+    torch.testing.assert_close(early_layer_scores(first, IDS[0], 0), early_layer_scores(original, IDS[0], 0))
+    embedding = lm.first_layers(0).get_input_embeddings()
+    torch.testing.assert_close(embedding(IDS), original.get_input_embeddings()(IDS))
+    assert lm.first_layers(1) is first and not lm.loaded  # loaded once
+
+    whole = lm.model
+    assert lm.loaded and lm.first_layers(1) is whole and len(whole.model.layers) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(whole(IDS).logits, original(IDS).logits)
+    assert models.load_model(str(folder), device="cpu", dtype="float32", progress=False) is lm
 
 
 # --- (b) registry and errors ------------------------------------------------------------------------

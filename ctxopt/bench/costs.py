@@ -22,7 +22,7 @@ def forward_costs(lm, state: Prefill, sizes=(1, 2, 5, 11), repeats: int = 3) -> 
     """Median seconds of one forward of k random new tokens on ``state``'s cache (cropped back after each),
     per attention implementation (transformers' SDPA, ctxopt's GROUPED_SDPA) and k."""
     length = cache_length(state.cache)
-    vocab = lm.model.config.get_text_config(decoder=True).vocab_size
+    vocab = lm.config.get_text_config(decoder=True).vocab_size
     config, device = lm.model.config, lm.model.device
     original = config._attn_implementation
     costs: dict[str, dict[int, float]] = {}

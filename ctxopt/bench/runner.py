@@ -321,6 +321,8 @@ def run_benchmark(
                 continue
             loaded = load_task(task, length, lm.tokenizer, samples, seed)
             stage_lists = [build_stages(m, b, **_method_options(m, options, draft_lm)) for m, b, _ in todo]
+            for stage in (stage for stages in stage_lists for stage in stages):
+                stage.prepare(lm)  # what loads on first use loads now, outside every timed request
             names = [folder.name for _, _, folder in todo]
             all_rows = run_configs(lm, stage_lists, names, loaded, task_dir("", task, length), repeats=repeats,
                                    max_new_tokens=max_new_tokens, seed=seed, share_prefill=share_prefill,

@@ -118,6 +118,9 @@ class GemFilter(TokenStage):
         layer = self.layer if self.layer is not None else registry_layer(lm.name) or default_layer(lm.config)
         return require_int(layer, f"gemfilter: layer (of {lm.name}'s {lm.num_layers})", 0, lm.num_layers - 1)
 
+    def prepare(self, lm: "LoadedModel") -> None:
+        lm.first_layers(self.resolve_layer(lm) + 1)
+
     def select(self, prompt: Prompt, run: Run) -> Prompt:
         keep = tokens_to_keep(self.name, self.budget, len(prompt), run)
         if keep is None:
@@ -125,8 +128,8 @@ class GemFilter(TokenStage):
         layer = self.resolve_layer(run.lm)
         forced = forced_tokens(prompt, self.keep_question, keep, self.name)
         scores, scoring_seconds, reused = run.shared(
-            ("gemfilter", run.lm.model, layer), prompt.input_ids,
-            lambda: early_layer_scores(run.lm.model, prompt.input_ids, layer),
+            ("gemfilter", run.lm, layer), prompt.input_ids,
+            lambda: early_layer_scores(run.lm.first_layers(layer + 1), prompt.input_ids, layer),
         )
         began = time.perf_counter()
         kept = keep_positions(scores, self.kernel, keep, forced)

@@ -220,9 +220,12 @@ class SpecPC(TokenStage):
             require_int(self.kernel, "specpc: kernel", minimum=1)
         check_lookahead(self.name, self.lookahead)
 
-    def load_draft(self, run: Run) -> "LoadedModel":
+    def prepare(self, lm: "LoadedModel") -> None:
+        self.load_draft(lm).load_weights()
+
+    def load_draft(self, target: "LoadedModel") -> "LoadedModel":
         """The draft: the target when None, a registry name or path loaded on the target's device and dtype."""
-        draft = resolve_draft(self.draft, run.lm, self.name, cross_tokenizer=self.cross_tokenizer)
+        draft = resolve_draft(self.draft, target, self.name, cross_tokenizer=self.cross_tokenizer)
         if self.first_layer >= draft.num_layers:
             raise InputError(f"specpc: first_layer {self.first_layer} is past the last layer of the draft "
                              f"{draft.name!r} ({draft.num_layers} layers); pass a smaller first_layer.")
@@ -234,7 +237,7 @@ class SpecPC(TokenStage):
             keep = None if self.at_least >= len(prompt) else max(keep, self.at_least)
         if keep is None:
             return prompt
-        draft = self.load_draft(run)
+        draft = self.load_draft(run.lm)
         cross = crosses_tokenizers(self.cross_tokenizer, draft, run.lm)
         forced = forced_tokens(prompt, self.keep_question, keep, self.name)
         if cross:

@@ -105,7 +105,7 @@ class EngineGenerator:
         """Refuse an engine that serves another model than ``lm`` (``check_tokenizer``), once per model."""
         if self._checked_for is lm:
             return
-        self.check_tokenizer(lm.tokenizer, lm.name, getattr(lm.model, "name_or_path", "") or lm.name)
+        self.check_tokenizer(lm.tokenizer, lm.name, getattr(lm.config, "name_or_path", "") or lm.name)
         self._checked_for = lm
 
     def check_tokenizer(self, tokenizer: Any, name: str, folder: str | None = None) -> None:

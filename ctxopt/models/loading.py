@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +26,81 @@ from .convert import (
 from .policy import configure_threads, resolve_device_dtype
 from .registry import DEFAULT_GENERATOR, known_names, registry_entry, registry_path
 
+_GGUF_ADVICE = "Pass an intact GGUF file (a truncated download is the usual cause)."
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-@dataclass(eq=False)
 class LoadedModel:
-    """A causal LM in eval mode on its device, with its tokenizer."""
+    """A causal LM in eval mode on its device, with its tokenizer.
 
-    model: transformers.PreTrainedModel
-    tokenizer: transformers.PreTrainedTokenizerBase
-    name: str
-    device: torch.device
-    dtype: torch.dtype
+    Built with ``model=None``, a ``loader`` and the model's ``config``, its weights load on first use of
+    ``model``: the ctxopt side of a serving engine, where most methods read only the tokenizer and the config
+    (rag, extractive, truncation, SpecPC's draft) and GemFilter only the first layers (:meth:`first_layers`).
+    ``loader(count)`` returns the model on its device in eval mode, all of it for ``None``, else only its first
+    ``count`` decoder layers.
+    """
+
+    def __init__(
+        self,
+        model: transformers.PreTrainedModel | None,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        name: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        loader: Callable[[int | None], transformers.PreTrainedModel] | None = None,
+        config: transformers.PretrainedConfig | None = None,
+        generation_config: transformers.GenerationConfig | None = None,
+    ) -> None:
+        if model is None and (loader is None or config is None):
+            raise ValueError("LoadedModel without a model needs a loader and the model's config")
+        self._model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self._loader = loader
+        self._config = config
+        self._generation_config = generation_config
+        self._first: dict[int, transformers.PreTrainedModel] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name!r}, {self.device}, {self.dtype}, loaded={self.loaded})"
+
+    @property
+    def model(self) -> transformers.PreTrainedModel:
+        """The whole model, loaded now if it was deferred."""
+        return self.load_weights()
+
+    def load_weights(self) -> transformers.PreTrainedModel:
+        """Load the whole model now if it was deferred; returns it."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = self._loader(None)
+                    self._first.clear()  # the whole model runs any first layers now
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the whole model's weights are in memory."""
+        return self._model is not None
+
+    def first_layers(self, count: int) -> transformers.PreTrainedModel:
+        """A model that runs at least the first ``count`` decoder layers as this one does: the whole model once
+        it is loaded, else one with only those layers loaded (GemFilter's early layers on the ctxopt side of an
+        engine: at layer 16 of Qwen2.5-Coder-1.5B's 28, 2.85 GB resident against 3.79 GB, docs/engine.md)."""
+        if self._model is not None or count >= self.num_layers:
+            return self.model
+        with self._lock:
+            if count not in self._first:
+                self._first[count] = self._loader(count)
+            return self._first[count]
 
     @property
     def config(self) -> transformers.PretrainedConfig:
-        return self.model.config
+        return self._config if self._model is None and self._config is not None else self.model.config
 
     @property
     def _text_config(self) -> transformers.PretrainedConfig:
@@ -64,7 +124,8 @@ class LoadedModel:
     def eos_token_ids(self) -> list[int]:
         """Tokens that end generation: the generation config's, then the tokenizer's, without repeats."""
         found: list[Any] = []
-        generation_config = getattr(self.model, "generation_config", None)
+        generation_config = (self._generation_config if self._model is None
+                             else getattr(self._model, "generation_config", None))
         if generation_config is not None:
             found += as_list(generation_config.eos_token_id)
         found += as_list(self.tokenizer.eos_token_id)
@@ -92,7 +153,9 @@ def load_model(
     The first load in a process also sets torch's CPU thread count (``policy.configure_threads``: $CTXOPT_THREADS,
     $OMP_NUM_THREADS, or the cores other processes leave free), printed to stderr when ``progress`` and on CPU.
     ``prefill_only`` (a model that only reads prompts: the ctxopt side of a serving engine) may change the
-    automatic dtype (``policy.resolve_device_dtype``).
+    automatic dtype (``policy.resolve_device_dtype``) and defers the weights until a method needs them
+    (:class:`LoadedModel`): the tokenizer and the config load now, the layers when first used (a GGUF file,
+    which holds its config in the weights file, loads whole).
     """
     resolved_device, resolved_dtype = resolve_device_dtype(device, dtype, prefill_only)
     configure_threads(announce=progress and resolved_device.type == "cpu")
@@ -100,12 +163,23 @@ def load_model(
         kind, source = _resolve_source(str(name_or_path), progress)
         key = (source, str(resolved_device), resolved_dtype)
         if key not in _LOADED:
-            model, tokenizer = _load(kind, source, resolved_dtype, progress)
-            model.to(resolved_device)
-            model.eval()
-            model.requires_grad_(False)
             name = registry_entry(str(name_or_path)).name if kind == "registry" else str(name_or_path)
-            _LOADED[key] = LoadedModel(model, tokenizer, name, resolved_device, resolved_dtype)
+
+            def loader(layers: int | None) -> transformers.PreTrainedModel:
+                model = _load_weights(kind, source, resolved_dtype, progress, layers)
+                model.to(resolved_device)
+                model.eval()
+                model.requires_grad_(False)
+                return model
+
+            if prefill_only and kind != "gguf":
+                config, generation_config = _load_configs(kind, source)
+                _LOADED[key] = LoadedModel(None, _load_tokenizer(kind, source), name, resolved_device,
+                                           resolved_dtype, loader=loader, config=config,
+                                           generation_config=generation_config)
+            else:
+                _LOADED[key] = LoadedModel(loader(None), _load_tokenizer(kind, source), name, resolved_device,
+                                           resolved_dtype, loader=loader)
         return _LOADED[key]
 
 
@@ -119,14 +193,7 @@ def load_tokenizer(name_or_path: str, progress: bool = True) -> transformers.Pre
         kind, source = _resolve_source(str(name_or_path), progress)
         if source in _TOKENIZERS:
             return _TOKENIZERS[source]
-        if kind == "gguf":
-            tokenizer = gguf_tokenizer(Path(source), "Pass an intact GGUF file.")
-        else:
-            try:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-            except Exception as err:
-                raise ModelLoadError(f"could not load the tokenizer of {source!r}: {err}") from err
-        _TOKENIZERS[source] = tokenizer
+        tokenizer = _TOKENIZERS[source] = _load_tokenizer(kind, source)
         return tokenizer
 
 
@@ -157,31 +224,75 @@ def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, str]:
     )
 
 
-def _load(
-    kind: str, source: str, dtype: torch.dtype, progress: bool
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    """Model and tokenizer from a resolved source, on CPU in ``dtype``, running ``GROUPED_SDPA``.
+def _load_failure(kind: str, source: str, what: str, err: Exception) -> ModelLoadError:
+    if kind == "hub":
+        return ModelLoadError(
+            f"could not load {source!r} from the model hub ({err}). A hub id needs network access to the hub "
+            f"(or a copy already in the local hub cache). Registry models load offline: {known_names()}"
+        )
+    advice = f"; if it is a registry model folder, delete {source} and load it again" if kind == "registry" else ""
+    return ModelLoadError(f"could not load {what} in {source}: {err}{advice}")
+
+
+def _load_tokenizer(kind: str, source: str) -> transformers.PreTrainedTokenizerBase:
+    if kind == "gguf":
+        return gguf_tokenizer(Path(source), _GGUF_ADVICE)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as err:
+        raise _load_failure(kind, source, "the tokenizer", err) from err
+
+
+def _load_configs(kind: str, source: str) -> tuple[transformers.PretrainedConfig, transformers.GenerationConfig | None]:
+    """The model's config and its generation config (None where the model has none)."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except Exception as err:
+        raise _load_failure(kind, source, "the model's config", err) from err
+    try:
+        generation_config = transformers.GenerationConfig.from_pretrained(source)
+    except OSError:
+        generation_config = None
+    return config, generation_config
+
+
+def _load_weights(
+    kind: str, source: str, dtype: torch.dtype, progress: bool, layers: int | None = None
+) -> transformers.PreTrainedModel:
+    """The model from a resolved source, on CPU in ``dtype``, running ``GROUPED_SDPA``; with ``layers``, only its
+    first ``layers`` decoder layers are built and read (a GGUF file always loads whole).
 
     The attention implementation is chosen here, by ``from_pretrained``: GROUPED_SDPA is transformers' SDPA
     (and is checked as such: a model that cannot run SDPA fails to load, as it would when asked for "sdpa").
     """
     if kind == "gguf":
         path = Path(source)
-        advice = "Pass an intact GGUF file (a truncated download is the usual cause)."
-        check_magic(path, advice)
-        return gguf_model(path, dtype, advice, progress, GROUPED_SDPA), gguf_tokenizer(path, advice)
+        check_magic(path, _GGUF_ADVICE)
+        return gguf_model(path, dtype, _GGUF_ADVICE, progress, GROUPED_SDPA)
     try:
         with transformers_progress(progress):
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation=GROUPED_SDPA
-            )
+            if layers is None:
+                return transformers.AutoModelForCausalLM.from_pretrained(
+                    source, dtype=dtype, attn_implementation=GROUPED_SDPA)
+            config = transformers.AutoConfig.from_pretrained(source)
+            text_config = config.get_text_config(decoder=True)
+            text_config.num_hidden_layers = layers
+            if isinstance(getattr(text_config, "layer_types", None), list):
+                text_config.layer_types = text_config.layer_types[:layers]
+            with _quiet_about_unread_layers():
+                return transformers.AutoModelForCausalLM.from_pretrained(
+                    source, config=config, dtype=dtype, attn_implementation=GROUPED_SDPA)
     except Exception as err:
-        if kind == "hub":
-            raise ModelLoadError(
-                f"could not load {source!r} from the model hub ({err}). A hub id needs network access to the hub "
-                f"(or a copy already in the local hub cache). Registry models load offline: {known_names()}"
-            ) from err
-        advice = f"; if it is a registry model folder, delete {source} and load it again" if kind == "registry" else ""
-        raise ModelLoadError(f"could not load the model in {source}: {err}{advice}") from err
-    return model, tokenizer
+        raise _load_failure(kind, source, "the model", err) from err
+
+
+@contextmanager
+def _quiet_about_unread_layers() -> Iterator[None]:
+    """transformers reports every checkpoint tensor a model does not read: here, by design, the later layers."""
+    logging = transformers.utils.logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from ...types import Prompt
 from .cache import ChunkCache
 from .layout import assemble, expansion_count, split_context, surprisal_scores
 from .model import DEFAULT_ADAPTER, Adapter, AdapterConfig, ChunkEncoder, Projector, choose_chunks, load_adapter
+
+if TYPE_CHECKING:
+    from ...models import LoadedModel
 
 POLICIES = ("heuristic", "learned", "random", None)
 
@@ -119,12 +123,15 @@ class REFRAG(InputStage):
             picks, _ = choose_chunks(policy(embeds.unsqueeze(0))[0], count, sample=False)
         return set(picks)
 
+    def prepare(self, lm: "LoadedModel") -> None:
+        lm.first_layers(0)
+
     def inputs_embeds(self, prompt: Prompt, run: Run) -> torch.Tensor:
         """Steps 1-4 before the prefill: the decoder's input embeddings, (positions, width), for ``prompt``.
         A serving engine that takes prompt embeddings (vLLM's ``--enable-prompt-embeds``) prefills these."""
-        model = run.lm.model
+        embedding = run.lm.first_layers(0).get_input_embeddings()  # on an engine, only the embeddings load
         adapter = self.loaded_adapter()
-        width = model.get_input_embeddings().embedding_dim
+        width = embedding.embedding_dim
         if adapter.config.decoder_hidden != width:
             raise InputError(f"refrag: the adapter projects to width {adapter.config.decoder_hidden} but "
                              f"{run.lm.name} embeds tokens at {width}; train an adapter for this decoder.")
@@ -137,7 +144,7 @@ class REFRAG(InputStage):
         encode_seconds = time.perf_counter() - began
         expanded = self.choose(prompt, chunks, embeds)
         with torch.inference_mode():
-            token_embeds = model.get_input_embeddings()(prompt.input_ids.to(model.device))
+            token_embeds = embedding(prompt.input_ids.to(embedding.weight.device))
             inputs, _ = assemble(token_embeds, chunks, embeds.to(token_embeds.device), expanded)
         run.report(
             chunks=len(chunks), expanded=len(expanded), cached_chunks=cached, encode_seconds=encode_seconds,

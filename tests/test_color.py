@@ -92,6 +92,24 @@ def test_cache_hit_avoids_the_model(tiny_lm, monkeypatch):
     assert all(cached.get(p.text) is not None for p in PASSAGES)
 
 
+def test_a_long_passage_is_summarised_piece_by_piece_and_joined(tiny_lm):
+    """A passage over ``passage_tokens`` is cut (no overlap, at most that many tokens a piece) and each piece is
+    summarised as if it were a passage of its own; the summaries are joined into the one passage."""
+    long = Passage(" ".join(p.text for p in PASSAGES * 4), source="long.md", span=(0, 999), metadata={"page": 1})
+    cut = stage(tiny_lm, cache=False, max_new_tokens=4, passage_tokens=24)
+    pieces = cut.pieces(tiny_lm.tokenizer, long.text)
+    assert len(pieces) > 2 and all(len(tiny_lm.tokenizer(t, add_special_tokens=False)["input_ids"]) <= 24
+                                    for t in pieces)
+    assert " ".join(pieces).split() == long.text.split()  # nothing lost, nothing repeated
+    reference = stage(tiny_lm, cache=False, max_new_tokens=4).compress("q", [Passage(t) for t in pieces])
+    [out] = cut.compress("q", [long])
+    assert out.text == "\n".join(p.text for p in reference)
+    assert (out.source, out.span, out.metadata) == (long.source, long.span, long.metadata)
+    assert stage(tiny_lm).pieces(tiny_lm.tokenizer, long.text) == [long.text]  # under the default: whole
+    with pytest.raises(InputError, match="passage_tokens"):
+        stage(tiny_lm, passage_tokens=0)
+
+
 def test_the_packaged_adapters_are_small_match_their_bases_and_are_the_default():
     for compressor in ("smollm2-135m", "qwen2.5-coder-0.5b"):
         folder = packaged_adapter(compressor)

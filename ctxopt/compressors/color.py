@@ -12,6 +12,10 @@ Deviations, all deliberate:
   color`` on CPU (``ctxopt/adapters/color-qwen-coder-0.5b``), picked by measurement over SmolLM2-135M (whose
   adapter ``color-smollm2`` also ships: 2-5x faster on CPU, compresses harder, loses more F1); the paper
   fine-tunes Phi-3-mini fully (see docs/color.md).
+- A passage longer than ``passage_tokens`` (512 compressor tokens) is cut into pieces of at most that length,
+  each summarised, and the summaries joined into one passage: the paper's passages (LOFT) and the adapter's
+  training paragraphs (HotpotQA, at most about 600 tokens) are short, and one summary capped at
+  ``max_new_tokens`` could not stand for a long document (RULER's 8K needle essay would shrink 64x).
 - Summaries are cached on disk per (passage sha256, compressor fingerprint), so a corpus is compressed once.
 - The compressor may run on a serving engine (``compressor_engine``: vLLM serving the compressor with its adapter
   merged in by ``ctxopt train color-merge``, or the adapter as a LoRA module) instead of transformers'
@@ -40,6 +44,7 @@ from ..fileutil import sha256_file
 from ..generators.engine import EngineGenerator
 from ..models import LoadedModel, cache_dir, load_model, load_tokenizer, registry_entry
 from ..prompting import render_chat
+from ..retrievers.chunking import chunk_text
 from ..stages import PassageStage, Run
 from ..text import count_tokens
 from ..types import Passage
@@ -203,6 +208,9 @@ class CoLoR(PassageStage):
     or not shorter than the passage): "original" keeps the passage [P], "drop" leaves it out. Source, span,
     id and metadata of every passage are kept; only its text changes.
 
+    ``passage_tokens``: the longest passage summarised whole, in compressor tokens; a longer one is cut into
+    pieces of at most this length, summarised one by one and joined again (a deviation: see the module).
+
     ``compressor_engine``: the base URL of an OpenAI-compatible server that serves the compressor with its
     adapter (the folder ``ctxopt train color-merge`` writes, or vLLM's ``--enable-lora --lora-modules
     color=<adapter folder>``; ``compressor_engine_model`` names it when the engine serves several), which then
@@ -211,6 +219,7 @@ class CoLoR(PassageStage):
 
     compressor: str | LoadedModel = DEFAULT_COMPRESSOR
     max_new_tokens: int = 128
+    passage_tokens: int = 512
     fallback: str = "original"
     adapter: str | Path | None = "auto"
     batch_size: int = 8
@@ -230,6 +239,8 @@ class CoLoR(PassageStage):
             raise InputError(f"color: fallback must be one of {FALLBACKS}; got {self.fallback!r}.")
         if self.max_new_tokens < 1:
             raise InputError(f"color: max_new_tokens must be >= 1; got {self.max_new_tokens}.")
+        if self.passage_tokens < 1:
+            raise InputError(f"color: passage_tokens must be >= 1; got {self.passage_tokens}.")
 
     def compressor_model(self, device=None, dtype=None) -> LoadedModel:
         """The compressor, with its adapter merged, loaded on first use."""
@@ -311,27 +322,43 @@ class CoLoR(PassageStage):
         return self.summaries(texts, lm.name, lambda todo: summarise(
             lm, todo, self.max_new_tokens, self.batch_size, progress=self.progress)), lm.tokenizer
 
+    def pieces(self, tokenizer, text: str) -> list[str]:
+        """``text`` as the compressor summarises it: whole when it has at most ``passage_tokens`` compressor
+        tokens, else cut into pieces of at most that many (cut at sentence or word boundaries, no overlap)."""
+        if count_tokens(tokenizer, text) <= self.passage_tokens:
+            return [text]
+        return [chunk.text for chunk in chunk_text(text, tokenizer, self.passage_tokens, overlap=0)]
+
     def compress(self, question: str, passages: list[Passage], run: Run | None = None) -> list[Passage]:
         todo = [i for i, p in enumerate(passages) if not precompressed(p)]  # an index may hold the summaries
         if len(todo) < len(passages) and run is not None:
             run.note(f"color: {len(passages) - len(todo)} of {len(passages)} passages already compressed by the index")
         out: list[Passage | None] = list(passages)
-        fell_back = 0
+        fell_back = pieces_total = 0
         if todo:
             where = (run.lm.device, run.lm.dtype) if run else (None, None)
-            summaries, tokenizer = self.summarised([passages[i].text for i in todo], *where)
-            for i, summary in zip(todo, summaries):
-                passage = passages[i]
-                shorter = count_tokens(tokenizer, summary) < count_tokens(tokenizer, passage.text)
-                if summary.strip() and shorter:
-                    out[i] = passage.replace(text=summary)
-                    continue
-                fell_back += 1
-                if self.fallback == "drop":
+            split = {i: self.pieces(self.compressor_tokenizer(), passages[i].text) for i in todo}
+            summaries, tokenizer = self.summarised([piece for i in todo for piece in split[i]], *where)
+            summary_of = iter(summaries)
+            for i in todo:
+                kept, rewritten = [], False
+                for piece in split[i]:
+                    summary = next(summary_of)
+                    if summary.strip() and count_tokens(tokenizer, summary) < count_tokens(tokenizer, piece):
+                        kept.append(summary)
+                        rewritten = True
+                        continue
+                    fell_back += 1
+                    if self.fallback == "original":
+                        kept.append(piece)
+                pieces_total += len(split[i])
+                if rewritten:
+                    out[i] = passages[i].replace(text="\n".join(kept))
+                elif self.fallback == "drop":
                     out[i] = None
         out = [p for p in out if p is not None]
         if run is not None and fell_back:
-            run.note(f"color: {fell_back} of {len(todo)} summaries empty or not shorter; {self.fallback} used")
+            run.note(f"color: {fell_back} of {pieces_total} summaries empty or not shorter; {self.fallback} used")
         if not out:
             raise InputError("color: every summary was unusable and fallback='drop' left no passage.")
         return out

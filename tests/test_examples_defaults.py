@@ -15,6 +15,7 @@ from ctxopt.models.registry import EXAMPLE_MODEL, REGISTRY, paired_draft
 
 def test_pairings():
     assert paired_draft("qwen2.5-coder-1.5b") == "qwen2.5-coder-0.5b"  # one tokenizer: any draft-based stage
+    assert paired_draft("qwen2.5-coder-1.5b", cross_tokenizer=True) == "smollm2-135m"  # smaller, mapped by text
     assert paired_draft("qwen-0.5b") is None  # SmolLM2 has another tokenizer ...
     assert paired_draft("qwen-0.5b", cross_tokenizer=True) == "smollm2-135m"  # ... usable across tokenizers
     assert paired_draft("smollm2-135m", cross_tokenizer=True) is None  # nothing smaller is registered
@@ -53,6 +54,8 @@ def renamed(lm: LoadedModel, name: str) -> LoadedModel:
 def test_the_default_draft_is_the_pairing_the_stage_can_use(tiny_lm):
     qwen15, qwen05 = renamed(tiny_lm, "qwen2.5-coder-1.5b"), renamed(tiny_lm, "qwen2.5-coder-0.5b")
     assert default_draft(qwen15, "rapid") == "qwen2.5-coder-0.5b"
+    assert default_draft(qwen15, "specpc", cross_tokenizer=True) == "smollm2-135m"
+    assert default_draft(qwen15, "specpc", cross_tokenizer=False) == "qwen2.5-coder-0.5b"
     assert default_draft(qwen05, "specpc", cross_tokenizer=True) == "smollm2-135m"
     with pytest.warns(UserWarning, match="smollm2-135m has another tokenizer, which rapid cannot use"):
         assert default_draft(qwen05, "rapid") is qwen05

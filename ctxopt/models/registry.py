@@ -40,7 +40,9 @@ class RegistryEntry:
     ``tokenizer`` names the tokenizer family (models of one family share token ids). ``draft`` is the registry
     model that drafts for this one when a draft-based method (specpc, speckv, rapid) is
     given no draft: several times smaller, so that drafting can save time (None: no smaller model is registered,
-    and the method drafts with the target itself only when asked, ``draft="self"``). ``gemfilter_layer`` is
+    and the method drafts with the target itself only when asked, ``draft="self"``). ``cross_draft``, when set,
+    replaces ``draft`` for the stages that map a draft's tokens onto the target's by text (SpecPC, SpecKV): a
+    still smaller model of another tokenizer. ``gemfilter_layer`` is
     GemFilter's selection layer from a layer screen (None: GemFilter's own rule).
     """
 
@@ -54,6 +56,7 @@ class RegistryEntry:
     stop_tokens: tuple[str, ...] = ()
     tokenizer: str = ""
     draft: str | None = None
+    cross_draft: str | None = None
     gemfilter_layer: int | None = None
 
     @property
@@ -109,6 +112,10 @@ REGISTRY: dict[str, RegistryEntry] = {
             stop_tokens=("<|im_end|>", "<|endoftext|>"),
             tokenizer="qwen2.5",
             draft="qwen2.5-coder-0.5b",  # 3x fewer parameters, the same tokenizer (JOURNAL: the 0.5B drafter)
+            # 11x fewer parameters. SpecPC with the 1.5B served (RULER-8K qa_2, 50 samples, JOURNAL 2026-12-07):
+            # SmolLM2 drafting 32/34% at 0.56/0.46x the engine's TTFT (budgets 0.25/0.125), the 0.5B 32/36% at
+            # 0.94/0.82x, the engine's full context 30%.
+            cross_draft="smollm2-135m",
             # The layer screen (JOURNAL 2026-11-29, RULER-4K, 6 samples) keeps the needle from budget 256 at layers
             # 15-18; at 8K layer 16 answers both needles at budgets 512 and 1024 where 15 answers none.
             gemfilter_layer=16,
@@ -128,10 +135,12 @@ def registry_entry(name: str) -> RegistryEntry | None:
 
 
 def paired_draft(target: str, cross_tokenizer: bool = False) -> str | None:
-    """The registry's draft for model ``target`` (``RegistryEntry.draft``) when it shares the target's tokenizer
-    family or the stage maps across tokenizers (``cross_tokenizer``); else None."""
+    """The registry's draft for model ``target``: for a stage that maps across tokenizers (``cross_tokenizer``) its
+    ``cross_draft`` when set, else its ``draft``, which a stage that does not map takes only when it shares the
+    target's tokenizer family; else None."""
     entry = registry_entry(target)
-    draft = registry_entry(entry.draft) if entry and entry.draft else None
+    name = entry and ((cross_tokenizer and entry.cross_draft) or entry.draft)
+    draft = registry_entry(name) if name else None
     return draft.name if draft and (cross_tokenizer or draft.tokenizer == entry.tokenizer) else None
 
 

@@ -152,6 +152,19 @@ def test_shared_selection_passes_give_the_same_rows_with_one_pass_per_sample(tin
         assert [[r[k] for k in keys] for r in runs[True][config]] == [[r[k] for k in keys] for r in rows], config
 
 
+def test_draft_self_drafts_with_the_model_itself(tiny_lm, tmp_path):
+    """``--draft self`` (what the README offers) is the model drafting for itself: the same rows as a draft
+    given as the model object, and the draft recorded under the model's name."""
+    rows = {}
+    for name, draft in (("self", "self"), ("object", tiny_lm)):
+        [result] = bench(tiny_lm, tmp_path / name, methods=("specpc",), budgets=(128,), include_full=False,
+                         draft=draft, options={"first_layer": 1})
+        assert result["draft"] == tiny_lm.name
+        rows[name] = read_csv(rep.config_dir(tmp_path / name, TASK, LENGTH, "specpc", 128) / "predictions.csv")
+    keys = ("sample_id", "prediction", "tokens_kept")
+    assert [[r[k] for k in keys] for r in rows["self"]] == [[r[k] for k in keys] for r in rows["object"]]
+
+
 def test_a_reused_selection_pass_is_charged_to_the_stage(tiny_lm):
     from ctxopt.bench.memo import PrefillMemo
     from ctxopt.compressors.gemfilter import GemFilter

@@ -300,7 +300,8 @@ def run_benchmark(
                                                                   prefill_only=engine is not None)
     draft_lm = None
     if draft is not None and _uses_draft(m for m, _ in configs):
-        draft_lm = draft if isinstance(draft, LoadedModel) else load_model(draft, lm.device, lm.dtype)
+        draft_lm = lm if draft == "self" else draft if isinstance(draft, LoadedModel) else load_model(
+            draft, lm.device, lm.dtype)
     machine = machine_info(lm)
     engine_options = None if engine is None else {"engine": engine, "engine_model": engine_model}
     if engine is not None:

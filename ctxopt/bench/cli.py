@@ -44,7 +44,8 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     _add_sample_options(bench)
     bench.add_argument("--methods", default="full", help="comma-separated methods (see `ctxopt methods`)")
     bench.add_argument("--budget", default="", help="comma-separated budgets: tokens (512) or ratios (0.25)")
-    bench.add_argument("--draft", default=None, help="draft model for draft-based methods (loaded once); 'self': the model drafts for itself")
+    bench.add_argument("--draft", default=None,
+                       help="draft model for draft-based methods (loaded once); 'self': the model drafts for itself")
     bench.add_argument("--out", default="bench-out", help="results folder (default bench-out)")
     bench.add_argument("--repeats", type=int, default=1, help="runs per sample; timings are their median")
     bench.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's tokens_to_generate")

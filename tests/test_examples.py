@@ -90,12 +90,14 @@ def test_long_document_qa(tiny_lm, capsys):
 
 def test_long_document_qa_drafts_with_the_registry_pairing():
     """Only a model's name matters to the pairing: Qwen 0.5B's SmolLM2 draft has another tokenizer, which SpecPC
-    maps by text and RAPID cannot take (nothing passed: the stage warns and drafts with the target), --draft wins."""
+    maps by text and RAPID cannot take (nothing passed: the stage warns and drafts with the target); the 1.5B's
+    smaller cross-tokenizer draft for SpecPC, its same-tokenizer one for RAPID; --draft wins."""
     draft_options = example("long_document_qa").draft_options
     qwen05, qwen15 = SimpleNamespace(name="qwen2.5-coder-0.5b"), SimpleNamespace(name="qwen2.5-coder-1.5b")
     assert draft_options("specpc", qwen05, None) == {"draft": "smollm2-135m"}
     assert draft_options("rapid", qwen05, None) == {"draft": None}
-    assert draft_options("specpc", qwen15, None) == {"draft": "qwen2.5-coder-0.5b"}  # same tokenizer family
+    assert draft_options("specpc", qwen15, None) == {"draft": "smollm2-135m"}  # the 1.5B's cross_draft
+    assert draft_options("rapid", qwen15, None) == {"draft": "qwen2.5-coder-0.5b"}  # same tokenizer family
     assert draft_options("specpc", qwen05, "self") == {"draft": "self"}
     assert draft_options("gemfilter", qwen05, None) == {}
 

@@ -62,6 +62,13 @@ def test_links_into_the_page_resolve(plot_results):
     assert set(links) <= anchors
 
 
+def test_links_into_the_journal_resolve(plot_results):
+    anchors = {plot_results.slug(h) for h in headings((BENCH / "JOURNAL.md").read_text())}
+    for page in (BENCH / "RESULTS.md", ROOT / "docs" / "engine.md"):
+        links = re.findall(r"JOURNAL\.md#([\w-]+)\)", page.read_text())
+        assert set(links) <= anchors, f"{page.name}: {sorted(set(links) - anchors)}"
+
+
 def test_the_numbers_read_the_way_the_page_says(plot_results):
     row = {"kept_tokens": "1024", "in_tokens": "7995", "compression": "", "budget": "1024", "kv_mb": "28.5",
            "kv_full_mb": "437.7", "acc": "50", "acc_full": "100", "metric": "match"}

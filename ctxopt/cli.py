@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pre-compress every passage: color, color:COMPRESSOR, extractive or extractive:RATIO "
                             "(query-free); the index serves the compressed texts")
     index.add_argument("--compress-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="CoLoR knob for --compress color: max_new_tokens, adapter, batch_size, "
+                       help="CoLoR knob for --compress color: max_new_tokens, passage_tokens, adapter, batch_size, "
                             "compressor_engine=URL (the compressor on a serving engine), compressor_engine_model "
                             "(repeatable)")
     index.add_argument("--add", action="store_true",

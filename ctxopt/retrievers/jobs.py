@@ -51,7 +51,8 @@ LOCK_FILE = "lock"
 DEFAULT_SHARD_SIZE = 128
 COMPRESSION_METHODS = ("color", "extractive")
 # CoLoR knobs an index build may set
-COLOR_OPTIONS = ("max_new_tokens", "adapter", "batch_size", "compressor_engine", "compressor_engine_model")
+COLOR_OPTIONS = ("max_new_tokens", "passage_tokens", "adapter", "batch_size", "compressor_engine",
+                 "compressor_engine_model")
 REFRAG_FILE = "refrag-chunks.safetensors"  # the name ChunkCache gives it inside an index folder
 
 Shard = list[tuple[str, str]]  # (passage id, text)
@@ -62,8 +63,8 @@ class Compression:
     """How passages are pre-compressed at index time.
 
     ``color``: each passage rewritten by the CoLoR compressor (``compressor``, default CoLoR's; ``options`` are
-    CoLoR knobs: max_new_tokens, adapter, batch_size, compressor_engine, compressor_engine_model); a summary
-    that is empty or not shorter keeps the original.
+    CoLoR knobs: max_new_tokens, passage_tokens, adapter, batch_size, compressor_engine,
+    compressor_engine_model); a summary that is empty or not shorter keeps the original.
     ``extractive``: query-free extractive compression, the Extractive stage's rule with the passage itself as
     the query: its sentences most similar to the whole passage are kept, in order, within ``budget`` (a ratio
     of its tokens, or a token count, in the embedder's tokenizer).

@@ -337,7 +337,8 @@ class CoLoR(PassageStage):
         fell_back = pieces_total = 0
         if todo:
             where = (run.lm.device, run.lm.dtype) if run else (None, None)
-            split = {i: self.pieces(self.compressor_tokenizer(), passages[i].text) for i in todo}
+            compressor_tokenizer = self.compressor_tokenizer()
+            split = {i: self.pieces(compressor_tokenizer, passages[i].text) for i in todo}
             summaries, tokenizer = self.summarised([piece for i in todo for piece in split[i]], *where)
             summary_of = iter(summaries)
             for i in todo:
